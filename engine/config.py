@@ -1,0 +1,105 @@
+"""Engine configuration: one small dataclass, validated once at construction.
+
+Pure Python (no torch), so the frontend and the supervisor can build and check a
+config without loading any model. Workers receive it pickled.
+
+    cfg = EngineConfig(verify_model="tiny-random/verify", draft_model="tiny-random/draft", mode="async")
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+MODES = ("ar", "sync", "async")
+DTYPES = ("bfloat16", "float16", "float32", "float64")
+SAMPLING_SCHEMES = ("coupled", "rejection")
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and why."""
+
+
+def _parse_cores(spec: str | None) -> tuple[int, ...] | None:
+    """'0', '0-1', '0,2' -> core tuple; None/'' -> None (no pinning)."""
+    if not spec:
+        return None
+    cores: list[int] = []
+    for part in str(spec).split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            cores.extend(range(int(lo), int(hi) + 1))
+        else:
+            cores.append(int(part))
+    return tuple(cores)
+
+
+@dataclass
+class EngineConfig:
+    verify_model: str
+    draft_model: str | None = None
+    mode: str = "async"                  # ar | sync | async
+    verify_device: str = "cpu"
+    draft_device: str = "cpu"
+    dtype: str = "bfloat16"
+    # CPU placement. None = no pinning. Defaults suit a 2-core machine.
+    verify_cores: str | None = "0"
+    draft_cores: str | None = "1"
+    verify_threads: int = 1
+    draft_threads: int = 1
+    # Speculation.
+    num_speculative_tokens: int = 4       # sync: draft k tokens per round
+    max_draft_lead: int = 8               # async: draft may run this far past the committed prefix
+    max_verify_tokens: int = 8            # async: most draft tokens checked in one verify forward
+    draft_lookup_ngram: int = 0           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
+    sampling_scheme: str = "coupled"      # how temperature > 0 stays lossless
+    max_model_len: int = 2048
+    gguf_file: str | None = None          # for a GGUF verify model inside a directory / hub repo
+    draft_gguf_file: str | None = None
+    # Liveness.
+    worker_start_timeout_s: float = 300.0
+    heartbeat_timeout_s: float = 60.0
+    step_timeout_s: float = 120.0         # longest a single forward may take before the worker counts as hung
+    max_restarts: int = 3                 # restarts of a worker that dies at start-up before giving up
+    cache_dir: str = field(default_factory=lambda: os.environ.get("AMUSD_CACHE_DIR", os.path.expanduser("~/.cache/amusd")))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "ar" and not self.draft_model:
+            raise ConfigError(f"mode {self.mode!r} needs a draft_model")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.sampling_scheme not in SAMPLING_SCHEMES:
+            raise ConfigError(f"sampling_scheme must be one of {SAMPLING_SCHEMES}, got {self.sampling_scheme!r}")
+        for name in ("verify_device", "draft_device"):
+            if not _DEVICE_RE.match(getattr(self, name)):
+                raise ConfigError(f"{name} must be 'cpu' or 'cuda:N', got {getattr(self, name)!r}")
+        for name in ("verify_cores", "draft_cores"):
+            try:
+                _parse_cores(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"{name}: cannot parse core list {getattr(self, name)!r}") from exc
+        positive = ("verify_threads", "draft_threads", "num_speculative_tokens", "max_draft_lead",
+                    "max_verify_tokens", "max_model_len")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.draft_lookup_ngram < 0:
+            raise ConfigError("draft_lookup_ngram must be >= 0")
+        for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
+            if float(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be > 0")
+
+    @property
+    def uses_draft_worker(self) -> bool:
+        """Only async runs a separate draft process; sync drafts on the verify worker's device."""
+        return self.mode == "async"
+
+    def cores_of(self, role: str) -> tuple[int, ...] | None:
+        return _parse_cores(self.verify_cores if role == "verify" else self.draft_cores)
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)

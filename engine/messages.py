@@ -1,0 +1,163 @@
+"""Tiny messages that cross process boundaries (pure Python, picklable, no torch).
+
+    frontend --GenerationRequest--> supervisor --StartRequest--> workers
+    verify worker --TokensOut/RequestDone/WorkerFailed--> supervisor --EngineOutput--> frontend
+
+Engine outputs carry their own stats (`RequestStats`) so that only the frontend owns
+Prometheus: the engine never touches metrics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings. temperature == 0 means greedy."""
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0           # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    num_logprobs: int | None = None   # None = no logprobs; N >= 0 = sampled token + top-N
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError (message names the field) for out-of-range values."""
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, "must be a finite number >= 0"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = off)"),
+            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "must be an integer in [0, 2^63)"),
+            ("num_logprobs", self.num_logprobs is None or (isinstance(self.num_logprobs, int) and 0 <= self.num_logprobs <= 20), "must be in [0, 20]"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+# ---- supervisor -> workers -------------------------------------------------------
+
+@dataclass
+class StartRequest:
+    request_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---- workers -> supervisor -------------------------------------------------------
+
+@dataclass
+class WorkerReady:
+    role: str
+    pid: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    load_seconds: float
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]   # (token_id, logprob), best first
+
+
+@dataclass
+class TokensOut:
+    """Newly committed tokens of one verify step (1 or more)."""
+    request_id: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestStats:
+    """What one request cost; the frontend turns these into metrics."""
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_verify_steps: int = 0           # verify forwards (each commits >= 1 token)
+    num_draft_tokens: int = 0           # draft tokens sent to verification
+    num_accepted_tokens: int = 0        # of those, accepted
+    num_rollbacks: int = 0              # epoch bumps that discarded draft work
+    num_draft_tokens_wasted: int = 0    # drafted but never verified-accepted (async)
+    num_drafts: int = 0                 # verify forwards that used at least one draft token
+    sum_draft_lead: int = 0             # sum over verify steps of (drafted - committed) when read
+    verify_busy_s: float = 0.0
+    draft_busy_s: float = 0.0
+    prefill_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        return self.num_generated_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+@dataclass
+class RequestDone:
+    request_id: int
+    finish_reason: str                  # "stop" (EOS) | "length" | "cancelled"
+    stats: RequestStats
+
+
+@dataclass
+class DraftStats:
+    """Sent by the draft worker when it leaves a request (merged into RequestStats)."""
+    request_id: int
+    num_drafted: int
+    num_wasted: int
+    busy_s: float
+
+
+@dataclass
+class WorkerFailed:
+    role: str
+    request_id: int | None
+    error: str                          # one-line summary
+    traceback: str = ""
+
+
+# ---- supervisor -> frontend ------------------------------------------------------
+
+@dataclass
+class EngineOutput:
+    """One item of a request's output stream.
+
+    Exactly one item per request has `finished=True`; it carries `finish_reason`
+    ("stop", "length", "cancelled", "error") and the request's `stats`.
+    """
+    request_id: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    stats: RequestStats | None = None
