@@ -1,0 +1,177 @@
+"""Server settings: one flat pydantic-settings model fed by CLI flags, env vars and a YAML file.
+
+Precedence (highest first): CLI flag (`--max-queue-size 4`) > env var (`AMUSD_MAX_QUEUE_SIZE=4`)
+> YAML file (`--config configs/tiny.yaml`, or `AMUSD_CONFIG`) > the defaults below.
+`amusd serve --help` lists every setting with its default; flags are the field names with dashes.
+
+Engine settings mirror `engine.config.EngineConfig` (same defaults); `to_engine_config()` builds it.
+`model: default` / `draft_model: default` mean the default pair fetched by `amusd fetch-models`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextvars
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, YamlConfigSettingsSource
+
+from engine.config import EngineConfig
+
+_E = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+      for f in dataclasses.fields(EngineConfig) if f.name != "verify_model"}
+DEFAULT_MODEL = "default"   # the fetched default pair (engine.fetch.ensure_default_models)
+_yaml_file: contextvars.ContextVar[str | None] = contextvars.ContextVar("amusd_yaml_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AMUSD_", extra="forbid", validate_default=True,
+                                      protected_namespaces=())
+
+    # ---- HTTP server -------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="interface to bind (0.0.0.0 for all)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists "
+                                          "(none = the verify model's name)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False,
+        description="accepted API keys for /v1/* (comma-separated or JSON list; empty = no auth)")
+    metrics_require_auth: bool = Field(False, description="require an API key on /metrics too")
+    log_level: str = Field("info", description="log level: debug, info, warning, error")
+    access_log: bool = Field(True, description="log one line per HTTP request")
+    shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM, seconds in-flight requests "
+                                    "may take to finish before they are cancelled")
+    # ---- limits ------------------------------------------------------------------
+    max_queue_size: int = Field(16, ge=0, description="requests that may wait for the engine; more get 429")
+    queue_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")
+    max_request_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (also bounded by "
+                                   "max_model_len)")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    max_stop_strings: int = Field(8, ge=0, description="most stop strings per request")
+    default_temperature: float = Field(1.0, ge=0, description="temperature when a request sets none "
+                                       "(OpenAI's default is 1.0; 0 = greedy)")
+    # ---- engine (see engine/config.py) --------------------------------------------
+    model: str = Field(DEFAULT_MODEL, description="verify (target) model: local dir, hub id, "
+                       "'tiny-random/verify', or 'default' (fetched 1.5B)")
+    draft_model: str | None = Field(DEFAULT_MODEL, description="draft model (same forms; 'default' = "
+                                    "fetched 0.5B; none for mode ar)")
+    mode: str = Field(_E["mode"], description="decoding: ar | sync | async")
+    dtype: str = Field(_E["dtype"], description="bfloat16 | float16 | float32 | float64")
+    verify_device: str = Field(_E["verify_device"], description="cpu or cuda:N")
+    draft_device: str = Field(_E["draft_device"], description="cpu or cuda:N")
+    verify_cores: str | None = Field(_E["verify_cores"], description="CPU cores for the verify "
+                                     "worker, e.g. '0' or '0-1' (none = no pinning)")
+    draft_cores: str | None = Field(_E["draft_cores"], description="CPU cores for the draft worker")
+    verify_threads: int = Field(_E["verify_threads"], description="torch threads in the verify worker")
+    draft_threads: int = Field(_E["draft_threads"], description="torch threads in the draft worker")
+    num_speculative_tokens: int = Field(_E["num_speculative_tokens"], description="sync: draft tokens per round")
+    max_draft_lead: int = Field(_E["max_draft_lead"], description="async: how far the draft may run ahead")
+    max_verify_tokens: int = Field(_E["max_verify_tokens"], description="async: most draft tokens per verify")
+    draft_lookup_ngram: int = Field(_E["draft_lookup_ngram"], description="async: prompt-lookup n-gram "
+                                    "self-speculation in the draft (0 = off)")
+    sampling_scheme: str = Field(_E["sampling_scheme"], description="lossless sampling at temperature > 0: "
+                                 "coupled | rejection")
+    max_model_len: int = Field(_E["max_model_len"], description="context length: prompt + generated tokens")
+    gguf_file: str | None = Field(_E["gguf_file"], description="GGUF file of the verify model")
+    draft_gguf_file: str | None = Field(_E["draft_gguf_file"], description="GGUF file of the draft model")
+    worker_start_timeout_s: float = Field(_E["worker_start_timeout_s"], description="worker load time limit")
+    heartbeat_timeout_s: float = Field(_E["heartbeat_timeout_s"], description="silent worker counts as dead")
+    step_timeout_s: float = Field(_E["step_timeout_s"], description="longest single forward before hung")
+    max_restarts: int = Field(_E["max_restarts"], description="worker restarts at start-up before giving up")
+    cache_dir: str = Field(_E["cache_dir"], description="model cache (fetched / converted models)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v if v is not None else []
+
+    @field_validator("draft_model", "verify_cores", "draft_cores", "gguf_file", "draft_gguf_file",
+                     "served_model_name", mode="before")
+    @classmethod
+    def _none_words(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none", "null") else v
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        sources = [init_settings, env_settings]
+        path = _yaml_file.get()
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    def to_engine_config(self, verify_model: str | None = None, draft_model: str | None = None) -> EngineConfig:
+        """EngineConfig from these settings; pass resolved model dirs for 'default'. Raises ConfigError."""
+        kwargs = {name: getattr(self, name) for name in _E if name != "draft_model"}
+        draft = draft_model if draft_model is not None else self.draft_model
+        if self.mode == "ar":
+            draft = None
+        return EngineConfig(verify_model=verify_model or self.model, draft_model=draft, **kwargs)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings safe to log (API keys redacted)."""
+        d = self.model_dump()
+        d["api_keys"] = f"<{len(self.api_keys)} keys>"
+        return d
+
+
+def _arg_type(annotation: Any) -> tuple[Any, bool]:
+    """(argparse type, is_optional) for a field annotation."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation, optional
+
+
+def build_parser(prog: str = "amusd serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.HelpFormatter,
+        description="OpenAI-compatible AMUSD server. Every flag can also be set as an env var "
+                    "AMUSD_<NAME> or in the YAML file; precedence: flag > env > YAML > default.")
+    parser.add_argument("--config", default=os.environ.get("AMUSD_CONFIG"),
+                        help="YAML settings file (keys = setting names), also AMUSD_CONFIG")
+    for name, field in Settings.model_fields.items():
+        typ, _optional = _arg_type(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        shown = "(none)" if default in (None, []) else default
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": f"{field.description} (default: {shown})"}
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(typ) is list:
+            parser.add_argument(flag, type=str, metavar="A,B", **kwargs)
+        else:
+            parser.add_argument(flag, type=typ if typ in (int, float) else str, **kwargs)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None, **overrides: Any) -> Settings:
+    """Parse CLI flags, then build Settings (CLI > env > YAML > defaults).
+
+    Raises SystemExit for --help / bad flags, FileNotFoundError for a missing config file and
+    pydantic.ValidationError for bad values.
+    """
+    ns = vars(build_parser().parse_args([] if argv is None else argv))
+    path = ns.pop("config", None)
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    token = _yaml_file.set(path)
+    try:
+        return Settings(**{**ns, **overrides})
+    finally:
+        _yaml_file.reset(token)

@@ -1,0 +1,158 @@
+"""Test doubles for the server: a byte-level tokenizer and a FakeSupervisor (no torch, no models).
+
+FakeSupervisor has EngineSupervisor's interface: one request at a time from a FIFO, emits the
+tokens of a fixed text (`delay_s` apart, `tokens_per_step` at a time), honours cancel within one
+step, and can be told to fail mid-request or to report itself unhealthy.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from typing import Callable
+
+from engine.messages import EngineOutput, GenerationRequest, RequestStats, TokenLogprob
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('bad role') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_byte_tokenizer(out_dir: str) -> str:
+    """A 256-byte BPE tokenizer (no merges) + ChatML specials + chat template, saved to out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+class FakeSupervisor:
+    def __init__(self, tokenizer_dir: str, text: str = "Hello, wörld! 你好. " * 8, delay_s: float = 0.01,
+                 tokens_per_step: int = 2, max_model_len: int = 512, start_delay_s: float = 0.0) -> None:
+        self.tokenizer_dir = tokenizer_dir
+        self.text_ids = list(text.encode("utf-8"))          # byte tokenizer: id == byte
+        self.eos_token_ids = [258]
+        self.vocab_size = 259
+        self.max_model_len = max_model_len
+        self.delay_s = delay_s
+        self.tokens_per_step = tokens_per_step
+        self.start_delay_s = start_delay_s
+        self.healthy = True
+        self.fail_after_tokens: int | None = None          # emit an error after this many tokens
+        self.started = self.shut_down = False
+        self.submitted: list[GenerationRequest] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    # -- EngineSupervisor interface ------------------------------------------------
+    def start(self) -> None:
+        time.sleep(self.start_delay_s)
+        self._thread = threading.Thread(target=self._loop, name="fake-supervisor", daemon=True)
+        self._thread.start()
+        self.started = True
+
+    def submit(self, request: GenerationRequest, on_output: Callable[[EngineOutput], None]) -> None:
+        self.submitted.append(request)
+        self._queue.put((request, on_output))
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def is_healthy(self) -> bool:
+        return self.started and self.healthy and not self.shut_down
+
+    def health(self) -> dict:
+        ok = self.is_healthy()
+        workers = {role: {"is_alive": ok, "pid": os.getpid(), "num_restarts": self.restarts,
+                          "heartbeat_age_s": 0.1} for role in ("verify", "draft")}
+        return {"is_healthy": ok, "workers": workers}
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self.shut_down = True
+        self._queue.put(None)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._queue.qsize()
+
+    # -- fake engine -----------------------------------------------------------------
+    def _is_cancelled(self, rid: int) -> bool:
+        with self._lock:
+            return rid in self._cancelled
+
+    def _loop(self) -> None:
+        ids = itertools.count()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            request, emit = item
+            next(ids)
+            self._run(request, emit)
+
+    def _run(self, request: GenerationRequest, emit: Callable[[EngineOutput], None]) -> None:
+        rid, params, t0 = request.request_id, request.params, time.monotonic()
+        stats = RequestStats(num_prompt_tokens=len(request.prompt_token_ids))
+        stream = self.text_ids + ([] if params.ignore_eos else self.eos_token_ids)
+        if params.ignore_eos:
+            stream = (stream * (params.max_tokens // max(1, len(stream)) + 1))
+        done, reason = 0, "length"
+        while True:
+            if self._is_cancelled(rid):
+                reason = "cancelled"
+                break
+            if self.shut_down:
+                reason = "cancelled"
+                break
+            if self.fail_after_tokens is not None and done >= self.fail_after_tokens:
+                stats.total_s = time.monotonic() - t0
+                emit(EngineOutput(rid, finished=True, finish_reason="error", error="fake worker crashed",
+                                  stats=stats))
+                return
+            time.sleep(self.delay_s)
+            step = stream[done:done + min(self.tokens_per_step, params.max_tokens - done)]
+            if not step:
+                reason = "length" if done >= params.max_tokens else "stop"
+                break
+            done += len(step)
+            stats.num_verify_steps += 1
+            stats.num_drafts += 1
+            stats.num_draft_tokens += 4
+            stats.num_accepted_tokens += len(step) - 1
+            stats.sum_draft_lead += 3
+            stats.verify_busy_s += self.delay_s
+            stats.draft_busy_s += self.delay_s
+            lps = None
+            if params.num_logprobs is not None:
+                lps = [TokenLogprob(t, -0.5, [(t, -0.5), (65, -1.5)][:params.num_logprobs])
+                       for t in step]
+            emit(EngineOutput(rid, token_ids=step, logprobs=lps))
+            if step[-1] in self.eos_token_ids and not params.ignore_eos:
+                reason = "stop"
+                break
+            if done >= params.max_tokens:
+                reason = "length"
+                break
+        stats.num_generated_tokens = done
+        stats.total_s = time.monotonic() - t0
+        with self._lock:
+            self._cancelled.discard(rid)
+        emit(EngineOutput(rid, finished=True, finish_reason=reason, stats=stats))
