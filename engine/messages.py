@@ -23,6 +23,7 @@ class SamplingParams:
     seed: int | None = None
     num_logprobs: int | None = None   # None = no logprobs; N >= 0 = sampled token + top-N
     ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)   # extra end-of-sequence ids
 
     def validate(self) -> None:
         """Raise ValueError (message names the field) for out-of-range values."""
@@ -33,6 +34,7 @@ class SamplingParams:
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = off)"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "must be an integer in [0, 2^63)"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, list) and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be a list of token ids"),
             ("num_logprobs", self.num_logprobs is None or (isinstance(self.num_logprobs, int) and 0 <= self.num_logprobs <= 20), "must be in [0, 20]"),
         ]
         for name, ok, why in checks:
@@ -78,6 +80,7 @@ class WorkerReady:
     vocab_size: int
     eos_token_ids: list[int]
     load_seconds: float
+    model_dir: str = ""                 # local directory of the model (tokenizer files live there)
 
 
 @dataclass
@@ -126,15 +129,6 @@ class RequestDone:
     request_id: int
     finish_reason: str                  # "stop" (EOS) | "length" | "cancelled"
     stats: RequestStats
-
-
-@dataclass
-class DraftStats:
-    """Sent by the draft worker when it leaves a request (merged into RequestStats)."""
-    request_id: int
-    num_drafted: int
-    num_wasted: int
-    busy_s: float
 
 
 @dataclass

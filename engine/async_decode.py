@@ -1,0 +1,182 @@
+"""AMUSD: the draft and verify workers decoding one sequence at the same time.
+
+Shared fields (engine/shared_state.py), each with exactly ONE writer:
+
+    field                      writer      meaning
+    committed_tokens[i]        verify      final token i (prompt, then output); never rewritten in a request
+    NUM_COMMITTED              verify      committed_tokens[:NUM_COMMITTED] are final
+    EPOCH                      verify      bumped when the draft's buffer may disagree with the commit
+    REQUEST_ID                 verify      request being decoded (0 = none)
+    LAST_FINISHED_REQUEST_ID   verify      the draft stops working on a request once it sees it here
+    draft_tokens[i]            draft       draft token i (i < NUM_DRAFTED)
+    NUM_DRAFTED                draft       draft_tokens[:NUM_DRAFTED] valid (under DRAFT_EPOCH)
+    DRAFT_EPOCH                draft       the EPOCH draft_tokens were last reconciled with
+    CANCEL_REQUEST_ID          supervisor  stop this request (verify checks it before every step)
+
+Order of writes (x86-64 keeps stores in program order, loads likewise):
+    verify commit:    committed_tokens[c:c'] -> NUM_COMMITTED = c' -> (if needed) EPOCH += 1
+    draft append:     draft_tokens[n] -> NUM_DRAFTED = n + 1
+    draft reconcile:  draft_tokens[p:c] = committed[p:c] -> NUM_DRAFTED -> DRAFT_EPOCH = EPOCH read
+
+Invariant I: while DRAFT_EPOCH == EPOCH,
+    draft_tokens[:min(NUM_DRAFTED, NUM_COMMITTED)] == committed_tokens[:min(NUM_DRAFTED, NUM_COMMITTED)].
+It holds because (a) the draft sets DRAFT_EPOCH = e only after making its buffer agree with the
+commit it read under e; (b) under an unchanged EPOCH the draft only appends; (c) the verify commits
+a token at position i without bumping EPOCH only if it checked draft_tokens[i] (i < NUM_DRAFTED,
+DRAFT_EPOCH == EPOCH) equals it; in every other case (rejection, a bonus token the draft has not
+reached, a draft that is still reconciling) it bumps EPOCH. The verify is the only EPOCH writer, so
+once it reads DRAFT_EPOCH == EPOCH nothing can invalidate the draft tokens it then reads.
+Consequences: the verify uses draft tokens d[c:n] only when DRAFT_EPOCH == EPOCH, so it never mixes
+a stale draft with a new prefix; it never waits for the draft (no fresh tokens -> a plain one-token
+step); the draft acknowledges a rollback only after rewriting its tokens (not before, as in the
+reference code); nobody waits for an acknowledgement, so there is nothing to hang on.
+
+Rollback on the draft (reconcile): find the first position p where its tokens differ from the
+commit, crop its KV cache to p and feed committed[p:c-1] (usually nothing: p = c-1), so the
+pending token is committed[c-1] and no token is fed twice (the reference re-feeds one).
+The draft never runs more than `max_draft_lead` tokens past NUM_COMMITTED.
+"""
+from __future__ import annotations
+
+import time
+
+from engine.decoding import Sequence, Verifier, sync_cache
+from engine.messages import SamplingParams, StartRequest
+from engine.models import ModelRunner
+from engine.sampling import choose_tokens
+from engine.shared_state import Clock, Ctrl, SharedState
+from engine.token_channel import HostDraftChannel
+
+IDLE_SLEEP_S = 0.0002
+
+
+def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, channel: HostDraftChannel,
+                     max_verify_tokens: int, emit, should_stop) -> None:
+    """Verify-worker side of one async request."""
+    n_prompt = seq.num_committed
+    state.committed_tokens[:n_prompt] = seq.token_ids
+    state.set(Ctrl.NUM_COMMITTED, n_prompt)
+    epoch = state.get(Ctrl.EPOCH) + 1
+    state.set(Ctrl.EPOCH, epoch)
+    state.set(Ctrl.REQUEST_ID, seq.request_id)          # the draft may start now
+    verifier.prefill(seq)
+    stats = seq.stats
+    while seq.finish_reason is None:
+        if should_stop():
+            seq.finish_reason = "cancelled"
+            break
+        c = seq.num_committed
+        draft_ids: list[int] = []
+        if state.get(Ctrl.DRAFT_EPOCH) == epoch:
+            num_drafted = state.get(Ctrl.NUM_DRAFTED)
+            stats.sum_draft_lead += max(0, num_drafted - c)
+            if num_drafted > c:
+                draft_ids = channel.read_for_verify(c, min(num_drafted, c + max_verify_tokens))
+        out = verifier.step(seq, draft_ids)
+        new_ids = out.token_ids
+        num_accepted = len(new_ids) - 1
+        state.committed_tokens[c:c + len(new_ids)] = new_ids
+        state.set(Ctrl.NUM_COMMITTED, c + len(new_ids))
+        # Does the draft's token at the last committed position (the correction/bonus) agree?
+        last_pos = c + num_accepted
+        is_rejected = num_accepted < len(draft_ids)
+        is_confirmed = (not is_rejected and state.get(Ctrl.DRAFT_EPOCH) == epoch
+                        and state.get(Ctrl.NUM_DRAFTED) > last_pos
+                        and channel.token_at(last_pos) == new_ids[-1])
+        if not is_confirmed:
+            epoch += 1
+            state.set(Ctrl.EPOCH, epoch)
+            # A real rollback: the draft had already produced a different token there.
+            stats.num_rollbacks += is_rejected or state.get(Ctrl.NUM_DRAFTED) > last_pos
+        emit(out)
+    state.set(Ctrl.REQUEST_ID, 0)
+    state.set(Ctrl.LAST_FINISHED_REQUEST_ID, seq.request_id)
+    stats.num_draft_tokens_wasted = max(0, state.get(Ctrl.DRAFT_NUM_DRAFTED_TOTAL) - stats.num_accepted_tokens)
+    stats.draft_busy_s = state.get(Ctrl.DRAFT_BUSY_US) / 1e6
+
+
+class Drafter:
+    """Draft-worker side: drafts continuously for the running request, reconciling on EPOCH changes."""
+
+    def __init__(self, runner: ModelRunner, state: SharedState, channel: HostDraftChannel,
+                 max_draft_lead: int, max_model_len: int, wait_timeout_s: float):
+        self.runner = runner
+        self.state = state
+        self.channel = channel
+        self.max_draft_lead = max_draft_lead
+        self.max_model_len = max_model_len
+        self.wait_timeout_s = wait_timeout_s
+
+    def run(self, req: StartRequest) -> None:
+        state = self.state
+        rid = req.request_id
+        if not self._wait_for_start(rid):
+            return
+        prompt = req.prompt_token_ids
+        n_prompt = len(prompt)
+        max_len = min(n_prompt + req.params.max_tokens, self.max_model_len)
+        state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, 0)
+        state.set(Ctrl.DRAFT_BUSY_US, 0)
+        busy_s = 0.0
+        num_drafted_total = 0
+        start = time.perf_counter()
+        self.runner.prefill(prompt)
+        busy_s += time.perf_counter() - start
+        self.channel.overwrite(0, prompt)
+        length = n_prompt                      # draft_tokens[:length] is the draft's sequence
+        pending = None                         # device tensor of the last token when not yet on host
+        draft_epoch = -1
+        while state.get(Ctrl.REQUEST_ID) == rid:
+            state.beat(Clock.DRAFT_HEARTBEAT)
+            self.channel.flush()
+            epoch = state.get(Ctrl.EPOCH)
+            if epoch != draft_epoch:
+                start = time.perf_counter()
+                length = self._reconcile(length, n_prompt)
+                pending = None
+                state.set(Ctrl.NUM_DRAFTED, length)
+                state.set(Ctrl.DRAFT_EPOCH, epoch)
+                draft_epoch = epoch
+                busy_s += time.perf_counter() - start
+            num_committed = state.get(Ctrl.NUM_COMMITTED)
+            if length - num_committed >= self.max_draft_lead or length >= max_len:
+                time.sleep(IDLE_SLEEP_S)
+                continue
+            start = time.perf_counter()
+            last = pending if pending is not None else int(state.draft_tokens[length - 1])
+            logits = self.runner.forward([last] if pending is None else pending.view(1), last_only=True)
+            token = choose_tokens(logits, req.params, length - n_prompt)[0]
+            value = self.channel.publish(length, token)
+            pending = token if value < 0 else None
+            length += 1
+            num_drafted_total += 1
+            busy_s += time.perf_counter() - start
+            state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, num_drafted_total)
+            state.set(Ctrl.DRAFT_BUSY_US, int(busy_s * 1e6))
+
+    def _wait_for_start(self, rid: int) -> bool:
+        """Wait until the verify worker has published request `rid` (or already finished it)."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        while time.monotonic() < deadline:
+            self.state.beat(Clock.DRAFT_HEARTBEAT)
+            if self.state.get(Ctrl.REQUEST_ID) == rid:
+                return True
+            if self.state.get(Ctrl.LAST_FINISHED_REQUEST_ID) >= rid:
+                return False
+            time.sleep(IDLE_SLEEP_S)
+        return False
+
+    def _reconcile(self, length: int, n_prompt: int) -> int:
+        """Make draft_tokens agree with the commit; crop the KV cache; return the new length."""
+        state = self.state
+        self.channel.sync_host(length)
+        num_committed = state.get(Ctrl.NUM_COMMITTED)
+        committed = state.committed_tokens[:num_committed]
+        overlap = min(length, num_committed)
+        mismatch = (state.draft_tokens[n_prompt:overlap] != committed[n_prompt:overlap]).nonzero()[0]
+        first_bad = n_prompt + int(mismatch[0]) if len(mismatch) else overlap
+        if first_bad >= num_committed:         # draft agrees with everything committed: keep it all
+            return length
+        self.channel.overwrite(first_bad, committed[first_bad:num_committed])
+        sync_cache(self.runner, state.draft_tokens[:num_committed], num_consistent=first_bad)
+        return num_committed

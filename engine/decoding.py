@@ -1,0 +1,164 @@
+"""Verify-side decoding shared by all three modes, and the `ar` and `sync` loops.
+
+The verify step (gpt-fast's speculative_decode, generalised to "0..K draft tokens"):
+
+    input   [t_{c-1}, d_c, ..., d_{c+K-1}]            pending token + K draft tokens     [K+1]
+    logits  verify model over that input               one row per position c..c+K        [K+1, V]
+    y_i     choose_tokens(logits)                       target token at each position      [K+1]
+    m       longest prefix with d_i == y_i              accepted draft tokens, 0 <= m <= K
+    commit  y_c .. y_{c+m}                              m accepted + 1 correction/bonus token
+
+With greedy or coupled (seeded Gumbel-max) choice, y_i is exactly the token the verify model
+alone (`ar`) emits at position i given the same prefix, so the committed text equals `ar`'s.
+KV cache: before the step it holds positions [0, c-1); the forward appends K+1 positions; the
+valid ones afterwards are [0, c+m), so we crop to c+m and y_{c+m} becomes the pending token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.messages import RequestStats, SamplingParams, StartRequest, TokensOut
+from engine.models import ModelRunner
+from engine.sampling import choose_tokens, top_logprobs
+
+
+@dataclass
+class Sequence:
+    """The committed sequence of one request, as the verify worker sees it."""
+    request_id: int
+    token_ids: list[int]                 # prompt + committed output
+    num_prompt_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    max_len: int                         # prompt + max_tokens, clipped to the model length
+    finish_reason: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def num_committed(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int) -> Sequence:
+    stop_ids = set(req.params.stop_token_ids)
+    if not req.params.ignore_eos:
+        stop_ids.update(eos_token_ids)
+    max_len = min(len(req.prompt_token_ids) + req.params.max_tokens, max_model_len)
+    seq = Sequence(req.request_id, list(req.prompt_token_ids), len(req.prompt_token_ids), req.params,
+                   frozenset(stop_ids), max_len)
+    seq.stats.num_prompt_tokens = len(req.prompt_token_ids)
+    return seq
+
+
+class Verifier:
+    """Runs verify steps for one sequence on the verify model and commits their tokens."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def prefill(self, seq: Sequence) -> None:
+        start = time.perf_counter()
+        self.runner.prefill(seq.token_ids)
+        seq.stats.prefill_s = time.perf_counter() - start
+        seq.stats.verify_busy_s += seq.stats.prefill_s
+
+    def step(self, seq: Sequence, draft_ids: list[int]) -> TokensOut:
+        """One verify forward over pending + draft_ids; commits 1..len(draft_ids)+1 tokens."""
+        start = time.perf_counter()
+        c = seq.num_committed
+        draft_ids = draft_ids[: max(0, seq.max_len - c - 1)]              # never verify past the end
+        logits = self.runner.forward([seq.token_ids[-1]] + draft_ids)     # [K+1, V]
+        target = choose_tokens(logits, seq.params, c - seq.num_prompt_tokens).tolist()   # [K+1]
+        num_accepted = 0
+        while num_accepted < len(draft_ids) and draft_ids[num_accepted] == target[num_accepted]:
+            num_accepted += 1
+        new_ids = target[: num_accepted + 1]
+        new_ids = self._truncate_at_stop(seq, new_ids)
+        self.runner.crop(c + num_accepted)
+        seq.token_ids.extend(new_ids)
+        logprobs = None
+        if seq.params.num_logprobs is not None:
+            rows = logits[: len(new_ids)]
+            logprobs = top_logprobs(rows, torch.tensor(new_ids), seq.params.num_logprobs)
+        stats = seq.stats
+        stats.num_verify_steps += 1
+        stats.num_generated_tokens += len(new_ids)
+        stats.num_draft_tokens += len(draft_ids)
+        stats.num_accepted_tokens += min(num_accepted, len(new_ids))
+        stats.num_drafts += bool(draft_ids)
+        stats.verify_busy_s += time.perf_counter() - start
+        return TokensOut(seq.request_id, new_ids, logprobs)
+
+    @staticmethod
+    def _truncate_at_stop(seq: Sequence, new_ids: list[int]) -> list[int]:
+        for i, tok in enumerate(new_ids):
+            if tok in seq.stop_ids:
+                seq.finish_reason = "stop"
+                return new_ids[: i + 1]
+        room = seq.max_len - seq.num_committed
+        if len(new_ids) >= room:
+            seq.finish_reason = "length"
+            return new_ids[:room]
+        return new_ids
+
+
+def run_ar_or_sync(seq: Sequence, verifier: Verifier, drafter: ModelRunner | None, num_draft: int,
+                   emit, should_stop) -> None:
+    """`ar` (drafter None) or classic synchronous speculation with the draft model in this process.
+
+    sync round: the draft proposes `num_draft` tokens one forward each, then one verify forward.
+    The draft cache is brought back to the committed prefix after every round (crop, plus the
+    one accepted-but-unfed token when all drafts were accepted).
+    """
+    verifier.prefill(seq)
+    if drafter is not None:
+        drafter.prefill(seq.token_ids)
+    while seq.finish_reason is None:
+        if should_stop():
+            seq.finish_reason = "cancelled"
+            break
+        draft_ids: list[int] = []
+        if drafter is not None:
+            start = time.perf_counter()
+            draft_ids = _draft_round(seq, drafter, num_draft)
+            seq.stats.draft_busy_s += time.perf_counter() - start
+        out = verifier.step(seq, draft_ids)
+        if drafter is not None:
+            sync_cache(drafter, seq.token_ids)
+            is_rejected = len(out.token_ids) <= len(draft_ids) and seq.finish_reason is None
+            seq.stats.num_rollbacks += is_rejected
+        emit(out)
+    seq.stats.num_draft_tokens_wasted = seq.stats.num_draft_tokens - seq.stats.num_accepted_tokens
+
+
+def _draft_round(seq: Sequence, drafter: ModelRunner, num_draft: int) -> list[int]:
+    num_draft = min(num_draft, seq.max_len - seq.num_committed - 1)
+    draft_ids: list[int] = []
+    pending = seq.token_ids[-1]
+    for _ in range(max(0, num_draft)):
+        logits = drafter.forward([pending], last_only=True)
+        pos = seq.num_committed + len(draft_ids) - seq.num_prompt_tokens
+        pending = int(choose_tokens(logits, seq.params, pos)[0])
+        draft_ids.append(pending)
+    return draft_ids
+
+
+def sync_cache(runner: ModelRunner, token_ids, num_consistent: int | None = None) -> None:
+    """Make the cache hold exactly token_ids[:-1], reusing its first `num_consistent` positions.
+
+    num_consistent: how many leading cached positions are known to still match token_ids
+    (default: all cached ones up to len - 1). Crops the rest, then feeds the missing tokens in one
+    forward, so a token is never fed twice.
+    """
+    target = len(token_ids) - 1
+    keep = min(runner.num_cached, target, num_consistent if num_consistent is not None else target)
+    runner.crop(keep)
+    if keep < target:
+        runner.forward(list(token_ids[keep:target]), last_only=True)

@@ -1,0 +1,353 @@
+"""Engine supervisor: owns the worker processes, the shared buffers and the request FIFO.
+
+Process topology (the supervisor lives in the frontend process; torch is imported only by workers):
+
+    frontend process                         | draft worker process (async only)
+    ------------------------------------------|-----------------------------------------
+    FastAPI / bench --submit()--> FIFO        |  Drafter: drafts continuously on draft_device
+                    scheduler thread          |      ^  draft_tokens, NUM_DRAFTED, DRAFT_EPOCH
+        cmd queues --StartRequest/Shutdown--> |      |
+        out queue  <--TokensOut/RequestDone/  |  SharedState (POSIX shm, random name,
+                      WorkerFailed/WorkerReady|      |   created + unlinked here)
+        CANCEL_REQUEST_ID, heartbeats ------> |      v  committed_tokens, NUM_COMMITTED, EPOCH
+                                              | verify worker process: ar / sync / async verify
+
+One request runs at a time. The scheduler thread starts it on the workers, forwards its outputs
+to the request's callback, applies cancellation (through shared memory, so it takes effect before
+the next verify step), and watches the workers: a worker that exits, reports an exception, or
+stops beating its heartbeat ends the running request with an error and is restarted (queued
+requests wait for the restart). A worker that cannot start `max_restarts` times in a row marks
+the engine failed (every request then gets an error; `fatal_error` says why).
+
+    sup = EngineSupervisor(EngineConfig(verify_model="tiny-random/verify", draft_model="tiny-random/draft"))
+    sup.start(); outs = sup.generate(GenerationRequest(1, [1, 2, 3])); sup.shutdown()
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import secrets
+import threading
+import time
+from typing import Callable
+
+from engine.config import EngineConfig
+from engine.messages import (EngineOutput, GenerationRequest, RequestDone, Shutdown, StartRequest, TokensOut,
+                             WorkerFailed, WorkerReady)
+from engine.shared_state import Clock, Ctrl, SharedState
+
+POLL_S = 0.02
+
+
+class EngineStartError(RuntimeError):
+    """The workers could not be started; the message says why."""
+
+
+class _Worker:
+    """Handle on one worker process."""
+
+    def __init__(self, role: str):
+        self.role = role
+        self.process: mp.Process | None = None
+        self.cmd_queue = None
+        self.num_restarts = 0
+        self.ready: WorkerReady | None = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+class EngineSupervisor:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._ctx = mp.get_context("spawn")
+        roles = ["verify", "draft"] if config.uses_draft_worker else ["verify"]
+        self._workers = {role: _Worker(role) for role in roles}
+        self._state: SharedState | None = None
+        self._out_queue = None
+        self._peer_conns = None
+        self._fifo: queue.Queue = queue.Queue()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._is_stopping = False
+        self._is_restarting = False
+        self.running_request_id: int | None = None
+        self.fatal_error: str | None = None
+        self.tokenizer_dir = ""
+        self.eos_token_ids: list[int] = []
+        self.vocab_size = 0
+        self.max_model_len = config.max_model_len
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._state = SharedState.create(self.config.max_model_len)
+        self._out_queue = self._ctx.Queue()
+        self._peer_conns = self._ctx.Pipe()
+        try:
+            for worker in self._workers.values():
+                self._spawn(worker)
+            self._await_ready(list(self._workers.values()))
+        except EngineStartError:
+            self.shutdown()
+            raise
+        verify = self._workers["verify"].ready
+        self.tokenizer_dir, self.eos_token_ids, self.vocab_size = verify.model_dir, verify.eos_token_ids, verify.vocab_size
+        self._thread = threading.Thread(target=self._loop, name="amusd-supervisor", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers, fail queued requests, free shared memory. Idempotent."""
+        self._is_stopping = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            if self.running_request_id is not None and self._state is not None:
+                self._state.set(Ctrl.CANCEL_REQUEST_ID, self.running_request_id)
+            self._thread.join(timeout_s)
+        for worker in self._workers.values():
+            self._stop_worker(worker, timeout_s)
+        while True:
+            try:
+                request, on_output = self._fifo.get_nowait()
+            except queue.Empty:
+                break
+            on_output(EngineOutput(request.request_id, finished=True, finish_reason="error", error="engine shut down"))
+        if self._state is not None:
+            self._state.close()
+            self._state = None
+        if self._out_queue is not None:
+            self._out_queue.close()
+            self._out_queue.cancel_join_thread()
+            self._out_queue = None
+
+    # ---- public API --------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_output: Callable[[EngineOutput], None]) -> None:
+        request.params.validate()
+        if not request.prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(request.prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
+        if request.params.temperature > 0 and request.params.seed is None:
+            request.params.seed = secrets.randbits(62)     # draft and verify must share the noise
+        self._fifo.put((request, on_output))
+
+    def generate(self, request: GenerationRequest, timeout_s: float | None = None) -> list[EngineOutput]:
+        """Blocking convenience: all outputs of one request (the last has finished=True)."""
+        results: queue.Queue = queue.Queue()
+        self.submit(request, results.put)
+        outputs = []
+        while True:
+            out = results.get(timeout=timeout_s)
+            outputs.append(out)
+            if out.finished:
+                return outputs
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+        if self.running_request_id == request_id and self._state is not None:
+            self._state.set(Ctrl.CANCEL_REQUEST_ID, request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._fifo.qsize()
+
+    def is_healthy(self) -> bool:
+        if self.fatal_error or self._is_restarting or self._state is None or self._is_stopping:
+            return False
+        return all(w.is_alive and self._heartbeat_age(w) < self.config.heartbeat_timeout_s for w in self._workers.values())
+
+    def health(self) -> dict:
+        return {
+            "is_healthy": self.is_healthy(),
+            "fatal_error": self.fatal_error,
+            "workers": {w.role: {"is_alive": w.is_alive, "pid": w.process.pid if w.process else None,
+                                 "num_restarts": w.num_restarts, "heartbeat_age_s": round(self._heartbeat_age(w), 3)}
+                        for w in self._workers.values()},
+        }
+
+    def worker_pids(self) -> dict[str, int | None]:
+        return {w.role: (w.process.pid if w.process else None) for w in self._workers.values()}
+
+    # ---- scheduler thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._is_stopping:
+            try:
+                request, on_output = self._fifo.get(timeout=0.1)
+            except queue.Empty:
+                self._check_workers(None, None)
+                continue
+            rid = request.request_id
+            with self._lock:
+                is_cancelled = rid in self._cancelled
+                self._cancelled.discard(rid)
+            if is_cancelled:
+                on_output(EngineOutput(rid, finished=True, finish_reason="cancelled"))
+                continue
+            if not self._ensure_workers() or self._is_stopping:
+                error = self.fatal_error or "engine is shutting down"
+                on_output(EngineOutput(rid, finished=True, finish_reason="error", error=error))
+                continue
+            self._run(request, on_output)
+
+    def _run(self, request: GenerationRequest, on_output) -> None:
+        rid = request.request_id
+        self.running_request_id = rid
+        start = StartRequest(rid, list(request.prompt_token_ids), request.params)
+        for worker in self._workers.values():
+            worker.cmd_queue.put(start)
+        is_cancel_sent = False
+        try:
+            while True:
+                if not is_cancel_sent and (rid in self._cancelled or self._is_stopping):
+                    self._state.set(Ctrl.CANCEL_REQUEST_ID, rid)
+                    is_cancel_sent = True
+                try:
+                    msg = self._out_queue.get(timeout=POLL_S)
+                except queue.Empty:
+                    msg = None
+                if isinstance(msg, TokensOut) and msg.request_id == rid:
+                    on_output(EngineOutput(rid, msg.token_ids, msg.logprobs))
+                elif isinstance(msg, RequestDone) and msg.request_id == rid:
+                    on_output(EngineOutput(rid, finished=True, finish_reason=msg.finish_reason, stats=msg.stats))
+                    return
+                elif isinstance(msg, WorkerFailed):
+                    on_output(EngineOutput(rid, finished=True, finish_reason="error",
+                                           error=f"{msg.role} worker failed: {msg.error}"))
+                    self._recover(self._workers[msg.role], rid)
+                    return
+                failed = self._check_workers(rid, on_output)
+                if failed:
+                    return
+        finally:
+            self.running_request_id = None
+            with self._lock:
+                self._cancelled.discard(rid)
+
+    def _check_workers(self, rid: int | None, on_output) -> bool:
+        """Detect dead or hung workers; end the running request with an error and restart them."""
+        if self._is_stopping or self._state is None:
+            return False
+        for worker in self._workers.values():
+            is_hung = self._heartbeat_age(worker) > self.config.heartbeat_timeout_s
+            if worker.is_alive and not is_hung:
+                continue
+            reason = "stopped answering (heartbeat timeout)" if worker.is_alive else \
+                f"died (exit code {worker.process.exitcode if worker.process else None})"
+            if on_output is not None:
+                on_output(EngineOutput(rid, finished=True, finish_reason="error", error=f"{worker.role} worker {reason}"))
+            self._recover(worker, rid)
+            return True
+        return False
+
+    def _recover(self, worker: _Worker, rid: int | None) -> None:
+        """Kill the failed worker, stop the running request on the other, restart the failed one."""
+        self._is_restarting = True
+        try:
+            self._kill(worker)
+            state = self._state
+            if rid is not None:
+                state.set(Ctrl.CANCEL_REQUEST_ID, rid)
+                if worker.role == "verify":
+                    # Stand in for the dead verify worker: release the draft from this request.
+                    state.set(Ctrl.REQUEST_ID, 0)
+                    state.set(Ctrl.LAST_FINISHED_REQUEST_ID, rid)
+                else:
+                    self._drain_until_done(rid)
+            self._ensure_workers()
+        finally:
+            self._is_restarting = False
+
+    def _drain_until_done(self, rid: int) -> None:
+        deadline = time.monotonic() + self.config.step_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                msg = self._out_queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if not self._workers["verify"].is_alive:
+                    return
+                continue
+            if isinstance(msg, (RequestDone, WorkerFailed)) and getattr(msg, "request_id", None) in (rid, None):
+                return
+
+    def _ensure_workers(self) -> bool:
+        """Restart dead workers (up to max_restarts consecutive failed starts each)."""
+        if self.fatal_error:
+            return False
+        dead = [w for w in self._workers.values() if not w.is_alive]
+        if not dead:
+            return True
+        self._is_restarting = True
+        last_error = ""
+        try:
+            for _ in range(self.config.max_restarts):
+                for worker in dead:
+                    worker.num_restarts += 1
+                    self._spawn(worker)
+                try:
+                    self._await_ready(dead)
+                    return True
+                except EngineStartError as exc:
+                    last_error = str(exc)
+                    dead = [w for w in self._workers.values() if not w.is_alive or w.ready is None]
+            self.fatal_error = f"workers failed to restart {self.config.max_restarts} times: {last_error}"
+            return False
+        finally:
+            self._is_restarting = False
+
+    # ---- process plumbing ---------------------------------------------------------------
+
+    def _spawn(self, worker: _Worker) -> None:
+        from engine.worker import worker_main   # torch-free at import: torch loads in the child
+        worker.ready = None
+        worker.cmd_queue = self._ctx.Queue()
+        peer = self._peer_conns[0] if worker.role == "verify" else self._peer_conns[1]
+        self._state.clock[Clock.VERIFY_HEARTBEAT if worker.role == "verify" else Clock.DRAFT_HEARTBEAT] = time.monotonic()
+        worker.process = self._ctx.Process(
+            target=worker_main, name=f"amusd-{worker.role}", daemon=True,
+            args=(worker.role, self.config, self._state.name, worker.cmd_queue, self._out_queue, peer, os.getpid()))
+        worker.process.start()
+
+    def _await_ready(self, workers: list[_Worker]) -> None:
+        deadline = time.monotonic() + self.config.worker_start_timeout_s
+        while any(w.ready is None for w in workers):
+            if time.monotonic() > deadline:
+                raise EngineStartError(f"workers not ready after {self.config.worker_start_timeout_s:.0f}s")
+            try:
+                msg = self._out_queue.get(timeout=0.1)
+            except queue.Empty:
+                for w in workers:
+                    if w.ready is None and not w.is_alive:
+                        raise EngineStartError(f"{w.role} worker exited during start-up (exit code {w.process.exitcode})")
+                continue
+            if isinstance(msg, WorkerReady):
+                self._workers[msg.role].ready = msg
+            elif isinstance(msg, WorkerFailed):
+                raise EngineStartError(f"{msg.role} worker failed to start: {msg.error}")
+
+    def _heartbeat_age(self, worker: _Worker) -> float:
+        if self._state is None or worker.ready is None:
+            return 0.0
+        return self._state.heartbeat_age(Clock.VERIFY_HEARTBEAT if worker.role == "verify" else Clock.DRAFT_HEARTBEAT)
+
+    def _stop_worker(self, worker: _Worker, timeout_s: float) -> None:
+        if worker.process is None:
+            return
+        if worker.is_alive:
+            try:
+                worker.cmd_queue.put(Shutdown())
+            except (ValueError, OSError):
+                pass
+            worker.process.join(timeout_s)
+        self._kill(worker)
+
+    @staticmethod
+    def _kill(worker: _Worker) -> None:
+        if worker.process is not None:
+            if worker.process.is_alive():
+                worker.process.kill()
+            worker.process.join(5)

@@ -1,0 +1,172 @@
+"""Worker process entry: one process per role ("verify" or "draft"), models loaded once.
+
+    supervisor --cmd_queue (StartRequest | Shutdown)--> worker
+    worker --out_queue (WorkerReady | TokensOut | RequestDone | WorkerFailed)--> supervisor
+    worker <--SharedState (shared memory)--> other worker
+
+The verify worker runs every mode (`ar`, `sync` with the draft model loaded beside the verify
+model, and the verify half of `async`); the draft worker exists only in `async` mode.
+A worker pins itself to its CPU cores and thread count, dies with its parent (PR_SET_PDEATHSIG),
+beats a heartbeat while idle and while decoding, and reports its own failure before exiting.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+
+from engine.config import EngineConfig
+from engine.messages import RequestDone, Shutdown, StartRequest, WorkerFailed, WorkerReady
+from engine.shared_state import Clock, Ctrl, SharedState
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:         # parent died before prctl took effect
+        os._exit(1)
+
+
+def _place(config: EngineConfig, role: str) -> None:
+    import torch
+    cores = config.cores_of(role)
+    device = config.verify_device if role == "verify" else config.draft_device
+    if cores and device == "cpu" and hasattr(os, "sched_setaffinity"):
+        available = os.sched_getaffinity(0)
+        wanted = {c for c in cores if c in available} or available
+        os.sched_setaffinity(0, wanted)
+    torch.set_num_threads(config.verify_threads if role == "verify" else config.draft_threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+
+
+def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_queue, peer_conn,
+                parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor decides when we stop
+    request_id = None
+    try:
+        _place(config, role)
+        state = SharedState.attach(shm_name, config.max_model_len)
+        worker = VerifyWorker(config, state, peer_conn) if role == "verify" else DraftWorker(config, state, peer_conn)
+        out_queue.put(worker.ready_message())
+        while True:
+            state.beat(Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT)
+            try:
+                msg = cmd_queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(msg, Shutdown):
+                break
+            if isinstance(msg, StartRequest):
+                request_id = msg.request_id
+                worker.run(msg, out_queue)
+                request_id = None
+    except BaseException as exc:  # noqa: BLE001 - report everything, then exit non-zero
+        out_queue.put(WorkerFailed(role, request_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        out_queue.close()
+        out_queue.join_thread()
+        sys.exit(1)
+
+
+class VerifyWorker:
+    def __init__(self, config: EngineConfig, state: SharedState, peer_conn):
+        from engine.decoding import Verifier
+        from engine.models import ModelRunner, check_same_vocab, eos_token_ids_of, load_causal_lm, resolve_model_spec
+        start = time.perf_counter()
+        self.config, self.state = config, state
+        path, gguf = resolve_model_spec(config.verify_model, config.cache_dir, config.gguf_file)
+        model = load_causal_lm(path, gguf, config.verify_device, config.dtype)
+        self.model_dir = path
+        self.eos_token_ids = eos_token_ids_of(model)
+        self.verifier = Verifier(ModelRunner(model, config.verify_device))
+        self.drafter = None
+        if config.mode != "ar":
+            draft_path, draft_gguf = resolve_model_spec(config.draft_model, config.cache_dir, config.draft_gguf_file)
+            draft_device = config.verify_device if config.mode == "sync" else config.draft_device
+            draft_model = load_causal_lm(draft_path, draft_gguf, draft_device, config.dtype) \
+                if config.mode == "sync" else _meta_shape_model(draft_path, draft_gguf)
+            check_same_vocab(model, draft_model, path, draft_path)
+            if config.mode == "sync":
+                self.drafter = ModelRunner(draft_model, config.verify_device)
+        self.channel = _make_channel(config, state, peer_conn, role="verify")
+        self.load_seconds = time.perf_counter() - start
+
+    def ready_message(self) -> WorkerReady:
+        return WorkerReady("verify", os.getpid(), self.verifier.runner.vocab_size, self.eos_token_ids,
+                           self.load_seconds, self.model_dir)
+
+    def run(self, req: StartRequest, out_queue) -> None:
+        from engine.async_decode import run_async_verify
+        from engine.decoding import new_sequence, run_ar_or_sync
+        state, config = self.state, self.config
+        start = time.perf_counter()
+        seq = new_sequence(req, self.eos_token_ids, config.max_model_len)
+
+        def should_stop() -> bool:
+            state.beat(Clock.VERIFY_HEARTBEAT)
+            return state.get(Ctrl.CANCEL_REQUEST_ID) == req.request_id
+
+        if config.mode == "async":
+            run_async_verify(seq, self.verifier, state, self.channel, config.max_verify_tokens,
+                             out_queue.put, should_stop)
+        else:
+            run_ar_or_sync(seq, self.verifier, self.drafter, config.num_speculative_tokens, out_queue.put, should_stop)
+            state.set(Ctrl.LAST_FINISHED_REQUEST_ID, req.request_id)
+        seq.stats.total_s = time.perf_counter() - start
+        out_queue.put(RequestDone(req.request_id, seq.finish_reason or "stop", seq.stats))
+
+
+class DraftWorker:
+    def __init__(self, config: EngineConfig, state: SharedState, peer_conn):
+        from engine.async_decode import Drafter
+        from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
+        start = time.perf_counter()
+        path, gguf = resolve_model_spec(config.draft_model, config.cache_dir, config.draft_gguf_file)
+        model = load_causal_lm(path, gguf, config.draft_device, config.dtype)
+        self.model_dir = path
+        runner = ModelRunner(model, config.draft_device)
+        channel = _make_channel(config, state, peer_conn, role="draft")
+        self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
+                               wait_timeout_s=config.step_timeout_s)
+        self.load_seconds = time.perf_counter() - start
+
+    def ready_message(self) -> WorkerReady:
+        return WorkerReady("draft", os.getpid(), self.drafter.runner.vocab_size, [], self.load_seconds, self.model_dir)
+
+    def run(self, req: StartRequest, out_queue) -> None:
+        self.drafter.run(req)
+
+
+def _meta_shape_model(path: str, gguf: str | None):
+    """The draft's output-embedding shape without loading its weights (async verify only needs it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def _make_channel(config: EngineConfig, state: SharedState, peer_conn, role: str):
+    """CPU: host shared memory. Draft on CUDA: its device buffer, sent to the verify via CUDA IPC."""
+    from engine.token_channel import CudaDraftChannel, HostDraftChannel
+    if config.mode != "async" or not config.draft_device.startswith("cuda"):
+        return HostDraftChannel(state)
+    import torch
+    import torch.multiprocessing  # noqa: F401 - registers CUDA IPC reductions for the pipe
+    if role == "draft":
+        device_tokens = torch.zeros(config.max_model_len, dtype=torch.long, device=config.draft_device)
+        peer_conn.send(device_tokens)
+    else:
+        if not peer_conn.poll(config.worker_start_timeout_s):
+            raise TimeoutError("draft worker never sent its CUDA token buffer")
+        device_tokens = peer_conn.recv()
+    return CudaDraftChannel(state, device_tokens)
