@@ -8,7 +8,7 @@
 # CUDA plain "torch", whose Linux wheels bundle the CUDA libraries).
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.11-slim
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04
+ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 FROM ${CPU_BASE_IMAGE} AS base-cpu
 ENV AMUSD_DEFAULT_TORCH_SPEC="torch==2.13.0"
@@ -30,8 +30,9 @@ ENV PYTHONUNBUFFERED=1 \
     AMUSD_CACHE_DIR=/models \
     HF_HOME=/models/huggingface
 
-RUN groupadd --gid 1000 amusd \
- && useradd --uid 1000 --gid amusd --create-home --shell /usr/sbin/nologin amusd \
+# uid 10001: Ubuntu 24.04 images already have uid 1000 (user "ubuntu").
+RUN groupadd --gid 10001 amusd \
+ && useradd --uid 10001 --gid amusd --create-home --shell /usr/sbin/nologin amusd \
  && mkdir -p /models /app \
  && chown amusd:amusd /models
 
@@ -41,8 +42,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     AMUSD_TORCH_SPEC="${AMUSD_TORCH_SPEC:-$AMUSD_DEFAULT_TORCH_SPEC}" ./setup.sh \
  && amusd --help
 
-# Numeric, so that runtimes enforcing runAsNonRoot can verify it (uid 1000 = amusd).
-USER 1000:1000
+# Numeric, so that runtimes enforcing runAsNonRoot can verify it (uid 10001 = amusd).
+USER 10001:10001
 VOLUME /models
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \

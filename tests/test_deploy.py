@@ -96,7 +96,7 @@ def test_dockerfile_healthcheck_user_setup_and_cmd():
     assert healthcheck and "http://localhost:8000/health" in healthcheck.group(0)
     assert "urllib" in healthcheck.group(0), "curl is not in the slim image: check with python"
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
-    assert users and users[-1] not in ("root", "0"), "the server must not run as root"
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the server must not run as root"
     assert "./setup.sh" in text and "pip install" not in text, "install only through setup.sh"
     assert re.search(r"^ENV .*AMUSD_CACHE_DIR=/models", text, re.M | re.S)
     assert re.search(r"^VOLUME /models", text, re.M)
@@ -152,6 +152,15 @@ def test_compose_gpu_server_reserves_gpus_0_and_1():
                and "gpu" in d.get("capabilities", []) for d in devices)
     assert {server["environment"]["AMUSD_DRAFT_DEVICE"], server["environment"]["AMUSD_VERIFY_DEVICE"]} \
         == {"cuda:0", "cuda:1"}
+
+
+def test_compose_environment_names_real_server_settings():
+    """Every AMUSD_* variable the compose file sets is a setting `amusd serve` reads."""
+    settings = pytest.importorskip("server.settings")
+    fields = set(settings.Settings.model_fields)
+    for name in SERVER_SERVICES:
+        for variable in load_compose()["services"][name]["environment"]:
+            assert variable.startswith("AMUSD_") and variable[len("AMUSD_"):].lower() in fields, variable
 
 
 def test_compose_cpu_variant_is_profiled_and_has_no_gpu():
