@@ -1,8 +1,9 @@
 """Tiny random-weight model pairs for tests and for trying the API without downloads.
 
-    tiny-random/verify   2-layer Qwen2, hidden 64, byte-level tokenizer (259 tokens), seed 0
-    tiny-random/draft    the verify model's weights plus small noise (agrees with it most of the time)
-    tiny-random/wrong    an independent random model (almost never agrees: forces rollbacks)
+    tiny-random/verify   8-layer Qwen2, hidden 64, byte-level tokenizer (259 tokens), seed 0;
+                         layers 2..7 are near-identity, so it costs ~4x the draft
+    tiny-random/draft    2 layers: the verify model's first 2 layers plus small noise (agrees mostly)
+    tiny-random/wrong    an independent random 2-layer model (almost never agrees: forces rollbacks)
 
 Built deterministically on first use into `<cache_dir>/tiny-random/<name>` (atomic rename, so
 two workers building at once is safe). Builds in about a second.
@@ -14,7 +15,10 @@ import shutil
 import tempfile
 
 TINY_PREFIX = "tiny-random/"
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
+TINY_VERIFY_LAYERS = 8
+TINY_DRAFT_LAYERS = 2
+TINY_EXTRA_LAYER_SCALE = 0.05
 TINY_DRAFT_NOISE = 0.01         # relative std of the draft weight noise: ~85 % greedy agreement
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -59,24 +63,47 @@ def build_byte_tokenizer():
     return fast
 
 
-def _build(name: str, out_dir: str) -> None:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    tokenizer = build_byte_tokenizer()
-    vocab_size = len(tokenizer)
-    config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def _tiny_config(tokenizer, num_layers: int):
+    from transformers import Qwen2Config
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(1 if name == "wrong" else 0)
-    model = Qwen2ForCausalLM(config)
+
+
+def _random_model(tokenizer, num_layers: int, seed: int):
+    import torch
+    from transformers import Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(_tiny_config(tokenizer, num_layers))
     with torch.no_grad():
         for param in model.parameters():          # larger weights: peaky, less tie-prone logits
             param.mul_(4.0)
-        if name == "draft":
-            gen = torch.Generator().manual_seed(7)
+    return model
+
+
+def _build(name: str, out_dir: str) -> None:
+    """verify: 8 layers, of which layers 2..7 barely touch the residual stream (so it costs ~4x
+    the draft yet a 2-layer copy agrees with it); draft: verify's first 2 layers + small noise."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+    tokenizer = build_byte_tokenizer()
+    verify = _random_model(tokenizer, TINY_VERIFY_LAYERS, seed=0)
+    with torch.no_grad():
+        for layer in verify.model.layers[TINY_DRAFT_LAYERS:]:
+            layer.self_attn.o_proj.weight.mul_(TINY_EXTRA_LAYER_SCALE)
+            layer.mlp.down_proj.weight.mul_(TINY_EXTRA_LAYER_SCALE)
+    if name == "verify":
+        model = verify
+    elif name == "wrong":
+        model = _random_model(tokenizer, TINY_DRAFT_LAYERS, seed=1)
+    else:
+        model = Qwen2ForCausalLM(_tiny_config(tokenizer, TINY_DRAFT_LAYERS))
+        model.load_state_dict(verify.state_dict(), strict=False)    # extra verify layers are ignored
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
             for param in model.parameters():
                 noise = torch.randn(param.shape, generator=gen) * param.std().clamp_min(1e-3)
                 param.add_(noise * TINY_DRAFT_NOISE)

@@ -1,0 +1,177 @@
+"""`amusd bench`: the paper's experiment on this machine — ar / sync / async / hf, same prompts.
+
+    amusd bench --dataset humaneval --methods ar:1,sync:1,async,ar,sync,hf \\
+        --num-samples 5 --max-new-tokens 128 --json bench.json --plot bench.png
+
+A method string is NAME[:CORES]. ar and sync run on the verify worker with CORES threads pinned to
+cores 0..CORES-1 (default 2 = equal resources); async always runs one worker per core (draft on
+core 1, verify on core 0); hf is transformers' `generate(assistant_model=...)` in this process
+with CORES threads. Mean token time = total time / total tokens, prefill included (as the paper).
+Outputs that differ from the `ar` reference are reported with the first differing position and
+the verify model's top-2 logit gap there (a bf16 near-tie vs a protocol bug).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import queue
+import time
+
+from tqdm import tqdm
+
+from engine.bench_report import first_difference_gaps, machine_info, print_table, summarise, write_plot
+from engine.config import EngineConfig
+from engine.messages import GenerationRequest, SamplingParams
+from engine.supervisor import EngineSupervisor
+
+METHOD_NAMES = ("ar", "sync", "async", "hf")
+
+
+def parse_method(method: str) -> tuple[str, int]:
+    name, _, cores = method.partition(":")
+    if name not in METHOD_NAMES:
+        raise SystemExit(f"unknown method {method!r}: use {', '.join(METHOD_NAMES)} with an optional :CORES")
+    num_cores = int(cores) if cores else 2
+    if num_cores < 1 or num_cores > (os.cpu_count() or 1):
+        raise SystemExit(f"{method}: this machine has {os.cpu_count()} cores")
+    return name, num_cores
+
+
+def engine_config(args, name: str, num_cores: int) -> EngineConfig:
+    common = dict(verify_model=args.verify_model, draft_model=args.draft_model, dtype=args.dtype,
+                  max_model_len=args.max_model_len, num_speculative_tokens=args.k,
+                  max_draft_lead=args.max_draft_lead, max_verify_tokens=args.max_verify_tokens,
+                  sampling_scheme=args.sampling)
+    if name == "async":
+        return EngineConfig(mode="async", verify_cores="0", draft_cores="1", verify_threads=1, draft_threads=1, **common)
+    return EngineConfig(mode=name, verify_cores=f"0-{num_cores - 1}", verify_threads=num_cores, **common)
+
+
+def run_engine_method(args, name: str, num_cores: int, prompts, params: SamplingParams) -> list[dict]:
+    sup = EngineSupervisor(engine_config(args, name, num_cores))
+    sup.start()
+    request_ids = itertools.count(1)
+    try:
+        sup.generate(GenerationRequest(next(request_ids), prompts[0][:32], SamplingParams(max_tokens=4)))  # warm-up
+        samples = []
+        for prompt in tqdm(prompts, desc=f"{name}:{num_cores}", unit="prompt"):
+            results: queue.Queue = queue.Queue()
+            start = time.perf_counter()
+            sup.submit(GenerationRequest(next(request_ids), prompt, SamplingParams(**vars(params))),
+                       lambda out: results.put((time.perf_counter(), out)))
+            token_ids, times = [], []
+            while True:
+                t, out = results.get(timeout=args.request_timeout_s)
+                token_ids += out.token_ids
+                times += [t - start] * len(out.token_ids)
+                if out.finished:
+                    break
+            if out.finish_reason == "error":
+                raise RuntimeError(f"{name}: request failed: {out.error}")
+            samples.append({"token_ids": token_ids, "elapsed_s": time.perf_counter() - start,
+                            "token_times_s": times, "stats": vars(out.stats)})
+        return samples
+    finally:
+        sup.shutdown()
+
+
+def run_hf_method(args, num_cores: int, prompts, params: SamplingParams) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from engine.models import DTYPES, resolve_model_spec
+    torch.set_num_threads(num_cores)
+    os.sched_setaffinity(0, set(range(num_cores)))
+    verify_dir, _ = resolve_model_spec(args.verify_model, EngineConfig(verify_model="x", mode="ar").cache_dir)
+    draft_dir, _ = resolve_model_spec(args.draft_model, EngineConfig(verify_model="x", mode="ar").cache_dir)
+    verify = AutoModelForCausalLM.from_pretrained(verify_dir, dtype=DTYPES[args.dtype]).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[args.dtype]).eval()
+
+    class TimingStreamer(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+            self.is_prompt = True
+            self.start = time.perf_counter()
+
+        def put(self, value):
+            if self.is_prompt:               # the first put() is the prompt
+                self.is_prompt = False
+                return
+            self.times += [time.perf_counter() - self.start] * int(value.numel())
+
+        def end(self):
+            pass
+
+    samples = []
+    with torch.inference_mode():
+        for prompt in tqdm(prompts, desc=f"hf:{num_cores}", unit="prompt"):
+            ids = torch.tensor([prompt])
+            streamer = TimingStreamer()
+            out = verify.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
+                                  max_new_tokens=params.max_tokens, do_sample=False, streamer=streamer)
+            elapsed = time.perf_counter() - streamer.start
+            token_ids = out[0, len(prompt):].tolist()
+            samples.append({"token_ids": token_ids, "elapsed_s": elapsed,
+                            "token_times_s": streamer.times[:len(token_ids)], "stats": {}})
+    return samples
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="amusd bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="humaneval", help="humaneval | chat | PATH.jsonl")
+    p.add_argument("--methods", default="ar:1,sync:1,async,ar,sync,hf", help="comma-separated NAME[:CORES]")
+    p.add_argument("--num-samples", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--sampling", default="coupled", choices=["coupled", "rejection"])
+    p.add_argument("--verify-model", default="default:verify")
+    p.add_argument("--draft-model", default="default:draft")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--k", type=int, default=4, help="sync: draft tokens per round")
+    p.add_argument("--max-draft-lead", type=int, default=8)
+    p.add_argument("--max-verify-tokens", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--request-timeout-s", type=float, default=600)
+    p.add_argument("--no-gap-check", action="store_true", help="skip the top-2 logit gap of differing outputs")
+    p.add_argument("--json", default="bench.json", help="output JSON path")
+    p.add_argument("--plot", default=None, help="output PNG: tokens over time per method (paper's Figure 4)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    parsed = {m: parse_method(m) for m in methods}
+    from transformers import AutoTokenizer
+
+    from engine.bench_data import load_prompts
+    from engine.models import resolve_model_spec
+    cache_dir = EngineConfig(verify_model="x", mode="ar").cache_dir
+    verify_dir, _ = resolve_model_spec(args.verify_model, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(verify_dir)
+    prompts = load_prompts(args.dataset, tokenizer, args.num_samples)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed if args.temperature > 0 else None)
+    raw = {}
+    for method, (name, num_cores) in parsed.items():
+        if name == "hf":
+            raw[method] = run_hf_method(args, num_cores, prompts, params)
+        else:
+            raw[method] = run_engine_method(args, name, num_cores, prompts, params)
+    reference = next((m for m in methods if parsed[m][0] == "ar"), None)
+    report = {"machine": machine_info(), "args": vars(args), "reference": reference,
+              "methods": summarise(raw, parsed, reference)}
+    if reference and not args.no_gap_check and args.temperature == 0:
+        first_difference_gaps(report, raw, reference, prompts, verify_dir, args.dtype)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print_table(report)
+    if args.plot:
+        write_plot(raw, args.plot)
+    print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+    return 0

@@ -1,0 +1,34 @@
+"""Helpers for engine tests: start a supervisor on tiny float64 models and run requests."""
+from __future__ import annotations
+
+import itertools
+import random
+
+from engine.config import EngineConfig
+from engine.messages import GenerationRequest, SamplingParams
+from engine.supervisor import EngineSupervisor
+
+_request_ids = itertools.count(1)
+
+
+def tiny_config(cache_dir: str, mode: str, draft: str = "tiny-random/draft", **overrides) -> EngineConfig:
+    return EngineConfig(verify_model="tiny-random/verify", draft_model=draft, mode=mode, dtype="float64",
+                        cache_dir=cache_dir, max_model_len=512, heartbeat_timeout_s=20, step_timeout_s=20,
+                        worker_start_timeout_s=120, **overrides)
+
+
+def start_engine(config: EngineConfig) -> EngineSupervisor:
+    sup = EngineSupervisor(config)
+    sup.start()
+    return sup
+
+
+def run(sup: EngineSupervisor, prompt: list[int], timeout_s: float = 60, **params):
+    """Return (token ids, final EngineOutput) for one request."""
+    outputs = sup.generate(GenerationRequest(next(_request_ids), list(prompt), SamplingParams(**params)), timeout_s)
+    return [t for out in outputs for t in out.token_ids], outputs[-1]
+
+
+def random_prompts(num_prompts: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 256) for _ in range(rng.randrange(1, 60))] for _ in range(num_prompts)]

@@ -1,0 +1,147 @@
+"""`sync` and `async` emit exactly the tokens `ar` emits (tiny float64 models, live workers).
+
+Covers many prompts, forced rollbacks (a perturbed draft and an always-wrong draft), stop tokens
+mid-draft, max_tokens mid-draft, cancellation, back-to-back requests on the same workers, and
+seeded (coupled) sampling.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.messages import GenerationRequest, SamplingParams
+from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+
+PROMPTS = random_prompts(10)
+MAX_TOKENS = 48
+SPEC_ENGINES = {
+    "sync": dict(mode="sync"),
+    "sync-wrong-k2": dict(mode="sync", draft="tiny-random/wrong", num_speculative_tokens=2),
+    "async": dict(mode="async"),
+    "async-wrong": dict(mode="async", draft="tiny-random/wrong"),
+    "async-lead1": dict(mode="async", max_draft_lead=1, max_verify_tokens=1),
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    started = {"ar": start_engine(tiny_config(cache, "ar"))}
+    try:
+        for name, kw in SPEC_ENGINES.items():
+            started[name] = start_engine(tiny_config(cache, **kw))
+        yield started
+    finally:
+        for sup in started.values():
+            sup.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ar_results(engines):
+    return [run(engines["ar"], p, max_tokens=MAX_TOKENS) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(ar_results):
+    return [tokens for tokens, _ in ar_results]
+
+
+@pytest.mark.parametrize("name", list(SPEC_ENGINES))
+def test_greedy_outputs_equal_ar(engines, ar_results, name):
+    num_rollbacks = num_accepted = 0
+    for prompt, (expected, ar_final) in zip(PROMPTS, ar_results):
+        tokens, final = run(engines[name], prompt, max_tokens=MAX_TOKENS)
+        assert tokens == expected, f"{name} diverged from ar on prompt {prompt[:8]}..."
+        assert final.finish_reason == ar_final.finish_reason
+        num_rollbacks += final.stats.num_rollbacks
+        num_accepted += final.stats.num_accepted_tokens
+    assert num_rollbacks > 0, "the test must exercise rollbacks"
+    if "wrong" not in name:
+        # async acceptance depends on timing (how far the draft got ahead), so a looser bound there
+        min_fraction = 0.3 if name.startswith("sync") else 0.1
+        assert num_accepted > min_fraction * MAX_TOKENS * len(PROMPTS), "the perturbed draft should be accepted often"
+
+
+@pytest.mark.parametrize("name", ["sync", "async", "async-wrong"])
+@pytest.mark.parametrize("stop_index", [0, 3, 17])
+def test_stop_token_mid_draft(engines, ar_outputs, name, stop_index):
+    expected = ar_outputs[1]
+    stop_token = expected[stop_index]
+    cut = expected.index(stop_token) + 1
+    tokens, final = run(engines[name], PROMPTS[1], max_tokens=MAX_TOKENS, stop_token_ids=[stop_token])
+    ar_tokens, ar_final = run(engines["ar"], PROMPTS[1], max_tokens=MAX_TOKENS, stop_token_ids=[stop_token])
+    assert tokens == ar_tokens == expected[:cut]
+    assert final.finish_reason == ar_final.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("name", ["sync", "async", "async-wrong"])
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 13])
+def test_max_tokens_mid_draft(engines, ar_outputs, name, max_tokens):
+    tokens, final = run(engines[name], PROMPTS[2], max_tokens=max_tokens)
+    assert len(ar_outputs[2]) == MAX_TOKENS, "pick a prompt whose ar output does not hit EOS"
+    assert tokens == ar_outputs[2][:max_tokens]
+    assert final.finish_reason == "length"
+    assert final.stats.num_generated_tokens == max_tokens
+
+
+@pytest.mark.parametrize("name", ["sync", "async"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 20, 0.9), (1.0, 0, 0.5)])
+def test_coupled_sampling_equals_ar(engines, name, temperature, top_k, top_p):
+    for seed in (1, 2, 3):
+        params = dict(max_tokens=32, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        expected, _ = run(engines["ar"], PROMPTS[seed], **params)
+        tokens, _ = run(engines[name], PROMPTS[seed], **params)
+        assert tokens == expected
+    other, _ = run(engines["ar"], PROMPTS[1], **{**params, "seed": 99})
+    assert other != expected or temperature < 1, "different seeds should give different samples"
+
+
+@pytest.mark.parametrize("name", ["ar", "sync", "async"])
+def test_cancel_then_next_request_is_correct(engines, ar_outputs, name):
+    sup = engines[name]
+    first = {}
+    finished = []
+
+    def on_output(out):
+        first.setdefault("t", time.monotonic())
+        if out.finished:
+            finished.append((time.monotonic(), out))
+
+    sup.submit(GenerationRequest(900_000 + len(name), PROMPTS[0], SamplingParams(max_tokens=400)), on_output)
+    deadline = time.monotonic() + 30
+    while "t" not in first and time.monotonic() < deadline:
+        time.sleep(0.005)
+    cancel_time = time.monotonic()
+    sup.cancel(900_000 + len(name))
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert finished, "cancelled request never finished"
+    done_time, out = finished[0]
+    assert out.finish_reason == "cancelled"
+    assert done_time - cancel_time < 2.0
+    tokens, _ = run(sup, PROMPTS[3], max_tokens=MAX_TOKENS)      # back-to-back on the same workers
+    assert tokens == ar_outputs[3]
+
+
+def test_cancel_before_start(engines):
+    sup = engines["async"]
+    results = []
+    sup.submit(GenerationRequest(800_001, PROMPTS[0], SamplingParams(max_tokens=200)), results.append)
+    sup.submit(GenerationRequest(800_002, PROMPTS[0], SamplingParams(max_tokens=5)), results.append)
+    sup.cancel(800_002)
+    sup.cancel(800_001)
+    deadline = time.monotonic() + 30
+    while sum(o.finished for o in results) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    finals = {o.request_id: o.finish_reason for o in results if o.finished}
+    assert finals == {800_001: "cancelled", 800_002: "cancelled"}
+
+
+def test_async_stats_are_consistent(engines):
+    _, final = run(engines["async"], PROMPTS[4], max_tokens=MAX_TOKENS, ignore_eos=True)
+    stats = final.stats
+    assert stats.num_generated_tokens == MAX_TOKENS
+    assert stats.num_accepted_tokens <= stats.num_draft_tokens
+    assert stats.num_verify_steps + stats.num_accepted_tokens >= stats.num_generated_tokens
+    assert 0 < stats.draft_busy_s and 0 < stats.verify_busy_s
