@@ -57,10 +57,10 @@ def test_greedy_outputs_equal_ar(engines, ar_results, name):
         num_rollbacks += final.stats.num_rollbacks
         num_accepted += final.stats.num_accepted_tokens
     assert num_rollbacks > 0, "the test must exercise rollbacks"
-    if "wrong" not in name:
-        # async acceptance depends on timing (how far the draft got ahead), so a looser bound there
-        min_fraction = 0.3 if name.startswith("sync") else 0.1
-        assert num_accepted > min_fraction * MAX_TOKENS * len(PROMPTS), "the perturbed draft should be accepted often"
+    if name == "sync":
+        assert num_accepted > 0.3 * MAX_TOKENS * len(PROMPTS), "the perturbed draft should be accepted often"
+    if name == "async":   # how far the draft gets ahead depends on timing: only ask that accepts happen
+        assert num_accepted > 0, "the async accept path must be exercised"
 
 
 @pytest.mark.parametrize("name", ["sync", "async", "async-wrong"])
