@@ -132,6 +132,10 @@ class EngineSupervisor:
             raise ValueError(f"prompt has {len(request.prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
         if request.params.temperature > 0 and request.params.seed is None:
             request.params.seed = secrets.randbits(62)     # draft and verify must share the noise
+        if self._is_stopping or self.fatal_error:
+            on_output(EngineOutput(request.request_id, finished=True, finish_reason="error",
+                                   error=self.fatal_error or "engine is shutting down"))
+            return
         self._fifo.put((request, on_output))
 
     def generate(self, request: GenerationRequest, timeout_s: float | None = None) -> list[EngineOutput]:

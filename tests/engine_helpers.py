@@ -12,9 +12,10 @@ _request_ids = itertools.count(1)
 
 
 def tiny_config(cache_dir: str, mode: str, draft: str = "tiny-random/draft", **overrides) -> EngineConfig:
-    return EngineConfig(verify_model="tiny-random/verify", draft_model=draft, mode=mode, dtype="float64",
-                        cache_dir=cache_dir, max_model_len=512, heartbeat_timeout_s=20, step_timeout_s=20,
-                        worker_start_timeout_s=120, **overrides)
+    settings = dict(verify_model="tiny-random/verify", draft_model=draft, mode=mode, dtype="float64",
+                    cache_dir=cache_dir, max_model_len=512, heartbeat_timeout_s=20, step_timeout_s=20,
+                    worker_start_timeout_s=120)
+    return EngineConfig(**{**settings, **overrides})
 
 
 def start_engine(config: EngineConfig) -> EngineSupervisor:

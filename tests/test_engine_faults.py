@@ -1,0 +1,128 @@
+"""Worker faults: kill -9 mid-request, a hung worker, start-up failures, clean shutdown."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.messages import GenerationRequest, SamplingParams
+from engine.supervisor import EngineStartError, EngineSupervisor
+from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+
+PROMPT = random_prompts(1, seed=5)[0]
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def expected(cache_dir):
+    sup = start_engine(tiny_config(cache_dir, "ar"))
+    try:
+        return run(sup, PROMPT, max_tokens=40, ignore_eos=True)[0]
+    finally:
+        sup.shutdown()
+
+
+@pytest.mark.parametrize("role", ["draft", "verify"])
+def test_kill_worker_mid_request_errors_then_recovers(cache_dir, expected, role):
+    sup = start_engine(tiny_config(cache_dir, "async"))
+    try:
+        outputs = []
+        sup.submit(GenerationRequest(1, PROMPT, SamplingParams(max_tokens=400, ignore_eos=True)), outputs.append)
+        queued = []
+        sup.submit(GenerationRequest(2, PROMPT, SamplingParams(max_tokens=40, ignore_eos=True)), queued.append)
+        assert _wait(lambda: len(outputs) > 0, 30), "request never started"
+        os.kill(sup.worker_pids()[role], signal.SIGKILL)
+        assert _wait(lambda: any(o.finished for o in outputs), 10), "killed request hung"
+        final = outputs[-1]
+        assert final.finished and final.finish_reason in ("error", "length")
+        # the queued request is served after the restart, with the correct output
+        assert _wait(lambda: any(o.finished for o in queued), 60), "queued request vanished"
+        assert queued[-1].finish_reason == "length"
+        assert [t for o in queued for t in o.token_ids] == expected
+        assert _wait(sup.is_healthy, 60)
+        assert sup.health()["workers"][role]["num_restarts"] == 1
+        assert run(sup, PROMPT, max_tokens=40, ignore_eos=True)[0] == expected
+    finally:
+        sup.shutdown()
+
+
+def test_killed_mid_request_reports_error(cache_dir):
+    """A long request whose verify worker dies ends with finish_reason 'error', promptly."""
+    sup = start_engine(tiny_config(cache_dir, "ar"))
+    try:
+        outputs = []
+        sup.submit(GenerationRequest(1, PROMPT, SamplingParams(max_tokens=400, ignore_eos=True)), outputs.append)
+        assert _wait(lambda: len(outputs) > 0, 30)
+        killed_at = time.monotonic()
+        os.kill(sup.worker_pids()["verify"], signal.SIGKILL)
+        assert _wait(lambda: any(o.finished for o in outputs), 10)
+        assert time.monotonic() - killed_at < 5
+        assert outputs[-1].finish_reason in ("error", "length")
+        assert _wait(sup.is_healthy, 60)
+    finally:
+        sup.shutdown()
+
+
+def test_hung_worker_is_detected_and_restarted(cache_dir, expected):
+    sup = start_engine(tiny_config(cache_dir, "async", heartbeat_timeout_s=2))
+    try:
+        draft_pid = sup.worker_pids()["draft"]
+        os.kill(draft_pid, signal.SIGSTOP)          # alive but not answering
+        assert _wait(lambda: sup.worker_pids()["draft"] != draft_pid, 20), "hung worker not replaced"
+        assert _wait(sup.is_healthy, 60)
+        assert run(sup, PROMPT, max_tokens=40, ignore_eos=True)[0] == expected
+    finally:
+        sup.shutdown()
+
+
+def test_missing_model_fails_fast_with_clear_error(tmp_path):
+    config = EngineConfig(verify_model=str(tmp_path / "no-such-model"), mode="ar", cache_dir=str(tmp_path),
+                          worker_start_timeout_s=120)
+    start = time.monotonic()
+    with pytest.raises(EngineStartError, match="no-such-model"):
+        EngineSupervisor(config).start()
+    assert time.monotonic() - start < 60
+
+
+def test_shutdown_leaves_no_process_or_shared_memory(cache_dir):
+    sup = start_engine(tiny_config(cache_dir, "async"))
+    pids = list(sup.worker_pids().values())
+    shm_name = sup._state.name
+    run(sup, PROMPT, max_tokens=5)
+    sup.shutdown()
+    sup.shutdown()   # idempotent
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not os.path.exists(f"/dev/shm/{shm_name}")
+
+
+def test_requests_after_shutdown_get_errors(cache_dir):
+    sup = start_engine(tiny_config(cache_dir, "ar"))
+    sup.shutdown()
+    outputs = []
+    sup.submit(GenerationRequest(1, PROMPT, SamplingParams(max_tokens=5)), outputs.append)
+    assert outputs and outputs[-1].finish_reason == "error"
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),
+                                 dict(temperature=float("nan"))])
+def test_invalid_params_are_rejected_before_queueing(cache_dir, bad):
+    sup = EngineSupervisor(tiny_config(cache_dir, "ar"))    # not started: validation needs no workers
+    with pytest.raises(ValueError):
+        sup.submit(GenerationRequest(1, PROMPT, SamplingParams(**bad)), lambda out: None)
