@@ -121,8 +121,16 @@ async def with_cancellation(request: Request, work: Awaitable[Response]) -> Resp
     return Response(status_code=499)   # nobody is listening any more
 
 
+def begin_drain(app: FastAPI) -> None:
+    """Signal-safe: start draining (see EngineClient.begin_drain) on the app's event loop."""
+    client = app.state.amusd.get("client")
+    loop = getattr(client, "_loop", None)
+    if client is not None and loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(client.begin_drain, app.state.amusd["settings"].shutdown_grace_s)
+
+
 def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
-    state: dict[str, Any] = {"supervisor": supervisor}
+    state: dict[str, Any] = {"supervisor": supervisor, "settings": settings}
 
     def health() -> dict:
         sup = state["supervisor"]

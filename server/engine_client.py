@@ -100,7 +100,7 @@ class EngineClient:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: RequestHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.started = self.closing = False
+        self.started = self.closing = self.draining = False
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,21 +108,35 @@ class EngineClient:
         await asyncio.to_thread(self.supervisor.start)
         self.started = True
 
+    def begin_drain(self, grace_s: float) -> None:
+        """On SIGTERM: refuse new requests (503, /health 503); cancel what is left after grace_s,
+        so that unfinished streams still end with an error event and [DONE]."""
+        if self.draining or self._loop is None:
+            return
+        self.draining = True
+        logger.info("draining: %d running, %d waiting; what is left in %.1fs gets cancelled",
+                    self.num_running, self.num_waiting, grace_s)
+        self._loop.call_later(grace_s, self.cancel_all)
+
+    def cancel_all(self) -> None:
+        while self._waiting:
+            self._drop_waiting(self._waiting[0], failure=None, notify=True)
+        if self._running is not None:
+            self._running.abort("abort")
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel everything still queued or running, then shut the supervisor down."""
         self.closing = True
-        while self._waiting:
-            self._drop_waiting(self._waiting[0], failure=None, notify=True)
         running = self._running
+        self.cancel_all()
         if running is not None:
-            running.abort("abort")
             deadline = time.monotonic() + min(timeout_s, 5.0)
             while not running.finished and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         await asyncio.to_thread(self.supervisor.shutdown, timeout_s)
 
     def is_ready(self) -> bool:
-        if not self.started or self.closing:
+        if not self.started or self.closing or self.draining:
             return False
         try:
             return bool(self.supervisor.is_healthy())
@@ -142,7 +156,8 @@ class EngineClient:
         """Queue a request or raise QueueFullError / EngineUnavailableError at once."""
         if not self.is_ready():
             self.metrics.record_failure("not_ready")
-            raise EngineUnavailableError("the engine is not ready (starting, restarting or shutting down)")
+            raise EngineUnavailableError("the server is shutting down" if self.draining or self.closing
+                                         else "the engine is not ready (starting or restarting)")
         busy = self._running is not None or bool(self._waiting)
         if busy and len(self._waiting) >= self.max_queue_size:
             self.metrics.record_failure("queue_full")

@@ -31,6 +31,18 @@ def _format_validation(exc: ValidationError) -> str:
     return "invalid settings:\n" + "\n".join(lines)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn.Server that also tells the app to drain when SIGTERM/SIGINT arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._on_exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -49,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("settings: %s", settings.public_dict())
 
-    from server.app import create_app                 # imported late: keeps --help fast
+    from server.app import begin_drain, create_app     # imported late: keeps --help fast
     from server.engine_client import make_supervisor
     try:
         supervisor = make_supervisor(settings)
@@ -57,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"amusd serve: cannot set up the engine: {exc}", file=sys.stderr)
         return 1
 
-    config = uvicorn.Config(create_app(settings, supervisor), host=settings.host, port=settings.port,
+    app = create_app(settings, supervisor)
+    # the app cancels what is left after shutdown_grace_s (streams end with an error event);
+    # uvicorn's own hard limit comes a little later, for requests that ignore that
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=settings.access_log,
-                            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+                            timeout_graceful_shutdown=round(settings.shutdown_grace_s + 5),
                             lifespan="on", timeout_keep_alive=5)
-    server = uvicorn.Server(config)
+    server = _Server(config, on_exit=lambda: begin_drain(app))
     # uvicorn re-raises the signal that stopped it once it is done; make that a no-op so that we
     # get to shut the supervisor down and exit 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -98,6 +98,7 @@ def test_sigterm_finishes_in_flight_then_exits_without_orphans(busy_server):
         rest = [ln for ln in lines if ln]
     assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
     assert busy_server.proc.wait(30) == 0, busy_server.log()[-3000:]
+    assert "draining: 1 running" in busy_server.log()
 
     def gone(pid):
         try:
@@ -105,3 +106,10 @@ def test_sigterm_finishes_in_flight_then_exits_without_orphans(busy_server):
         except psutil.NoSuchProcess:
             return True
     assert all(gone(p) for p in pids), "worker processes survived the server"
+
+
+def test_engine_start_failure_exits_1_with_a_clear_message():
+    live = LiveServer("--model", "/nonexistent/verify-model", "--max-restarts", "1")
+    with pytest.raises(RuntimeError, match="model directory not found: /nonexistent/verify-model"):
+        live.start()
+    assert live.proc.wait(30) == 1

@@ -182,3 +182,30 @@ def test_sampling_params_reach_engine(fake_server):
             (3, 0.7, 0.9, 0, 0.05, 7, True)
         assert completion.params.max_tokens == 16 and completion.params.temperature == 0.0
         assert chat.prompt_token_ids[-len("assistant\n"):] == list(b"assistant\n")
+
+
+def test_drain_cancels_what_is_left_after_grace(fake_server):
+    from server.app import begin_drain
+    with fake_server(shutdown_grace_s=0.5, delay_s=0.05) as fs:
+        with httpx.stream("POST", fs.url("/v1/completions"), json={
+                "prompt": "x", "max_tokens": 500, "stream": True}) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            begin_drain(fs.app)                              # what SIGTERM does in server/main.py
+            time.sleep(0.1)
+            assert httpx.get(fs.url("/health")).status_code == 503
+            err = assert_openai_error(httpx.post(fs.url("/v1/completions"), json={"prompt": "x"}), 503)
+            assert "shutting down" in err["message"]
+            t0 = time.monotonic()
+            rest = [ln for ln in lines if ln]
+        assert time.monotonic() - t0 < 3
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["type"] == "service_unavailable"
+
+
+def test_bad_settings_exit_2(capsys):
+    from server.main import main
+    assert main(["--mode", "bogus"]) == 2
+    assert "mode must be one of" in capsys.readouterr().err
+    assert main(["--max-queue-size", "-1"]) == 2
+    assert main(["--help"]) == 0
