@@ -43,6 +43,7 @@ import time
 from engine.decoding import Sequence, Verifier, sync_cache
 from engine.messages import SamplingParams, StartRequest
 from engine.models import ModelRunner
+from engine.ngram import propose_from_ngrams
 from engine.sampling import choose_tokens
 from engine.shared_state import Clock, Ctrl, SharedState
 from engine.token_channel import HostDraftChannel
@@ -99,8 +100,9 @@ class Drafter:
     """Draft-worker side: drafts continuously for the running request, reconciling on EPOCH changes."""
 
     def __init__(self, runner: ModelRunner, state: SharedState, channel: HostDraftChannel,
-                 max_draft_lead: int, max_model_len: int, wait_timeout_s: float):
+                 max_draft_lead: int, max_model_len: int, wait_timeout_s: float, lookup_ngram: int = 0):
         self.runner = runner
+        self.lookup_ngram = lookup_ngram
         self.state = state
         self.channel = channel
         self.max_draft_lead = max_draft_lead
@@ -143,16 +145,38 @@ class Drafter:
                 time.sleep(IDLE_SLEEP_S)
                 continue
             start = time.perf_counter()
-            last = pending if pending is not None else int(state.draft_tokens[length - 1])
-            logits = self.runner.forward([last] if pending is None else pending.view(1), last_only=True)
-            token = choose_tokens(logits, req.params, length - n_prompt)[0]
-            value = self.channel.publish(length, token)
-            pending = token if value < 0 else None
-            length += 1
-            num_drafted_total += 1
+            room = min(self.max_draft_lead - (length - num_committed), max_len - length)
+            new_ids, pending = self._draft_step(req.params, length, n_prompt, room, pending)
+            length += len(new_ids)
+            num_drafted_total += len(new_ids)
             busy_s += time.perf_counter() - start
             state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, num_drafted_total)
             state.set(Ctrl.DRAFT_BUSY_US, int(busy_s * 1e6))
+
+    def _draft_step(self, params: SamplingParams, length: int, n_prompt: int, room: int, pending):
+        """One draft forward: the pending token plus n-gram guesses the draft model then checks.
+
+        Same accept rule as the verify step, applied by the draft to its own guesses, so its output
+        is what one-token-at-a-time drafting would give. Returns (new token ids, pending tensor).
+        """
+        tokens = self.state.draft_tokens
+        guesses = []
+        if self.lookup_ngram and pending is None:
+            guesses = propose_from_ngrams(tokens[:length], self.lookup_ngram, room - 1)
+        last = pending.view(1) if pending is not None else [int(tokens[length - 1])]
+        logits = self.runner.forward(last if not guesses else last + guesses, last_only=not guesses)
+        chosen = choose_tokens(logits, params, length - n_prompt)              # [1 + len(guesses)]
+        num_accepted = 0
+        if guesses:
+            chosen_ids = chosen.tolist()
+            while num_accepted < len(guesses) and guesses[num_accepted] == chosen_ids[num_accepted]:
+                num_accepted += 1
+            self.runner.crop(length + num_accepted)
+        new_ids = []
+        for i in range(num_accepted + 1):
+            value = self.channel.publish(length + i, chosen[i])
+            new_ids.append(value)
+        return new_ids, (chosen[num_accepted] if new_ids[-1] < 0 else None)
 
     def _wait_for_start(self, rid: int) -> bool:
         """Wait until the verify worker has published request `rid` (or already finished it)."""

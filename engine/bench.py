@@ -43,6 +43,7 @@ def engine_config(args, name: str, num_cores: int) -> EngineConfig:
     common = dict(verify_model=args.verify_model, draft_model=args.draft_model, dtype=args.dtype,
                   max_model_len=args.max_model_len, num_speculative_tokens=args.k,
                   max_draft_lead=args.max_draft_lead, max_verify_tokens=args.max_verify_tokens,
+                  draft_lookup_ngram=args.draft_lookup_ngram,
                   sampling_scheme=args.sampling)
     if name == "async":
         return EngineConfig(mode="async", verify_cores="0", draft_cores="1", verify_threads=1, draft_threads=1, **common)
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="sync: draft tokens per round")
     p.add_argument("--max-draft-lead", type=int, default=8)
     p.add_argument("--max-verify-tokens", type=int, default=8)
+    p.add_argument("--draft-lookup-ngram", type=int, default=EngineConfig.draft_lookup_ngram,
+                   help="async: the draft checks prompt-lookup guesses of up to this n-gram (0 = off)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--no-gap-check", action="store_true", help="skip the top-2 logit gap of differing outputs")

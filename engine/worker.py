@@ -136,7 +136,8 @@ class DraftWorker:
         runner = ModelRunner(model, config.draft_device)
         channel = _make_channel(config, state, peer_conn, role="draft")
         self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
-                               wait_timeout_s=config.step_timeout_s)
+                               wait_timeout_s=config.step_timeout_s,
+                               lookup_ngram=0 if config.draft_device.startswith("cuda") else config.draft_lookup_ngram)
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:

@@ -21,6 +21,7 @@ SPEC_ENGINES = {
     "async": dict(mode="async"),
     "async-wrong": dict(mode="async", draft="tiny-random/wrong"),
     "async-lead1": dict(mode="async", max_draft_lead=1, max_verify_tokens=1),
+    "async-lookup": dict(mode="async", draft_lookup_ngram=3),
 }
 
 
@@ -63,7 +64,7 @@ def test_greedy_outputs_equal_ar(engines, ar_results, name):
         assert num_accepted > 0, "the async accept path must be exercised"
 
 
-@pytest.mark.parametrize("name", ["sync", "async", "async-wrong"])
+@pytest.mark.parametrize("name", ["sync", "async", "async-wrong", "async-lookup"])
 @pytest.mark.parametrize("stop_index", [0, 3, 17])
 def test_stop_token_mid_draft(engines, ar_outputs, name, stop_index):
     expected = ar_outputs[1]
@@ -85,7 +86,7 @@ def test_max_tokens_mid_draft(engines, ar_outputs, name, max_tokens):
     assert final.stats.num_generated_tokens == max_tokens
 
 
-@pytest.mark.parametrize("name", ["sync", "async"])
+@pytest.mark.parametrize("name", ["sync", "async", "async-lookup"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 20, 0.9), (1.0, 0, 0.5)])
 def test_coupled_sampling_equals_ar(engines, name, temperature, top_k, top_p):
     for seed in (1, 2, 3):
