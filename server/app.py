@@ -71,7 +71,8 @@ class GuardMiddleware:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             self.metrics.record_failure("invalid_request")
-            return await too_big(scope, receive, send)
+            bad = too_big if length.isdigit() else _error(400, "invalid Content-Length header")
+            return await bad(scope, receive, send)
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             chunks, size = [], 0
             while True:
@@ -136,7 +137,7 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
         sup = state["supervisor"]
         return sup.health() if sup is not None and getattr(state.get("client"), "started", False) else {}
 
-    metrics = ServerMetrics(health=health)
+    metrics = ServerMetrics(health=health, heartbeat_timeout_s=settings.heartbeat_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

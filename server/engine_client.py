@@ -249,7 +249,7 @@ class EngineClient:
 def resolve_models(settings: Settings) -> tuple[str, str | None]:
     """(verify, draft) model specs; 'default' fetches the default pair (in a subprocess, so that
     this process never imports torch)."""
-    verify, draft = settings.model, settings.draft_model
+    verify, draft = settings.model, (None if settings.mode == "ar" else settings.draft_model)
     if DEFAULT_MODEL not in (verify, draft):
         return verify, draft
     code = ("import json, sys; from engine.fetch import ensure_default_models; "

@@ -30,8 +30,8 @@ _LEAD_BUCKETS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 1
 class _WorkerCollector(Collector):
     """worker_up / worker_restarts_total, read from supervisor.health() at every scrape."""
 
-    def __init__(self, health: Callable[[], dict]) -> None:
-        self._health = health
+    def __init__(self, health: Callable[[], dict], heartbeat_timeout_s: float) -> None:
+        self._health, self._timeout = health, heartbeat_timeout_s
 
     def collect(self):
         up = GaugeMetricFamily("amusd:worker_up", "1 if the worker process is alive and heartbeating",
@@ -48,14 +48,15 @@ class _WorkerCollector(Collector):
                 continue
             age = info.get("heartbeat_age_s")
             alive = bool(info.get("is_alive"))
-            up.add_metric([role], 1.0 if alive and age is not None else 0.0)
+            beating = age is not None and float(age) < self._timeout
+            up.add_metric([role], 1.0 if alive and beating else 0.0)
             restarts.add_metric([role], float(info.get("num_restarts", 0) or 0))
         yield up
         yield restarts
 
 
 class ServerMetrics:
-    def __init__(self, health: Callable[[], dict] | None = None) -> None:
+    def __init__(self, health: Callable[[], dict] | None = None, heartbeat_timeout_s: float = 60.0) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.ttft = Histogram("amusd:time_to_first_token_seconds", "Time from arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -96,7 +97,7 @@ class ServerMetrics:
         for role in WORKERS:
             self.busy.labels(worker=role)
         if health is not None:
-            r.register(_WorkerCollector(health))
+            r.register(_WorkerCollector(health, heartbeat_timeout_s))
 
     # ---- per-request events (called on the event loop) ---------------------------
     def observe_queue_time(self, seconds: float) -> None:
