@@ -53,6 +53,14 @@ class _EngineStream(StreamingResponse):
             self._on_close()
 
 
+def _check_unicode(text: str, param: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError("the text contains invalid Unicode (a lone surrogate)", param=param) from None
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -106,6 +114,8 @@ class OpenAIServing:
             raise OpenAIError(f"at most {self.settings.max_stop_strings} stop strings are allowed", param="stop")
         if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
             raise OpenAIError(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters", param="stop")
+        for stop in stops:
+            _check_unicode(stop, "stop")
 
     def _params(self, req: P._SamplingRequest, prompt_len: int, max_tokens: int | None,
                 num_logprobs: int | None) -> SamplingParams:
@@ -141,6 +151,7 @@ class OpenAIServing:
                 raise OpenAIError("batched prompts are not supported; send one prompt per request", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
+            _check_unicode(prompt, "prompt")
             return self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
@@ -171,6 +182,7 @@ class OpenAIServing:
                                                       add_generation_prompt=req.add_generation_prompt is not False)
         except Exception as exc:   # jinja errors (raise_exception in templates), missing template
             raise OpenAIError(f"cannot apply the chat template: {exc}", param="messages") from None
+        _check_unicode(text, "messages")
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def token_str(self, tid: int) -> str:
