@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from engine.decoding import Sequence, Verifier, sync_cache
 from engine.messages import SamplingParams, StartRequest
 from engine.models import ModelRunner
 from engine.ngram import propose_from_ngrams
-from engine.sampling import choose_tokens
+from engine.token_chooser import DRAFT_STREAM, TokenChooser
 from engine.shared_state import Clock, Ctrl, SharedState
 from engine.token_channel import HostDraftChannel
 
@@ -52,8 +54,16 @@ IDLE_SLEEP_S = 0.0002
 
 
 def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, channel: HostDraftChannel,
-                     max_verify_tokens: int, emit, should_stop) -> None:
-    """Verify-worker side of one async request."""
+                     max_verify_tokens: int, emit, should_stop, lookup_ngram: int = 0, draft_probs=None) -> None:
+    """Verify-worker side of one async request.
+
+    draft_probs: the [R, V] ring of the draft's q rows (row = position % R; rejection sampling only).
+    The draft writes row p before publishing token p and never runs R positions past NUM_COMMITTED,
+    so a row the verify reads cannot be overwritten during the read.
+    """
+    is_rejection = seq.chooser.is_rejection
+    if is_rejection:
+        lookup_ngram = 0                # n-gram guesses are not drawn from q: keep rejection sampling pure
     n_prompt = seq.num_committed
     state.committed_tokens[:n_prompt] = seq.token_ids
     state.set(Ctrl.NUM_COMMITTED, n_prompt)
@@ -73,7 +83,15 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
             stats.sum_draft_lead += max(0, num_drafted - c)
             if num_drafted > c:
                 draft_ids = channel.read_for_verify(c, min(num_drafted, c + max_verify_tokens))
-        out = verifier.step(seq, draft_ids)
+        guess_ids: list[int] = []
+        if lookup_ngram and len(draft_ids) < max_verify_tokens:
+            context = np.asarray(seq.token_ids + draft_ids)
+            guess_ids = propose_from_ngrams(context, lookup_ngram, max_verify_tokens - len(draft_ids))
+        q_rows = None
+        if is_rejection and draft_ids:
+            rows = [p % draft_probs.shape[0] for p in range(c, c + len(draft_ids))]
+            q_rows = draft_probs[rows]
+        out = verifier.step(seq, draft_ids, guess_ids, q_rows)
         new_ids = out.token_ids
         num_accepted = len(new_ids) - 1
         state.committed_tokens[c:c + len(new_ids)] = new_ids
@@ -92,16 +110,24 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
         emit(out)
     state.set(Ctrl.REQUEST_ID, 0)
     state.set(Ctrl.LAST_FINISHED_REQUEST_ID, seq.request_id)
-    stats.num_draft_tokens_wasted = max(0, state.get(Ctrl.DRAFT_NUM_DRAFTED_TOTAL) - stats.num_accepted_tokens)
+    stats.num_draft_tokens_produced = state.get(Ctrl.DRAFT_NUM_DRAFTED_TOTAL)
+    # discarded on reconciliation + drafted past the final commit (approximate: the draft may be mid-step)
+    num_past_end = state.get(Ctrl.NUM_DRAFTED) - seq.num_committed if state.get(Ctrl.DRAFT_EPOCH) == epoch else 0
+    stats.num_draft_tokens_wasted = state.get(Ctrl.DRAFT_NUM_DISCARDED) + max(0, num_past_end)
     stats.draft_busy_s = state.get(Ctrl.DRAFT_BUSY_US) / 1e6
+    stats.num_draft_forwards = state.get(Ctrl.DRAFT_NUM_FORWARDS)
 
 
 class Drafter:
     """Draft-worker side: drafts continuously for the running request, reconciling on EPOCH changes."""
 
     def __init__(self, runner: ModelRunner, state: SharedState, channel: HostDraftChannel,
-                 max_draft_lead: int, max_model_len: int, wait_timeout_s: float, lookup_ngram: int = 0):
+                 max_draft_lead: int, max_model_len: int, wait_timeout_s: float, lookup_ngram: int = 0,
+                 vocab_size: int = 0, scheme: str = "coupled", draft_probs=None):
         self.runner = runner
+        self.scheme = scheme
+        self.draft_probs = draft_probs          # [R, V] shared ring of q rows (rejection sampling)
+        self.vocab_size = vocab_size
         self.lookup_ngram = lookup_ngram
         self.state = state
         self.channel = channel
@@ -116,12 +142,16 @@ class Drafter:
             return
         prompt = req.prompt_token_ids
         n_prompt = len(prompt)
+        chooser = TokenChooser(req.params, self.scheme, DRAFT_STREAM)
         max_len = min(n_prompt + req.params.max_tokens, self.max_model_len)
         state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, 0)
+        state.set(Ctrl.DRAFT_NUM_DISCARDED, 0)
         state.set(Ctrl.DRAFT_BUSY_US, 0)
         busy_s = 0.0
-        num_drafted_total = 0
+        num_drafted_total = num_forwards = 0
         start = time.perf_counter()
+        if self.vocab_size:
+            self.runner.restrict_vocab(list(range(self.vocab_size)) + list(prompt))
         self.runner.prefill(prompt)
         busy_s += time.perf_counter() - start
         self.channel.overwrite(0, prompt)
@@ -146,14 +176,16 @@ class Drafter:
                 continue
             start = time.perf_counter()
             room = min(self.max_draft_lead - (length - num_committed), max_len - length)
-            new_ids, pending = self._draft_step(req.params, length, n_prompt, room, pending)
+            new_ids, pending = self._draft_step(chooser, length, n_prompt, room, pending)
             length += len(new_ids)
             num_drafted_total += len(new_ids)
+            num_forwards += 1
             busy_s += time.perf_counter() - start
+            state.set(Ctrl.DRAFT_NUM_FORWARDS, num_forwards)
             state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, num_drafted_total)
             state.set(Ctrl.DRAFT_BUSY_US, int(busy_s * 1e6))
 
-    def _draft_step(self, params: SamplingParams, length: int, n_prompt: int, room: int, pending):
+    def _draft_step(self, chooser: TokenChooser, length: int, n_prompt: int, room: int, pending):
         """One draft forward: the pending token plus n-gram guesses the draft model then checks.
 
         Same accept rule as the verify step, applied by the draft to its own guesses, so its output
@@ -161,11 +193,11 @@ class Drafter:
         """
         tokens = self.state.draft_tokens
         guesses = []
-        if self.lookup_ngram and pending is None:
+        if self.lookup_ngram and pending is None and not chooser.is_rejection:
             guesses = propose_from_ngrams(tokens[:length], self.lookup_ngram, room - 1)
         last = pending.view(1) if pending is not None else [int(tokens[length - 1])]
         logits = self.runner.forward(last if not guesses else last + guesses, last_only=not guesses)
-        chosen = choose_tokens(logits, params, length - n_prompt)              # [1 + len(guesses)]
+        chosen, q = chooser.draft(logits, length - n_prompt)                   # [1 + len(guesses)]
         num_accepted = 0
         if guesses:
             chosen_ids = chosen.tolist()
@@ -174,6 +206,8 @@ class Drafter:
             self.runner.crop(length + num_accepted)
         new_ids = []
         for i in range(num_accepted + 1):
+            if q is not None:
+                self.draft_probs[(length + i) % self.draft_probs.shape[0]] = q[i]   # q row before its token
             value = self.channel.publish(length + i, chosen[i])
             new_ids.append(value)
         return new_ids, (chosen[num_accepted] if new_ids[-1] < 0 else None)
@@ -201,6 +235,8 @@ class Drafter:
         first_bad = n_prompt + int(mismatch[0]) if len(mismatch) else overlap
         if first_bad >= num_committed:         # draft agrees with everything committed: keep it all
             return length
+        num_discarded = max(0, length - first_bad)
+        state.set(Ctrl.DRAFT_NUM_DISCARDED, state.get(Ctrl.DRAFT_NUM_DISCARDED) + num_discarded)
         self.channel.overwrite(first_bad, committed[first_bad:num_committed])
         sync_cache(self.runner, state.draft_tokens[:num_committed], num_consistent=first_bad)
         return num_committed

@@ -43,7 +43,8 @@ def engine_config(args, name: str, num_cores: int) -> EngineConfig:
     common = dict(verify_model=args.verify_model, draft_model=args.draft_model, dtype=args.dtype,
                   max_model_len=args.max_model_len, num_speculative_tokens=args.k,
                   max_draft_lead=args.max_draft_lead, max_verify_tokens=args.max_verify_tokens,
-                  draft_lookup_ngram=args.draft_lookup_ngram,
+                  draft_lookup_ngram=args.draft_lookup_ngram, verify_lookup_ngram=args.verify_lookup_ngram,
+                  draft_vocab_size=args.draft_vocab_size,
                   sampling_scheme=args.sampling)
     if name == "async":
         return EngineConfig(mode="async", verify_cores="0", draft_cores="1", verify_threads=1, draft_threads=1, **common)
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-verify-tokens", type=int, default=8)
     p.add_argument("--draft-lookup-ngram", type=int, default=EngineConfig.draft_lookup_ngram,
                    help="async: the draft checks prompt-lookup guesses of up to this n-gram (0 = off)")
+    p.add_argument("--draft-vocab-size", type=int, default=EngineConfig.draft_vocab_size,
+                   help="async draft: score only token ids < N plus the prompt's ids (0 = full vocabulary)")
+    p.add_argument("--verify-lookup-ngram", type=int, default=EngineConfig.verify_lookup_ngram,
+                   help="async: the verify appends n-gram guesses after the draft's tokens (0 = off)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--no-gap-check", action="store_true", help="skip the top-2 logit gap of differing outputs")

@@ -41,13 +41,17 @@ def summarise(raw: dict, parsed: dict, reference: str | None) -> dict:
         if name in ("sync", "async"):
             num_draft = _sum(samples, "num_draft_tokens")
             num_steps = _sum(samples, "num_verify_steps")
+            num_draft_produced = _sum(samples, "num_draft_tokens_produced")
             entry.update({
                 "acceptance_rate": round(_sum(samples, "num_accepted_tokens") / max(num_draft, 1), 4),
                 "tokens_per_verify": round(_sum(samples, "num_generated_tokens") / max(num_steps, 1), 3),
                 "num_rollbacks": int(_sum(samples, "num_rollbacks")),
+                "num_lookup_tokens": int(_sum(samples, "num_lookup_tokens")),
+                "num_lookup_accepted": int(_sum(samples, "num_lookup_accepted")),
                 "num_draft_tokens": int(num_draft),
                 "num_draft_tokens_wasted": int(_sum(samples, "num_draft_tokens_wasted")),
                 "mean_draft_lead": round(_sum(samples, "sum_draft_lead") / max(num_steps, 1), 3),
+                "draft_tokens_per_forward": round(num_draft_produced / max(_sum(samples, "num_draft_forwards"), 1), 3),
                 "verify_busy_fraction": round(_sum(samples, "verify_busy_s") / max(total_s, 1e-9), 3),
                 "draft_busy_fraction": round(_sum(samples, "draft_busy_s") / max(total_s, 1e-9), 3),
             })

@@ -53,7 +53,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4       # sync: draft k tokens per round
     max_draft_lead: int = 8               # async: draft may run this far past the committed prefix
     max_verify_tokens: int = 8            # async: most draft tokens checked in one verify forward
-    draft_lookup_ngram: int = 0           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
+    draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
+    draft_vocab_size: int = 0             # async/sync draft: score only ids < N plus the prompt's ids (0 = all)
+    verify_lookup_ngram: int = 3          # async: verify appends n-gram guesses after the draft's tokens (0 = off)
     sampling_scheme: str = "coupled"      # how temperature > 0 stays lossless
     max_model_len: int = 2048
     gguf_file: str | None = None          # for a GGUF verify model inside a directory / hub repo
@@ -87,8 +89,9 @@ class EngineConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.draft_lookup_ngram < 0:
-            raise ConfigError("draft_lookup_ngram must be >= 0")
+        for name in ("draft_lookup_ngram", "verify_lookup_ngram", "draft_vocab_size"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -97,6 +100,11 @@ class EngineConfig:
     def uses_draft_worker(self) -> bool:
         """Only async runs a separate draft process; sync drafts on the verify worker's device."""
         return self.mode == "async"
+
+    @property
+    def has_peer_buffers(self) -> bool:
+        """Do the workers hand each other buffers at start-up (so they must restart together)?"""
+        return self.mode == "async" and (self.draft_device.startswith("cuda") or self.sampling_scheme == "rejection")
 
     def cores_of(self, role: str) -> tuple[int, ...] | None:
         return _parse_cores(self.verify_cores if role == "verify" else self.draft_cores)

@@ -22,7 +22,8 @@ import torch
 
 from engine.messages import RequestStats, SamplingParams, StartRequest, TokensOut
 from engine.models import ModelRunner
-from engine.sampling import choose_tokens, top_logprobs
+from engine.sampling import top_logprobs
+from engine.token_chooser import VERIFY_STREAM, TokenChooser
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Sequence:
     params: SamplingParams
     stop_ids: frozenset[int]
     max_len: int                         # prompt + max_tokens, clipped to the model length
+    chooser: TokenChooser
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -46,13 +48,13 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
-def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int) -> Sequence:
+def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int, scheme: str) -> Sequence:
     stop_ids = set(req.params.stop_token_ids)
     if not req.params.ignore_eos:
         stop_ids.update(eos_token_ids)
     max_len = min(len(req.prompt_token_ids) + req.params.max_tokens, max_model_len)
     seq = Sequence(req.request_id, list(req.prompt_token_ids), len(req.prompt_token_ids), req.params,
-                   frozenset(stop_ids), max_len)
+                   frozenset(stop_ids), max_len, TokenChooser(req.params, scheme, VERIFY_STREAM))
     seq.stats.num_prompt_tokens = len(req.prompt_token_ids)
     return seq
 
@@ -69,30 +71,35 @@ class Verifier:
         seq.stats.prefill_s = time.perf_counter() - start
         seq.stats.verify_busy_s += seq.stats.prefill_s
 
-    def step(self, seq: Sequence, draft_ids: list[int]) -> TokensOut:
-        """One verify forward over pending + draft_ids; commits 1..len(draft_ids)+1 tokens."""
+    def step(self, seq: Sequence, draft_ids: list[int], guess_ids: list[int] = (),
+             draft_probs: torch.Tensor | None = None) -> TokensOut:
+        """One verify forward over pending + draft_ids + guess_ids; commits 1..K+1 tokens.
+
+        guess_ids: n-gram lookup guesses continuing the draft (checked exactly like draft tokens,
+        counted apart so the acceptance rate stays the draft model's). draft_probs[K, V]: the
+        distributions the draft sampled from (rejection sampling only).
+        """
         start = time.perf_counter()
         c = seq.num_committed
-        draft_ids = draft_ids[: max(0, seq.max_len - c - 1)]              # never verify past the end
-        logits = self.runner.forward([seq.token_ids[-1]] + draft_ids)     # [K+1, V]
-        target = choose_tokens(logits, seq.params, c - seq.num_prompt_tokens).tolist()   # [K+1]
-        num_accepted = 0
-        while num_accepted < len(draft_ids) and draft_ids[num_accepted] == target[num_accepted]:
-            num_accepted += 1
-        new_ids = target[: num_accepted + 1]
+        proposal = (list(draft_ids) + list(guess_ids))[: max(0, seq.max_len - c - 1)]   # never past the end
+        logits = self.runner.forward([seq.token_ids[-1]] + proposal)     # [K+1, V]
+        num_accepted, new_ids = seq.chooser.verify(logits, proposal, draft_probs, c - seq.num_prompt_tokens)
         new_ids = self._truncate_at_stop(seq, new_ids)
         self.runner.crop(c + num_accepted)
         seq.token_ids.extend(new_ids)
         logprobs = None
         if seq.params.num_logprobs is not None:
-            rows = logits[: len(new_ids)]
-            logprobs = top_logprobs(rows, torch.tensor(new_ids), seq.params.num_logprobs)
+            logprobs = top_logprobs(logits[: len(new_ids)], torch.tensor(new_ids), seq.params.num_logprobs)
         stats = seq.stats
+        num_draft = min(len(draft_ids), len(proposal))
+        num_committed_from_proposal = min(num_accepted, len(new_ids))
         stats.num_verify_steps += 1
         stats.num_generated_tokens += len(new_ids)
-        stats.num_draft_tokens += len(draft_ids)
-        stats.num_accepted_tokens += min(num_accepted, len(new_ids))
-        stats.num_drafts += bool(draft_ids)
+        stats.num_draft_tokens += num_draft
+        stats.num_accepted_tokens += min(num_committed_from_proposal, num_draft)
+        stats.num_lookup_tokens += len(proposal) - num_draft
+        stats.num_lookup_accepted += max(0, num_committed_from_proposal - num_draft)
+        stats.num_drafts += bool(num_draft)
         stats.verify_busy_s += time.perf_counter() - start
         return TokensOut(seq.request_id, new_ids, logprobs)
 
@@ -124,30 +131,37 @@ def run_ar_or_sync(seq: Sequence, verifier: Verifier, drafter: ModelRunner | Non
         if should_stop():
             seq.finish_reason = "cancelled"
             break
-        draft_ids: list[int] = []
+        draft_ids, draft_probs = [], None
         if drafter is not None:
             start = time.perf_counter()
-            draft_ids = _draft_round(seq, drafter, num_draft)
+            draft_ids, draft_probs = _draft_round(seq, drafter, num_draft)
             seq.stats.draft_busy_s += time.perf_counter() - start
-        out = verifier.step(seq, draft_ids)
+        out = verifier.step(seq, draft_ids, draft_probs=draft_probs)
         if drafter is not None:
             sync_cache(drafter, seq.token_ids)
             is_rejected = len(out.token_ids) <= len(draft_ids) and seq.finish_reason is None
             seq.stats.num_rollbacks += is_rejected
         emit(out)
     seq.stats.num_draft_tokens_wasted = seq.stats.num_draft_tokens - seq.stats.num_accepted_tokens
+    seq.stats.num_draft_tokens_produced = seq.stats.num_draft_tokens
 
 
-def _draft_round(seq: Sequence, drafter: ModelRunner, num_draft: int) -> list[int]:
+def _draft_round(seq: Sequence, drafter: ModelRunner, num_draft: int) -> tuple[list[int], torch.Tensor | None]:
+    """Up to num_draft draft tokens, one forward each; plus their q rows when rejection sampling."""
     num_draft = min(num_draft, seq.max_len - seq.num_committed - 1)
     draft_ids: list[int] = []
+    q_rows = []
     pending = seq.token_ids[-1]
     for _ in range(max(0, num_draft)):
+        seq.stats.num_draft_forwards += 1
         logits = drafter.forward([pending], last_only=True)
         pos = seq.num_committed + len(draft_ids) - seq.num_prompt_tokens
-        pending = int(choose_tokens(logits, seq.params, pos)[0])
+        token, q = seq.chooser.draft(logits, pos)
+        pending = int(token[0])
         draft_ids.append(pending)
-    return draft_ids
+        if q is not None:
+            q_rows.append(q)
+    return draft_ids, (torch.cat(q_rows) if q_rows else None)
 
 
 def sync_cache(runner: ModelRunner, token_ids, num_consistent: int | None = None) -> None:

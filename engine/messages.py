@@ -107,8 +107,12 @@ class RequestStats:
     num_draft_tokens: int = 0           # draft tokens sent to verification
     num_accepted_tokens: int = 0        # of those, accepted
     num_rollbacks: int = 0              # epoch bumps that discarded draft work
-    num_draft_tokens_wasted: int = 0    # drafted but never verified-accepted (async)
+    num_draft_tokens_wasted: int = 0    # drafted, then discarded (rejected, or past the end)
+    num_draft_tokens_produced: int = 0  # tokens the draft model produced (async: incl. unverified ones)
     num_drafts: int = 0                 # verify forwards that used at least one draft token
+    num_lookup_tokens: int = 0          # async verify: n-gram guesses appended after the draft's tokens
+    num_lookup_accepted: int = 0        # of those, accepted
+    num_draft_forwards: int = 0         # draft-model forwards (async: < drafted tokens when n-gram guesses hit)
     sum_draft_lead: int = 0             # sum over verify steps of (drafted - committed) when read
     verify_busy_s: float = 0.0
     draft_busy_s: float = 0.0

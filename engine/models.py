@@ -91,6 +91,20 @@ class ModelRunner:
         self.cache = DynamicCache(config=model.config)
         self.lm_head = model.get_output_embeddings()
         self.vocab_size = self.lm_head.weight.shape[0]
+        self.head_ids: torch.Tensor | None = None      # restricted output vocabulary (draft only)
+        self.head_weight: torch.Tensor | None = None
+
+    def restrict_vocab(self, token_ids) -> None:
+        """Compute logits only for `token_ids` (others get -inf); None restores the full head.
+
+        A draft-only speed-up: the output layer is ~20 % of a 0.5B model's forward on one CPU core.
+        The verify model still scores the full vocabulary, so output is unchanged.
+        """
+        if token_ids is None or len(token_ids) >= self.vocab_size:
+            self.head_ids = self.head_weight = None
+            return
+        self.head_ids = torch.as_tensor(sorted(set(token_ids)), dtype=torch.long, device=self.device)
+        self.head_weight = self.lm_head.weight.index_select(0, self.head_ids).contiguous()
 
     def reset(self) -> None:
         self.cache = self._cache_cls(config=self.model.config)
@@ -112,7 +126,11 @@ class ModelRunner:
         hidden = self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True).last_hidden_state
         if last_only:
             hidden = hidden[:, -1:]
-        return self.lm_head(hidden)[0]
+        if self.head_ids is None:
+            return self.lm_head(hidden)[0]
+        sub_logits = torch.nn.functional.linear(hidden[0], self.head_weight)          # [n, len(head_ids)]
+        logits = sub_logits.new_full((sub_logits.shape[0], self.vocab_size), float("-inf"))
+        return logits.index_copy_(1, self.head_ids, sub_logits)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int]) -> None:

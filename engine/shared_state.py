@@ -35,6 +35,8 @@ class Ctrl(IntEnum):
     LAST_FINISHED_REQUEST_ID = 7   # verify: most recent request it finished
     DRAFT_NUM_DRAFTED_TOTAL = 8    # draft: tokens drafted in the current request (stats)
     DRAFT_BUSY_US = 9              # draft: forward time in the current request, microseconds (stats)
+    DRAFT_NUM_FORWARDS = 10        # draft: draft-model forwards in the current request (stats)
+    DRAFT_NUM_DISCARDED = 11       # draft: drafted tokens thrown away on reconciliation (stats)
     NUM_FIELDS = 12
 
 

@@ -117,7 +117,9 @@ class EngineSupervisor:
         if self._state is not None:
             self._state.close()
             self._state = None
-        if self._out_queue is not None:
+        is_thread_alive = self._thread is not None and self._thread.is_alive() \
+            and self._thread is not threading.current_thread()
+        if self._out_queue is not None and not is_thread_alive:
             self._out_queue.close()
             self._out_queue.cancel_join_thread()
             self._out_queue = None
@@ -253,10 +255,15 @@ class EngineSupervisor:
         self._is_restarting = True
         try:
             self._kill(worker)
+            if self.config.has_peer_buffers:
+                # The workers exchanged buffers at start-up (CUDA IPC / q ring): restart both, new pipe.
+                for other in self._workers.values():
+                    self._kill(other)
+                self._peer_conns = self._ctx.Pipe()
             state = self._state
             if rid is not None:
                 state.set(Ctrl.CANCEL_REQUEST_ID, rid)
-                if worker.role == "verify":
+                if not self._workers["verify"].is_alive:
                     # Stand in for the dead verify worker: release the draft from this request.
                     state.set(Ctrl.REQUEST_ID, 0)
                     state.set(Ctrl.LAST_FINISHED_REQUEST_ID, rid)
@@ -319,6 +326,8 @@ class EngineSupervisor:
     def _await_ready(self, workers: list[_Worker]) -> None:
         deadline = time.monotonic() + self.config.worker_start_timeout_s
         while any(w.ready is None for w in workers):
+            if self._is_stopping and self._thread is not None:
+                raise EngineStartError("engine is shutting down")
             if time.monotonic() > deadline:
                 raise EngineStartError(f"workers not ready after {self.config.worker_start_timeout_s:.0f}s")
             try:

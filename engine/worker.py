@@ -98,6 +98,7 @@ class VerifyWorker:
             if config.mode == "sync":
                 self.drafter = ModelRunner(draft_model, config.verify_device)
         self.channel = _make_channel(config, state, peer_conn, role="verify")
+        self.draft_probs = _share_draft_probs(config, peer_conn, "verify", self.verifier.runner.vocab_size)
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:
@@ -109,7 +110,7 @@ class VerifyWorker:
         from engine.decoding import new_sequence, run_ar_or_sync
         state, config = self.state, self.config
         start = time.perf_counter()
-        seq = new_sequence(req, self.eos_token_ids, config.max_model_len)
+        seq = new_sequence(req, self.eos_token_ids, config.max_model_len, config.sampling_scheme)
 
         def should_stop() -> bool:
             state.beat(Clock.VERIFY_HEARTBEAT)
@@ -117,7 +118,7 @@ class VerifyWorker:
 
         if config.mode == "async":
             run_async_verify(seq, self.verifier, state, self.channel, config.max_verify_tokens,
-                             out_queue.put, should_stop)
+                             out_queue.put, should_stop, config.verify_lookup_ngram, self.draft_probs)
         else:
             run_ar_or_sync(seq, self.verifier, self.drafter, config.num_speculative_tokens, out_queue.put, should_stop)
             state.set(Ctrl.LAST_FINISHED_REQUEST_ID, req.request_id)
@@ -135,9 +136,12 @@ class DraftWorker:
         self.model_dir = path
         runner = ModelRunner(model, config.draft_device)
         channel = _make_channel(config, state, peer_conn, role="draft")
+        draft_probs = _share_draft_probs(config, peer_conn, "draft", runner.vocab_size)
         self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
                                wait_timeout_s=config.step_timeout_s,
-                               lookup_ngram=0 if config.draft_device.startswith("cuda") else config.draft_lookup_ngram)
+                               lookup_ngram=0 if config.draft_device.startswith("cuda") else config.draft_lookup_ngram,
+                               vocab_size=config.draft_vocab_size, scheme=config.sampling_scheme,
+                               draft_probs=draft_probs)
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:
@@ -171,3 +175,22 @@ def _make_channel(config: EngineConfig, state: SharedState, peer_conn, role: str
             raise TimeoutError("draft worker never sent its CUDA token buffer")
         device_tokens = peer_conn.recv()
     return CudaDraftChannel(state, device_tokens)
+
+
+def _share_draft_probs(config: EngineConfig, peer_conn, role: str, vocab_size: int):
+    """Async rejection sampling: the draft's q rows travel in a [max_draft_lead + 1, V] shared ring.
+
+    Created by the draft worker in shared memory (torch) and sent to the verify worker over the
+    peer pipe; None in every other configuration.
+    """
+    if config.mode != "async" or config.sampling_scheme != "rejection":
+        return None
+    import torch
+    import torch.multiprocessing  # noqa: F401 - registers the shared-tensor reductions for the pipe
+    if role == "draft":
+        ring = torch.zeros(config.max_draft_lead + 1, vocab_size, dtype=torch.float32).share_memory_()
+        peer_conn.send(ring)
+        return ring
+    if not peer_conn.poll(config.worker_start_timeout_s):
+        raise TimeoutError("draft worker never sent its probability ring")
+    return peer_conn.recv()

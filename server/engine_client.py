@@ -43,7 +43,7 @@ class EngineUnavailableError(EngineClientError):
 
 
 class EngineFailedError(EngineClientError):
-    status, type, code = 500, "internal_server_error", "engine_error"
+    status, type, code = 503, "service_unavailable", "engine_error"   # a worker failed: retry after restart
 
 
 class RequestHandle:

@@ -1,0 +1,59 @@
+"""Per-request token choice for the draft and the verify side: greedy, coupled, or rejection.
+
+    greedy      temperature 0: argmax. Accept a draft token iff it equals the verify argmax.
+    coupled     Gumbel-max with noise keyed by (seed, output position) only, identical in every
+                process: draft x_i and target y_i share g_i; accept iff x_i == y_i, else commit y_i.
+                Committed text == what `ar` samples with that seed (token for token).
+    rejection   Leviathan et al. / Chen et al.: the draft samples x ~ q and publishes q; accept with
+                prob min(1, p(x)/q(x)), on rejection sample norm(max(0, p - q)), bonus from p.
+                Lossless in distribution (not seed-identical to `ar`); higher acceptance than coupled.
+
+Both sides apply the same logits processing (temperature, top-k, top-p, min-p: engine/sampling.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.messages import SamplingParams
+from engine.sampling import (choose_tokens, position_key, probs_from_scores, process_logits, rejection_verify,
+                             sample_from_probs)
+
+DRAFT_STREAM, VERIFY_STREAM = 1, 2
+
+
+class TokenChooser:
+    def __init__(self, params: SamplingParams, scheme: str, stream: int):
+        self.params = params
+        self.is_rejection = scheme == "rejection" and params.temperature > 0
+        self.generator = None
+        if self.is_rejection:
+            # Seeded per request and per side, so a seeded rejection run is reproducible.
+            self.generator = torch.Generator().manual_seed(position_key(params.seed or 0, -stream) & (2**63 - 1))
+
+    def draft(self, logits: torch.Tensor, start_position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits[N, V] -> (token ids [N], q [N, V] when rejection sampling else None)."""
+        if not self.is_rejection:
+            return choose_tokens(logits, self.params, start_position), None
+        q = probs_from_scores(process_logits(logits.float(), self.params))           # [N, V]
+        return sample_from_probs(q, self.generator), q
+
+    def verify(self, logits: torch.Tensor, proposal: list[int], draft_probs: torch.Tensor | None,
+               start_position: int) -> tuple[int, list[int]]:
+        """logits[K+1, V] over pending + proposal[K] -> (num_accepted, committed token ids).
+
+        draft_probs[K, V]: q of each proposed token (rejection only; rows of a deterministic
+        proposal such as an n-gram guess are one-hot).
+        """
+        if not self.is_rejection:
+            target = choose_tokens(logits, self.params, start_position).tolist()    # [K+1]
+            num_accepted = 0
+            while num_accepted < len(proposal) and proposal[num_accepted] == target[num_accepted]:
+                num_accepted += 1
+            return num_accepted, target[: num_accepted + 1]
+        p = probs_from_scores(process_logits(logits.float(), self.params))           # [K+1, V]
+        if not proposal:
+            return 0, [int(sample_from_probs(p[0], self.generator))]
+        q = draft_probs.to(p.device, p.dtype)[: len(proposal)]
+        num_accepted, next_token = rejection_verify(torch.tensor(proposal, device=p.device), q,
+                                                    p[: len(proposal) + 1], self.generator)
+        return num_accepted, proposal[:num_accepted] + [next_token]
