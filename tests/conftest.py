@@ -162,3 +162,89 @@ def fake_server(byte_tokenizer_dir):
             sock.close()
 
     return start
+
+
+# ---- session-end leak check --------------------------------------------------------------------
+# After the whole session (every fixture torn down), fail the run (exit status 1) if
+#   - a process started during the session is still alive: found by an env marker every
+#     subprocess inherits (so orphans re-parented to init are found too, and a concurrent test
+#     session on the same machine is not), except this process's own multiprocessing resource
+#     tracker, which lives as long as pytest does;
+#   - a /dev/shm/amusd-* segment created during the session still exists and is not mapped by
+#     some other session's process.
+# A short grace period lets workers and resource trackers finish exiting. Leftovers are then
+# reported, killed / unlinked, so that they do not pile up on the machine.
+_LEAK_MARKER = "AMUSD_TEST_SESSION"
+os.environ[_LEAK_MARKER] = f"{os.getpid()}-{time.time_ns()}"
+_SESSION_MARK = os.environ[_LEAK_MARKER]
+_SHM_DIR = Path("/dev/shm")
+_SHM_AT_START = {p.name for p in _SHM_DIR.glob("amusd-*")} if _SHM_DIR.is_dir() else set()
+_LEAK_GRACE_S = 10.0
+
+
+def _session_processes() -> list:
+    """Live processes (not this one, not zombies) that carry this session's marker."""
+    import psutil
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid", "ppid"]):
+        try:
+            if proc.pid == me or proc.environ().get(_LEAK_MARKER) != _SESSION_MARK:
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.cmdline())
+            if proc.ppid() == me and "multiprocessing.resource_tracker" in cmdline:
+                continue
+            found.append((proc, cmdline))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def _leaked_segments(ours: set[int]) -> list[str]:
+    """amusd-* segments created during the session that no other session's process maps."""
+    new = {p.name for p in _SHM_DIR.glob("amusd-*")} - _SHM_AT_START if _SHM_DIR.is_dir() else set()
+    if not new:
+        return []
+    foreign: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            if int(maps.parent.name) in ours:
+                continue
+            text = maps.read_text(errors="replace")
+        except (OSError, ValueError):
+            continue
+        foreign |= {name for name in new if f"/dev/shm/{name}" in text}
+    return sorted(new - foreign)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput") or not Path("/proc").is_dir():
+        return      # an xdist worker (the controller checks), or not Linux
+    deadline = time.monotonic() + _LEAK_GRACE_S
+    while True:
+        procs = _session_processes()
+        segments = _leaked_segments({os.getpid()} | {p.pid for p, _ in procs})
+        if (not procs and not segments) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if not procs and not segments:
+        return
+    lines = [f"pid {p.pid}: {cmd[:200]}" for p, cmd in procs] + [f"/dev/shm/{n}" for n in segments]
+    message = ("LEAK CHECK FAILED: still there after the test session (and 10 s of grace), "
+               "now killed / unlinked:\n  " + "\n  ".join(lines))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("!", "leak check", red=True)
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    for proc, _ in procs:
+        with contextlib.suppress(Exception):
+            proc.kill()
+    for name in segments:
+        with contextlib.suppress(OSError):
+            (_SHM_DIR / name).unlink()
+    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
