@@ -126,3 +126,16 @@ def test_invalid_params_are_rejected_before_queueing(cache_dir, bad):
     sup = EngineSupervisor(tiny_config(cache_dir, "ar"))    # not started: validation needs no workers
     with pytest.raises(ValueError):
         sup.submit(GenerationRequest(1, PROMPT, SamplingParams(**bad)), lambda out: None)
+
+
+def test_pair_with_different_vocabularies_is_refused(cache_dir, tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from engine.tiny_models import _tiny_config, build_byte_tokenizer
+    tokenizer = build_byte_tokenizer()
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(7)])
+    Qwen2ForCausalLM(_tiny_config(tokenizer, num_layers=1)).save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    config = tiny_config(cache_dir, "sync", draft=str(tmp_path / "other"))
+    with pytest.raises(EngineStartError, match="vocabularies differ"):
+        EngineSupervisor(config).start()
