@@ -45,7 +45,7 @@ import numpy as np
 from engine.decoding import Sequence, Verifier, sync_cache
 from engine.messages import SamplingParams, StartRequest
 from engine.models import ModelRunner
-from engine.ngram import propose_from_ngrams
+from engine.ngram import LookupBudget, propose_from_ngrams
 from engine.token_chooser import DRAFT_STREAM, TokenChooser
 from engine.shared_state import Clock, Ctrl, SharedState
 from engine.token_channel import HostDraftChannel
@@ -72,6 +72,7 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
     state.set(Ctrl.REQUEST_ID, seq.request_id)          # the draft may start now
     verifier.prefill(seq)
     stats = seq.stats
+    budget = LookupBudget()
     while seq.finish_reason is None:
         if should_stop():
             seq.finish_reason = "cancelled"
@@ -86,12 +87,14 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
         guess_ids: list[int] = []
         if lookup_ngram and len(draft_ids) < max_verify_tokens:
             context = np.asarray(seq.token_ids + draft_ids)
-            guess_ids = propose_from_ngrams(context, lookup_ngram, max_verify_tokens - len(draft_ids))
+            guess_ids = propose_from_ngrams(context, lookup_ngram, budget.num_guesses(max_verify_tokens - len(draft_ids)))
+        num_lookup_accepted = stats.num_lookup_accepted
         q_rows = None
         if is_rejection and draft_ids:
             rows = [p % draft_probs.shape[0] for p in range(c, c + len(draft_ids))]
             q_rows = draft_probs[rows]
         out = verifier.step(seq, draft_ids, guess_ids, q_rows)
+        budget.record(len(guess_ids), stats.num_lookup_accepted - num_lookup_accepted)
         new_ids = out.token_ids
         num_accepted = len(new_ids) - 1
         state.committed_tokens[c:c + len(new_ids)] = new_ids
@@ -143,6 +146,7 @@ class Drafter:
         prompt = req.prompt_token_ids
         n_prompt = len(prompt)
         chooser = TokenChooser(req.params, self.scheme, DRAFT_STREAM)
+        budget = LookupBudget()
         max_len = min(n_prompt + req.params.max_tokens, self.max_model_len)
         state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, 0)
         state.set(Ctrl.DRAFT_NUM_DISCARDED, 0)
@@ -176,7 +180,7 @@ class Drafter:
                 continue
             start = time.perf_counter()
             room = min(self.max_draft_lead - (length - num_committed), max_len - length)
-            new_ids, pending = self._draft_step(chooser, length, n_prompt, room, pending)
+            new_ids, pending = self._draft_step(chooser, budget, length, n_prompt, room, pending)
             length += len(new_ids)
             num_drafted_total += len(new_ids)
             num_forwards += 1
@@ -185,7 +189,8 @@ class Drafter:
             state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, num_drafted_total)
             state.set(Ctrl.DRAFT_BUSY_US, int(busy_s * 1e6))
 
-    def _draft_step(self, chooser: TokenChooser, length: int, n_prompt: int, room: int, pending):
+    def _draft_step(self, chooser: TokenChooser, budget: LookupBudget, length: int, n_prompt: int, room: int,
+                    pending):
         """One draft forward: the pending token plus n-gram guesses the draft model then checks.
 
         Same accept rule as the verify step, applied by the draft to its own guesses, so its output
@@ -194,7 +199,7 @@ class Drafter:
         tokens = self.state.draft_tokens
         guesses = []
         if self.lookup_ngram and pending is None and not chooser.is_rejection:
-            guesses = propose_from_ngrams(tokens[:length], self.lookup_ngram, room - 1)
+            guesses = propose_from_ngrams(tokens[:length], self.lookup_ngram, budget.num_guesses(room - 1))
         last = pending.view(1) if pending is not None else [int(tokens[length - 1])]
         logits = self.runner.forward(last if not guesses else last + guesses, last_only=not guesses)
         chosen, q = chooser.draft(logits, length - n_prompt)                   # [1 + len(guesses)]
@@ -204,6 +209,7 @@ class Drafter:
             while num_accepted < len(guesses) and guesses[num_accepted] == chosen_ids[num_accepted]:
                 num_accepted += 1
             self.runner.crop(length + num_accepted)
+            budget.record(len(guesses), num_accepted)
         new_ids = []
         for i in range(num_accepted + 1):
             if q is not None:

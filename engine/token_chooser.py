@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from engine.messages import SamplingParams
-from engine.sampling import (choose_tokens, position_key, probs_from_scores, process_logits, rejection_verify,
-                             sample_from_probs)
+from engine.sampling import (CoupledNoiseCache, choose_tokens, position_key, probs_from_scores, process_logits,
+                             rejection_verify, sample_from_probs)
 
 DRAFT_STREAM, VERIFY_STREAM = 1, 2
 
@@ -26,6 +26,7 @@ class TokenChooser:
         self.params = params
         self.is_rejection = scheme == "rejection" and params.temperature > 0
         self.generator = None
+        self.noise_cache: CoupledNoiseCache | None = None   # coupled: each position's noise computed once
         if self.is_rejection:
             # Seeded per request and per side, so a seeded rejection run is reproducible.
             self.generator = torch.Generator().manual_seed(position_key(params.seed or 0, -stream) & (2**63 - 1))
@@ -33,7 +34,7 @@ class TokenChooser:
     def draft(self, logits: torch.Tensor, start_position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits[N, V] -> (token ids [N], q [N, V] when rejection sampling else None)."""
         if not self.is_rejection:
-            return choose_tokens(logits, self.params, start_position), None
+            return choose_tokens(logits, self.params, start_position, self._noise_cache(logits)), None
         q = probs_from_scores(process_logits(logits.float(), self.params))           # [N, V]
         return sample_from_probs(q, self.generator), q
 
@@ -45,7 +46,7 @@ class TokenChooser:
         proposal such as an n-gram guess are one-hot).
         """
         if not self.is_rejection:
-            target = choose_tokens(logits, self.params, start_position).tolist()    # [K+1]
+            target = choose_tokens(logits, self.params, start_position, self._noise_cache(logits)).tolist()  # [K+1]
             num_accepted = 0
             while num_accepted < len(proposal) and proposal[num_accepted] == target[num_accepted]:
                 num_accepted += 1
@@ -57,3 +58,10 @@ class TokenChooser:
         num_accepted, next_token = rejection_verify(torch.tensor(proposal, device=p.device), q,
                                                     p[: len(proposal) + 1], self.generator)
         return num_accepted, proposal[:num_accepted] + [next_token]
+
+    def _noise_cache(self, logits: torch.Tensor) -> CoupledNoiseCache | None:
+        if self.params.temperature == 0:
+            return None
+        if self.noise_cache is None:
+            self.noise_cache = CoupledNoiseCache(self.params.seed, logits.shape[-1], logits.device)
+        return self.noise_cache

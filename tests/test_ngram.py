@@ -18,3 +18,14 @@ def test_no_match_and_limits():
     assert propose_from_ngrams(np.array([1, 2, 1, 2]), 2, 0) == []
     # proposals stop at the end of the sequence
     assert propose_from_ngrams(np.array([4, 4, 4]), 1, 5) == [4]
+
+
+def test_lookup_budget_backs_off_and_recovers():
+    from engine.ngram import LookupBudget
+    budget = LookupBudget(min_hit_rate=0.2, num_warmup=8)
+    assert budget.num_guesses(5) == 5                 # warm-up: full budget
+    budget.record(20, 0)                              # useless guesses
+    assert budget.num_guesses(5) == 1                 # back off to a single probe
+    budget.record(10, 10)                             # hits again (30 proposed, 10 accepted -> 33 %)
+    assert budget.num_guesses(5) == 5
+    assert budget.num_guesses(0) == 0
