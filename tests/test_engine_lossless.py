@@ -86,7 +86,7 @@ def test_max_tokens_mid_draft(engines, ar_outputs, name, max_tokens):
     assert final.stats.num_generated_tokens == max_tokens
 
 
-@pytest.mark.parametrize("name", ["sync", "async", "async-lookup"])
+@pytest.mark.parametrize("name", ["sync", "async", "async-lookup", "async-wrong"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 20, 0.9), (1.0, 0, 0.5)])
 def test_coupled_sampling_equals_ar(engines, name, temperature, top_k, top_p):
     for seed in (1, 2, 3):
