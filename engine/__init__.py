@@ -1,0 +1,1 @@
+"""AMUSD engine: supervisor, draft/verify workers, decoding and the async protocol (no HTTP)."""
