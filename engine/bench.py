@@ -22,7 +22,7 @@ import time
 from tqdm import tqdm
 
 from engine.bench_report import first_difference_gaps, machine_info, print_table, summarise, write_plot
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_cache_dir
 from engine.messages import GenerationRequest, SamplingParams
 from engine.supervisor import EngineSupervisor
 
@@ -87,8 +87,8 @@ def run_hf_method(args, num_cores: int, prompts, params: SamplingParams) -> list
     from engine.models import DTYPES, resolve_model_spec
     torch.set_num_threads(num_cores)
     os.sched_setaffinity(0, set(range(num_cores)))
-    verify_dir, _ = resolve_model_spec(args.verify_model, EngineConfig(verify_model="x", mode="ar").cache_dir)
-    draft_dir, _ = resolve_model_spec(args.draft_model, EngineConfig(verify_model="x", mode="ar").cache_dir)
+    verify_dir, _ = resolve_model_spec(args.verify_model, default_cache_dir())
+    draft_dir, _ = resolve_model_spec(args.draft_model, default_cache_dir())
     verify = AutoModelForCausalLM.from_pretrained(verify_dir, dtype=DTYPES[args.dtype]).eval()
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[args.dtype]).eval()
 
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.bench_data import load_prompts
     from engine.models import resolve_model_spec
-    cache_dir = EngineConfig(verify_model="x", mode="ar").cache_dir
-    verify_dir, _ = resolve_model_spec(args.verify_model, cache_dir)
+    verify_dir, _ = resolve_model_spec(args.verify_model, default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(verify_dir)
     prompts = load_prompts(args.dataset, tokenizer, args.num_samples)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,

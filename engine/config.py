@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A setting is invalid; the message says which and why."""
 
 
+def default_cache_dir() -> str:
+    """$AMUSD_CACHE_DIR, else ~/.cache/amusd: fetched models, converted weights, tiny models."""
+    return os.environ.get("AMUSD_CACHE_DIR", os.path.expanduser("~/.cache/amusd"))
+
+
 def _parse_cores(spec: str | None) -> tuple[int, ...] | None:
     """'0', '0-1', '0,2' -> core tuple; None/'' -> None (no pinning)."""
     if not spec:
@@ -65,7 +70,7 @@ class EngineConfig:
     heartbeat_timeout_s: float = 60.0
     step_timeout_s: float = 120.0         # longest a single forward may take before the worker counts as hung
     max_restarts: int = 3                 # restarts of a worker that dies at start-up before giving up
-    cache_dir: str = field(default_factory=lambda: os.environ.get("AMUSD_CACHE_DIR", os.path.expanduser("~/.cache/amusd")))
+    cache_dir: str = field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

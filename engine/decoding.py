@@ -43,10 +43,6 @@ class Sequence:
     def num_committed(self) -> int:
         return len(self.token_ids)
 
-    @property
-    def num_output(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
 
 def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int, scheme: str) -> Sequence:
     stop_ids = set(req.params.stop_token_ids)
