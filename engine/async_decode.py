@@ -54,7 +54,7 @@ IDLE_SLEEP_S = 0.0002
 
 
 def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, channel: HostDraftChannel,
-                     max_verify_tokens: int, emit, should_stop, lookup_ngram: int = 0, draft_probs=None) -> None:
+                     emit, should_stop, lookup_ngram: int = 0, draft_probs=None) -> None:
     """Verify-worker side of one async request.
 
     draft_probs: the [R, V] ring of the draft's q rows (row = position % R; rejection sampling only).
@@ -78,6 +78,7 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
             seq.finish_reason = "cancelled"
             break
         c = seq.num_committed
+        max_verify_tokens = verifier.budget.num_to_check()       # cost model: worth checking now
         draft_ids: list[int] = []
         if state.get(Ctrl.DRAFT_EPOCH) == epoch:
             num_drafted = state.get(Ctrl.NUM_DRAFTED)

@@ -27,6 +27,7 @@ from engine.messages import GenerationRequest, SamplingParams
 from engine.supervisor import EngineSupervisor
 
 METHOD_NAMES = ("ar", "sync", "async", "hf")
+PEER_METHOD = "peer"
 
 
 def parse_method(method: str) -> tuple[str, int]:
@@ -41,6 +42,7 @@ def parse_method(method: str) -> tuple[str, int]:
 
 def engine_config(args, name: str, num_cores: int) -> EngineConfig:
     common = dict(verify_model=args.verify_model, draft_model=args.draft_model, dtype=args.dtype,
+                  verify_quantization=args.verify_quantization, draft_quantization=args.draft_quantization,
                   max_model_len=args.max_model_len, num_speculative_tokens=args.k,
                   max_draft_lead=args.max_draft_lead, max_verify_tokens=args.max_verify_tokens,
                   draft_lookup_ngram=args.draft_lookup_ngram, verify_lookup_ngram=args.verify_lookup_ngram,
@@ -84,13 +86,15 @@ def run_hf_method(args, num_cores: int, prompts, params: SamplingParams) -> list
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
+    from engine.hardware import resolve_dtype
     from engine.models import DTYPES, resolve_model_spec
     torch.set_num_threads(num_cores)
     os.sched_setaffinity(0, set(range(num_cores)))
     verify_dir, _ = resolve_model_spec(args.verify_model, default_cache_dir())
     draft_dir, _ = resolve_model_spec(args.draft_model, default_cache_dir())
-    verify = AutoModelForCausalLM.from_pretrained(verify_dir, dtype=DTYPES[args.dtype]).eval()
-    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[args.dtype]).eval()
+    dtype = DTYPES[resolve_dtype(args.dtype, "cpu")[0]]
+    verify = AutoModelForCausalLM.from_pretrained(verify_dir, dtype=dtype).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).eval()
 
     class TimingStreamer(BaseStreamer):
         def __init__(self):
@@ -121,6 +125,25 @@ def run_hf_method(args, num_cores: int, prompts, params: SamplingParams) -> list
     return samples
 
 
+def run_peer_method(args, prompts, tokenizer, params: SamplingParams) -> list[dict]:
+    """Another OpenAI-compatible server on the same prompts (sent as text, greedy, streamed).
+
+    Token counts: the peer's usage.completion_tokens, else its text re-tokenized with our tokenizer.
+    """
+    from loadtest.peer import measure_completions
+    texts = [tokenizer.decode(prompt) for prompt in prompts]
+    samples = []
+    for peer in tqdm(measure_completions(args.peer_url, texts, params.max_tokens, params.temperature),
+                     desc=PEER_METHOD, unit="prompt"):
+        token_ids = tokenizer(peer["text"], add_special_tokens=False)["input_ids"]
+        num_tokens = peer["num_usage_tokens"] or len(token_ids)
+        times = peer["chunk_times_s"] + [peer["elapsed_s"]] * max(0, num_tokens - len(peer["chunk_times_s"]))
+        samples.append({"token_ids": token_ids[:num_tokens] + [-1] * max(0, num_tokens - len(token_ids)),
+                        "elapsed_s": peer["elapsed_s"], "token_times_s": times[:num_tokens],
+                        "stats": {}, "ttft_s": peer["ttft_s"]})
+    return samples
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amusd bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default="coupled", choices=["coupled", "rejection"])
     p.add_argument("--verify-model", default="default:verify")
     p.add_argument("--draft-model", default="default:draft")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--k", type=int, default=4, help="sync: draft tokens per round")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 | float64")
+    p.add_argument("--verify-quantization", default="auto", help="auto | none | int8 | int8-fast | int4")
+    p.add_argument("--draft-quantization", default="auto", help="auto | none | int8 | int8-fast | int4")
+    p.add_argument("--k", type=int, default=0, help="tokens proposed per verify (0 = the cost model decides)")
     p.add_argument("--max-draft-lead", type=int, default=8)
     p.add_argument("--max-verify-tokens", type=int, default=8)
     p.add_argument("--draft-lookup-ngram", type=int, default=EngineConfig.draft_lookup_ngram,
@@ -146,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--no-gap-check", action="store_true", help="skip the top-2 logit gap of differing outputs")
+    p.add_argument("--peer-url", default=None,
+                   help="also measure this OpenAI-compatible server (e.g. llama-server) on the same prompts, "
+                        "as method 'peer'")
     p.add_argument("--json", default="bench.json", help="output JSON path")
     p.add_argument("--plot", default=None, help="output PNG: tokens over time per method (paper's Figure 4)")
     return p
@@ -165,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                             seed=args.seed if args.temperature > 0 else None)
     raw = {}
+    if args.peer_url:
+        raw[PEER_METHOD] = run_peer_method(args, prompts, tokenizer, params)
+        parsed[PEER_METHOD] = (PEER_METHOD, 0)
     for method, (name, num_cores) in parsed.items():
+        if name == PEER_METHOD:
+            continue
         if name == "hf":
             raw[method] = run_hf_method(args, num_cores, prompts, params)
         else:
@@ -174,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine_info(), "args": vars(args), "reference": reference,
               "methods": summarise(raw, parsed, reference)}
     if reference and not args.no_gap_check and args.temperature == 0:
-        first_difference_gaps(report, raw, reference, prompts, verify_dir, args.dtype)
+        first_difference_gaps(report, raw, reference, prompts, verify_dir, args.dtype, args.verify_quantization)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     print_table(report)

@@ -15,7 +15,8 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu_model": cpu, "num_cores": os.cpu_count(), "torch_version": torch.__version__,
+    from engine.hardware import cpu_summary
+    return {"cpu_model": cpu, "cpu": cpu_summary(), "num_cores": os.cpu_count(), "torch_version": torch.__version__,
             "transformers_version": transformers.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -29,9 +30,11 @@ def summarise(raw: dict, parsed: dict, reference: str | None) -> dict:
     for method, samples in raw.items():
         num_tokens = sum(len(s["token_ids"]) for s in samples)
         total_s = sum(s["elapsed_s"] for s in samples)
+        first_token_s = sorted(s["token_times_s"][0] for s in samples if s["token_times_s"])
         entry = {"num_samples": len(samples), "num_tokens": num_tokens, "total_s": round(total_s, 3),
-                 "mean_token_ms": round(1000 * total_s / max(num_tokens, 1), 2)}
-        if reference:
+                 "mean_token_ms": round(1000 * total_s / max(num_tokens, 1), 2),
+                 "ttft_p50_ms": round(1000 * first_token_s[len(first_token_s) // 2], 1) if first_token_s else None}
+        if reference and parsed[method][0] != "peer":
             ref_samples = raw[reference]
             identical = [s["token_ids"] == r["token_ids"] for s, r in zip(samples, ref_samples)]
             entry["num_identical_to_ar"] = sum(identical)
@@ -58,7 +61,7 @@ def summarise(raw: dict, parsed: dict, reference: str | None) -> dict:
         methods[method] = entry
     for method, entry in methods.items():
         baselines = {m: methods[m]["mean_token_ms"] / entry["mean_token_ms"] for m in methods
-                     if parsed[m][0] in ("ar", "sync", "hf") and m != method}
+                     if parsed[m][0] in ("ar", "sync", "hf", "peer") and m != method}
         entry["speedups"] = {m: round(v, 3) for m, v in baselines.items()}
         if reference:
             entry["speedup_vs_ar"] = round(methods[reference]["mean_token_ms"] / entry["mean_token_ms"], 3)
@@ -72,16 +75,22 @@ def _first_diff(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b))
 
 
-def first_difference_gaps(report: dict, raw: dict, reference: str, prompts, verify_dir: str, dtype: str) -> None:
-    """Add the verify model's top-2 logit gap at each first differing position (one forward each)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def first_difference_gaps(report: dict, raw: dict, reference: str, prompts, verify_dir: str, dtype: str,
+                          quantization: str = "none") -> None:
+    """Add the verify model's top-2 logit gap at each first differing position (one forward each).
 
-    from engine.models import DTYPES
+    The model is loaded as the engine's verify worker loads it (same dtype and quantization).
+    """
+    import torch
+
+    from engine.hardware import resolve_dtype, resolve_quantization
+    from engine.models import load_causal_lm
     todo = [(m, d) for m, e in report["methods"].items() for d in e.get("differences", [])]
     if not todo:
         return
-    model = AutoModelForCausalLM.from_pretrained(verify_dir, dtype=DTYPES[dtype]).eval()
+    concrete_dtype = resolve_dtype(dtype, "cpu")[0]
+    model = load_causal_lm(verify_dir, None, "cpu", concrete_dtype,
+                           resolve_quantization(quantization, "cpu", concrete_dtype, "verify")[0])
     with torch.inference_mode():
         for method, diff in todo:
             i, pos = diff["sample"], diff["first_diff_position"]
@@ -95,11 +104,13 @@ def first_difference_gaps(report: dict, raw: dict, reference: str, prompts, veri
 
 
 def print_table(report: dict) -> None:
-    cols = ["method", "ms/token", "vs ar", "identical", "accept", "tok/verify", "rollbacks", "wasted",
+    cols = ["method", "ms/token", "TTFT p50", "vs ar", "vs peer", "identical", "accept", "tok/verify", "rollbacks", "wasted",
             "verify busy", "draft busy"]
     rows = []
     for method, e in report["methods"].items():
-        rows.append([method, f"{e['mean_token_ms']:.1f}", f"{e.get('speedup_vs_ar', float('nan')):.2f}x",
+        rows.append([method, f"{e['mean_token_ms']:.1f}", _fmt(e, "ttft_p50_ms"),
+                     f"{e.get('speedup_vs_ar', float('nan')):.2f}x",
+                     f"{e['speedups']['peer']:.2f}x" if "peer" in e["speedups"] else "-",
                      f"{e.get('num_identical_to_ar', '-')}/{e['num_samples']}",
                      _fmt(e, "acceptance_rate"), _fmt(e, "tokens_per_verify"), _fmt(e, "num_rollbacks"),
                      _fmt(e, "num_draft_tokens_wasted"), _fmt(e, "verify_busy_fraction"), _fmt(e, "draft_busy_fraction")])

@@ -1,7 +1,8 @@
-"""`amusd` console script: one entry, three subcommands.
+"""`amusd` console script: one entry, four subcommands.
 
     amusd fetch-models [--cache-dir DIR]     download, verify and convert the default model pair
     amusd bench --methods ar:1,sync:1,async ...   the paper's experiment on this machine
+    amusd humaneval --num-problems 164            greedy pass@1 of the verify model as served
     amusd serve [--config configs/default.yaml]   the OpenAI-compatible HTTP server
 
 Each subcommand's module owns its own flags (`amusd SUB --help`); this file only dispatches,
@@ -14,7 +15,8 @@ import sys
 
 SUBCOMMANDS = {
     "fetch-models": ("engine.fetch", "download, verify and convert the default model pair"),
-    "bench": ("engine.bench", "benchmark ar / sync / async / hf decoding"),
+    "bench": ("engine.bench", "benchmark ar / sync / async / hf decoding (and a peer server)"),
+    "humaneval": ("engine.humaneval", "greedy HumanEval pass@1 of the verify model (quantization's quality cost)"),
     "serve": ("server.main", "run the OpenAI-compatible HTTP server"),
 }
 

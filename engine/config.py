@@ -12,8 +12,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-MODES = ("ar", "sync", "async")
-DTYPES = ("bfloat16", "float16", "float32", "float64")
+MODES = ("auto", "ar", "sync", "async")
+DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
+QUANTIZATIONS = ("auto", "none", "int8", "int8-fast", "int4")   # engine/quantization.py
 SAMPLING_SCHEMES = ("coupled", "rejection")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -45,19 +46,23 @@ def _parse_cores(spec: str | None) -> tuple[int, ...] | None:
 class EngineConfig:
     verify_model: str
     draft_model: str | None = None
-    mode: str = "async"                  # ar | sync | async
+    mode: str = "auto"                   # auto | ar | sync | async (auto: fastest predicted, see cost_model)
     verify_device: str = "cpu"
     draft_device: str = "cpu"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                  # auto: bf16 where the device runs it natively, else fp32
+    verify_quantization: str = "auto"    # auto | none | int8 | int8-fast | int4 (engine/quantization.py)
+    draft_quantization: str = "auto"
     # CPU placement. None = no pinning. Defaults suit a 2-core machine.
     verify_cores: str | None = "0"
     draft_cores: str | None = "1"
     verify_threads: int = 1
     draft_threads: int = 1
     # Speculation.
-    num_speculative_tokens: int = 4       # sync: draft k tokens per round
+    num_speculative_tokens: int = 0       # tokens proposed per verify (sync: drafted; async: checked); 0 = cost model
     max_draft_lead: int = 8               # async: draft may run this far past the committed prefix
-    max_verify_tokens: int = 8            # async: most draft tokens checked in one verify forward
+    max_verify_tokens: int = 8            # most proposed tokens checked in one verify forward (cost model's cap)
+    acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
+    prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
     draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
     draft_vocab_size: int = 0             # async/sync draft: score only ids < N plus the prompt's ids (0 = all)
     verify_lookup_ngram: int = 3          # async: verify appends n-gram guesses after the draft's tokens (0 = off)
@@ -75,10 +80,17 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "auto" and not self.draft_model:
+            self.mode = "ar"
         if self.mode != "ar" and not self.draft_model:
             raise ConfigError(f"mode {self.mode!r} needs a draft_model")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("verify_quantization", "draft_quantization"):
+            if getattr(self, name) not in QUANTIZATIONS:
+                raise ConfigError(f"{name} must be one of {QUANTIZATIONS}, got {getattr(self, name)!r}")
+        if not 0.0 < float(self.acceptance_prior) < 1.0:
+            raise ConfigError(f"acceptance_prior must be in (0, 1), got {self.acceptance_prior}")
         if self.sampling_scheme not in SAMPLING_SCHEMES:
             raise ConfigError(f"sampling_scheme must be one of {SAMPLING_SCHEMES}, got {self.sampling_scheme!r}")
         for name in ("verify_device", "draft_device"):
@@ -89,12 +101,12 @@ class EngineConfig:
                 _parse_cores(getattr(self, name))
             except ValueError as exc:
                 raise ConfigError(f"{name}: cannot parse core list {getattr(self, name)!r}") from exc
-        positive = ("verify_threads", "draft_threads", "num_speculative_tokens", "max_draft_lead",
-                    "max_verify_tokens", "max_model_len")
+        positive = ("verify_threads", "draft_threads", "max_draft_lead", "max_verify_tokens", "max_model_len",
+                    "prefill_chunk_tokens")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("draft_lookup_ngram", "verify_lookup_ngram", "draft_vocab_size"):
+        for name in ("draft_lookup_ngram", "verify_lookup_ngram", "draft_vocab_size", "num_speculative_tokens"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
@@ -103,13 +115,16 @@ class EngineConfig:
 
     @property
     def uses_draft_worker(self) -> bool:
-        """Only async runs a separate draft process; sync drafts on the verify worker's device."""
-        return self.mode == "async"
+        """Only async runs a separate draft process; sync drafts on the verify worker's device.
+
+        `auto` starts as async (both workers measure their forward costs), then settles on a mode.
+        """
+        return self.mode in ("async", "auto")
 
     @property
     def has_peer_buffers(self) -> bool:
         """Do the workers hand each other buffers at start-up (so they must restart together)?"""
-        return self.mode == "async" and (self.draft_device.startswith("cuda") or self.sampling_scheme == "rejection")
+        return self.uses_draft_worker and (self.draft_device.startswith("cuda") or self.sampling_scheme == "rejection")
 
     def cores_of(self, role: str) -> tuple[int, ...] | None:
         return _parse_cores(self.verify_cores if role == "verify" else self.draft_cores)

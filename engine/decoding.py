@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.cost_model import SpeculationBudget
 from engine.messages import RequestStats, SamplingParams, StartRequest, TokensOut
 from engine.models import ModelRunner
 from engine.sampling import top_logprobs
@@ -56,14 +57,19 @@ def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int
 
 
 class Verifier:
-    """Runs verify steps for one sequence on the verify model and commits their tokens."""
+    """Runs verify steps for one sequence on the verify model and commits their tokens.
 
-    def __init__(self, runner: ModelRunner):
+    `budget` (kept across requests) learns the acceptance rate from every step and says how many
+    proposed tokens the next step should check (engine/cost_model.py).
+    """
+
+    def __init__(self, runner: ModelRunner, budget: SpeculationBudget):
         self.runner = runner
+        self.budget = budget
 
     def prefill(self, seq: Sequence) -> None:
         start = time.perf_counter()
-        self.runner.prefill(seq.token_ids)
+        seq.stats.num_cached_prompt_tokens = self.runner.prefill(seq.token_ids)
         seq.stats.prefill_s = time.perf_counter() - start
         seq.stats.verify_busy_s += seq.stats.prefill_s
 
@@ -82,6 +88,7 @@ class Verifier:
         num_accepted, new_ids = seq.chooser.verify(logits, proposal, draft_probs, c - seq.num_prompt_tokens)
         new_ids = self._truncate_at_stop(seq, new_ids)
         self.runner.crop(c + num_accepted)
+        self.budget.record(len(proposal), num_accepted)
         seq.token_ids.extend(new_ids)
         logprobs = None
         if seq.params.num_logprobs is not None:
@@ -90,6 +97,7 @@ class Verifier:
         num_draft = min(len(draft_ids), len(proposal))
         num_committed_from_proposal = min(num_accepted, len(new_ids))
         stats.num_verify_steps += 1
+        stats.num_proposed_tokens += len(proposal)
         stats.num_generated_tokens += len(new_ids)
         stats.num_draft_tokens += num_draft
         stats.num_accepted_tokens += min(num_committed_from_proposal, num_draft)
@@ -112,11 +120,11 @@ class Verifier:
         return new_ids
 
 
-def run_ar_or_sync(seq: Sequence, verifier: Verifier, drafter: ModelRunner | None, num_draft: int,
-                   emit, should_stop) -> None:
+def run_ar_or_sync(seq: Sequence, verifier: Verifier, drafter: ModelRunner | None, emit, should_stop) -> None:
     """`ar` (drafter None) or classic synchronous speculation with the draft model in this process.
 
-    sync round: the draft proposes `num_draft` tokens one forward each, then one verify forward.
+    sync round: the draft proposes k tokens (k from the cost model, or the fixed setting) one
+    forward each, then one verify forward.
     The draft cache is brought back to the committed prefix after every round (crop, plus the
     one accepted-but-unfed token when all drafts were accepted).
     """
@@ -130,7 +138,7 @@ def run_ar_or_sync(seq: Sequence, verifier: Verifier, drafter: ModelRunner | Non
         draft_ids, draft_probs = [], None
         if drafter is not None:
             start = time.perf_counter()
-            draft_ids, draft_probs = _draft_round(seq, drafter, num_draft)
+            draft_ids, draft_probs = _draft_round(seq, drafter, verifier.budget.num_to_draft())
             seq.stats.draft_busy_s += time.perf_counter() - start
         out = verifier.step(seq, draft_ids, draft_probs=draft_probs)
         if drafter is not None:

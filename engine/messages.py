@@ -81,6 +81,7 @@ class WorkerReady:
     eos_token_ids: list[int]
     load_seconds: float
     model_dir: str = ""                 # local directory of the model (tokenizer files live there)
+    runtime: dict = field(default_factory=dict)   # dtype, quantization (and why), measured forward costs
 
 
 @dataclass
@@ -104,6 +105,8 @@ class RequestStats:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_verify_steps: int = 0           # verify forwards (each commits >= 1 token)
+    num_proposed_tokens: int = 0        # draft tokens + n-gram guesses checked (the speculation budget used)
+    num_cached_prompt_tokens: int = 0   # prompt tokens whose KV was reused from the previous request
     num_draft_tokens: int = 0           # draft tokens sent to verification
     num_accepted_tokens: int = 0        # of those, accepted
     num_rollbacks: int = 0              # epoch bumps that discarded draft work

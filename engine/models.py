@@ -41,13 +41,27 @@ def resolve_model_spec(spec: str, cache_dir: str, gguf_file: str | None = None) 
     return os.path.expanduser(spec), gguf_file
 
 
-def load_causal_lm(path: str, gguf_file: str | None, device: str, dtype: str):
+def load_causal_lm(path: str, gguf_file: str | None, device: str, dtype: str, quantization: str = "none"):
+    """Load a causal LM in `dtype` (concrete, not "auto") on `device`, then quantize its linears."""
     from transformers import AutoModelForCausalLM
+
+    from engine.quantization import quantize_model
     kwargs = {"dtype": DTYPES[dtype]}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    # A tied head shares the input embedding: keep that float matrix for a restricted draft head.
+    is_tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    model.amusd_float_head = model.get_input_embeddings().weight if is_tied else None
+    with torch.inference_mode():
+        quantize_model(model, quantization)
+    return model
+
+
+def num_output_rows(model) -> int:
+    """Rows of the output layer (the vocabulary the model scores; may be padded past the tokenizer's)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0] if hasattr(head, "weight") else head.out_features)
 
 
 def eos_token_ids_of(model) -> list[int]:
@@ -61,8 +75,8 @@ def eos_token_ids_of(model) -> list[int]:
 
 def check_same_vocab(verify_model, draft_model, verify_dir: str, draft_dir: str) -> None:
     """Refuse a pair that cannot share token ids."""
-    verify_vocab = verify_model.get_output_embeddings().weight.shape[0]
-    draft_vocab = draft_model.get_output_embeddings().weight.shape[0]
+    verify_vocab = num_output_rows(verify_model)
+    draft_vocab = num_output_rows(draft_model)
     if verify_vocab != draft_vocab:
         raise ConfigError(f"draft and verify vocabularies differ: draft {draft_dir} has {draft_vocab} "
                           f"output rows, verify {verify_dir} has {verify_vocab}; they must share a tokenizer")
@@ -83,14 +97,16 @@ class ModelRunner:
     last one, which is the next forward's first input ("pending token").
     """
 
-    def __init__(self, model, device: str):
+    def __init__(self, model, device: str, prefill_chunk_tokens: int = 512):
         from transformers import DynamicCache
         self.model = model
         self.device = torch.device(device)
         self._cache_cls = DynamicCache
         self.cache = DynamicCache(config=model.config)
         self.lm_head = model.get_output_embeddings()
-        self.vocab_size = self.lm_head.weight.shape[0]
+        self.vocab_size = num_output_rows(model)
+        self.cached_ids: list[int] = []                 # the tokens whose KV the cache holds
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.head_ids: torch.Tensor | None = None      # restricted output vocabulary (draft only)
         self.head_weight: torch.Tensor | None = None
 
@@ -103,11 +119,17 @@ class ModelRunner:
         if token_ids is None or len(token_ids) >= self.vocab_size:
             self.head_ids = self.head_weight = None
             return
+        full_head = getattr(self.lm_head, "weight", None)
+        if full_head is None:
+            full_head = getattr(self.model, "amusd_float_head", None)
+        if full_head is None:
+            raise ValueError("draft_vocab_size needs a float output layer: a tied one, or draft_quantization none")
         self.head_ids = torch.as_tensor(sorted(set(token_ids)), dtype=torch.long, device=self.device)
-        self.head_weight = self.lm_head.weight.index_select(0, self.head_ids).contiguous()
+        self.head_weight = full_head.index_select(0, self.head_ids).contiguous()
 
     def reset(self) -> None:
         self.cache = self._cache_cls(config=self.model.config)
+        self.cached_ids = []
 
     @property
     def num_cached(self) -> int:
@@ -118,12 +140,14 @@ class ModelRunner:
         num_remove = self.num_cached - num_tokens
         if num_remove > 0:
             self.cache.crop(-num_remove)
+            del self.cached_ids[num_tokens:]
 
     @torch.inference_mode()
     def forward(self, token_ids, last_only: bool = False) -> torch.Tensor:
         """Append `token_ids` (list or 1-D tensor) to the cache; return logits [n, V] (or [1, V])."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(1, -1)
         hidden = self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True).last_hidden_state
+        self.cached_ids.extend(ids[0].tolist())
         if last_only:
             hidden = hidden[:, -1:]
         if self.head_ids is None:
@@ -133,9 +157,22 @@ class ModelRunner:
         return logits.index_copy_(1, self.head_ids, sub_logits)
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int]) -> None:
-        """Fill the cache with all but the last token (the pending one)."""
-        self.reset()
-        if len(token_ids) > 1:
-            ids = torch.as_tensor(token_ids[:-1], dtype=torch.long, device=self.device).view(1, -1)
-            self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+    def prefill(self, token_ids: list[int]) -> int:
+        """Fill the cache with all but the last token (the pending one); return how many were reused.
+
+        Prefix cache: the KV of the longest common prefix with what the cache already holds (the
+        previous request's prompt and output) is kept, so a shared system prompt or a follow-up
+        turn is not computed again. The rest is fed in chunks of `prefill_chunk_tokens`.
+        """
+        target = list(token_ids[:-1])
+        num_reused = 0
+        for cached, wanted in zip(self.cached_ids, target):
+            if cached != wanted:
+                break
+            num_reused += 1
+        self.crop(num_reused)
+        for start in range(num_reused, len(target), self.prefill_chunk_tokens):
+            ids = torch.as_tensor(target[start:start + self.prefill_chunk_tokens], dtype=torch.long, device=self.device)
+            self.model.model(input_ids=ids.view(1, -1), past_key_values=self.cache, use_cache=True)
+            self.cached_ids.extend(target[start:start + self.prefill_chunk_tokens])
+        return num_reused

@@ -24,6 +24,7 @@ the engine failed (every request then gets an error; `fatal_error` says why).
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -38,6 +39,7 @@ from engine.messages import (EngineOutput, GenerationRequest, RequestDone, Shutd
 from engine.shared_state import Clock, Ctrl, SharedState
 
 POLL_S = 0.02
+logger = logging.getLogger("amusd.engine")
 
 
 class EngineStartError(RuntimeError):
@@ -61,10 +63,11 @@ class _Worker:
 
 class EngineSupervisor:
     def __init__(self, config: EngineConfig):
-        self.config = config
+        self.requested_mode = config.mode
+        self.mode_reason = "set in the configuration"
+        self.config = config.replace(mode="async") if config.mode == "auto" else config
         self._ctx = mp.get_context("spawn")
-        roles = ["verify", "draft"] if config.uses_draft_worker else ["verify"]
-        self._workers = {role: _Worker(role) for role in roles}
+        self._workers = self._make_workers()
         self._state: SharedState | None = None
         self._out_queue = None
         self._peer_conns = None
@@ -91,6 +94,8 @@ class EngineSupervisor:
             for worker in self._workers.values():
                 self._spawn(worker)
             self._await_ready(list(self._workers.values()))
+            if self.requested_mode == "auto":
+                self._settle_mode()
         except EngineStartError:
             self.shutdown()
             raise
@@ -123,6 +128,28 @@ class EngineSupervisor:
             self._out_queue.close()
             self._out_queue.cancel_join_thread()
             self._out_queue = None
+
+    def _make_workers(self) -> dict[str, "_Worker"]:
+        roles = ["verify", "draft"] if self.config.uses_draft_worker else ["verify"]
+        return {role: _Worker(role) for role in roles}
+
+    def _settle_mode(self) -> None:
+        """`mode: auto`: both workers measured their forward costs; keep async or restart as ar / sync."""
+        from engine.cost_model import ForwardCosts, choose_mode
+        verify_costs = ForwardCosts(tuple(self._workers["verify"].ready.runtime["forward_costs_s"]))
+        draft_costs = ForwardCosts(tuple(self._workers["draft"].ready.runtime["forward_costs_s"]))
+        plan = choose_mode(verify_costs, draft_costs, self.config.acceptance_prior, self.config.max_verify_tokens)
+        self.mode_reason = f"mode auto chose {plan.mode}: {plan.reason}"
+        logger.info(self.mode_reason)
+        if plan.mode == "async":
+            return
+        for worker in self._workers.values():
+            self._stop_worker(worker, 10.0)
+        self.config = self.config.replace(mode=plan.mode)
+        self._workers = self._make_workers()
+        for worker in self._workers.values():
+            self._spawn(worker)
+        self._await_ready(list(self._workers.values()))
 
     # ---- public API --------------------------------------------------------------------
 
@@ -170,8 +197,11 @@ class EngineSupervisor:
         return {
             "is_healthy": self.is_healthy(),
             "fatal_error": self.fatal_error,
+            "mode": self.config.mode,
+            "mode_reason": self.mode_reason,
             "workers": {w.role: {"is_alive": w.is_alive, "pid": w.process.pid if w.process else None,
-                                 "num_restarts": w.num_restarts, "heartbeat_age_s": round(self._heartbeat_age(w), 3)}
+                                 "num_restarts": w.num_restarts, "heartbeat_age_s": round(self._heartbeat_age(w), 3),
+                                 **(w.ready.runtime if w.ready is not None else {})}
                         for w in self._workers.values()},
         }
 

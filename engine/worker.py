@@ -12,6 +12,7 @@ beats a heartbeat while idle and while decoding, and reports its own failure bef
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import queue
 import signal
@@ -52,6 +53,7 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_q
                 parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor decides when we stop
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s amusd.{role}: %(message)s")
     request_id = None
     try:
         _place(config, role)
@@ -79,31 +81,38 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_q
 
 class VerifyWorker:
     def __init__(self, config: EngineConfig, state: SharedState, peer_conn):
+        from engine.cost_model import SpeculationBudget
         from engine.decoding import Verifier
-        from engine.models import ModelRunner, check_same_vocab, eos_token_ids_of, load_causal_lm, resolve_model_spec
+        from engine.model_loader import load_model
+        from engine.models import check_same_vocab, eos_token_ids_of, resolve_model_spec
         start = time.perf_counter()
         self.config, self.state = config, state
-        path, gguf = resolve_model_spec(config.verify_model, config.cache_dir, config.gguf_file)
-        model = load_causal_lm(path, gguf, config.verify_device, config.dtype)
+        verify = load_model("verify", config, config.verify_device, config.max_verify_tokens + 1)
+        model, path = verify.runner.model, verify.model_dir
         self.model_dir = path
+        self.runtime = verify.runtime
         self.eos_token_ids = eos_token_ids_of(model)
-        self.verifier = Verifier(ModelRunner(model, config.verify_device))
         self.drafter = None
+        draft_costs = None
         if config.mode != "ar":
             draft_path, draft_gguf = resolve_model_spec(config.draft_model, config.cache_dir, config.draft_gguf_file)
-            draft_device = config.verify_device if config.mode == "sync" else config.draft_device
-            draft_model = load_causal_lm(draft_path, draft_gguf, draft_device, config.dtype) \
-                if config.mode == "sync" else _meta_shape_model(draft_path, draft_gguf)
-            check_same_vocab(model, draft_model, path, draft_path)
             if config.mode == "sync":
-                self.drafter = ModelRunner(draft_model, config.verify_device)
+                draft = load_model("draft", config, config.verify_device, 1, worker_role="verify")
+                self.drafter, draft_model, draft_costs = draft.runner, draft.runner.model, draft.costs
+                self.runtime = {**self.runtime, "sync_draft": draft.runtime}
+            else:
+                draft_model = _meta_shape_model(draft_path, draft_gguf)
+            check_same_vocab(model, draft_model, path, draft_path)
+        budget = SpeculationBudget(verify.costs, config.max_verify_tokens, config.num_speculative_tokens,
+                                   draft_costs, config.acceptance_prior)
+        self.verifier = Verifier(verify.runner, budget)
         self.channel = _make_channel(config, state, peer_conn, role="verify")
         self.draft_probs = _share_draft_probs(config, peer_conn, "verify", self.verifier.runner.vocab_size)
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:
         return WorkerReady("verify", os.getpid(), self.verifier.runner.vocab_size, self.eos_token_ids,
-                           self.load_seconds, self.model_dir)
+                           self.load_seconds, self.model_dir, self.runtime)
 
     def run(self, req: StartRequest, out_queue) -> None:
         from engine.async_decode import run_async_verify
@@ -117,10 +126,10 @@ class VerifyWorker:
             return state.get(Ctrl.CANCEL_REQUEST_ID) == req.request_id
 
         if config.mode == "async":
-            run_async_verify(seq, self.verifier, state, self.channel, config.max_verify_tokens,
-                             out_queue.put, should_stop, config.verify_lookup_ngram, self.draft_probs)
+            run_async_verify(seq, self.verifier, state, self.channel, out_queue.put, should_stop,
+                             config.verify_lookup_ngram, self.draft_probs)
         else:
-            run_ar_or_sync(seq, self.verifier, self.drafter, config.num_speculative_tokens, out_queue.put, should_stop)
+            run_ar_or_sync(seq, self.verifier, self.drafter, out_queue.put, should_stop)
             state.set(Ctrl.LAST_FINISHED_REQUEST_ID, req.request_id)
         seq.stats.total_s = time.perf_counter() - start
         out_queue.put(RequestDone(req.request_id, seq.finish_reason or "stop", seq.stats))
@@ -129,12 +138,10 @@ class VerifyWorker:
 class DraftWorker:
     def __init__(self, config: EngineConfig, state: SharedState, peer_conn):
         from engine.async_decode import Drafter
-        from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
+        from engine.model_loader import load_model
         start = time.perf_counter()
-        path, gguf = resolve_model_spec(config.draft_model, config.cache_dir, config.draft_gguf_file)
-        model = load_causal_lm(path, gguf, config.draft_device, config.dtype)
-        self.model_dir = path
-        runner = ModelRunner(model, config.draft_device)
+        draft = load_model("draft", config, config.draft_device, 1 + min(config.max_draft_lead, 4))
+        self.model_dir, self.runtime, runner = draft.model_dir, draft.runtime, draft.runner
         channel = _make_channel(config, state, peer_conn, role="draft")
         draft_probs = _share_draft_probs(config, peer_conn, "draft", runner.vocab_size)
         self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
@@ -145,7 +152,8 @@ class DraftWorker:
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:
-        return WorkerReady("draft", os.getpid(), self.drafter.runner.vocab_size, [], self.load_seconds, self.model_dir)
+        return WorkerReady("draft", os.getpid(), self.drafter.runner.vocab_size, [], self.load_seconds, self.model_dir,
+                           self.runtime)
 
     def run(self, req: StartRequest, out_queue) -> None:
         self.drafter.run(req)

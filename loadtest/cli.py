@@ -14,6 +14,7 @@ For the server-overhead measurement (sequential, greedy) see `python -m loadtest
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import math
 import sys
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 from loadtest.client import RequestOptions
 from loadtest.datasets import DatasetError, load_prompts
-from loadtest.report import format_table, is_nothing_lost, summarize, write_report_json
+from loadtest.report import format_comparison, format_table, is_nothing_lost, summarize, write_report_json
 from loadtest.runner import LoadConfig, run_load
 
 EXIT_OK, EXIT_LOST, EXIT_USAGE = 0, 1, 2
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--detailed", action="store_true", help="per-request ITLs and chunk times in --json")
     parser.add_argument("--plot", type=Path, help="write a PNG of latency distributions and throughput")
+    parser.add_argument("--peer-url", default=None,
+                        help="then run the same requests against this OpenAI-compatible server (e.g. llama-server) "
+                             "and print both with their ratios")
     return parser
 
 
@@ -102,6 +106,8 @@ def config_record(config: LoadConfig, dataset: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     error = target_error(args.base_url, is_remote_allowed=args.allow_remote)
+    if error is None and args.peer_url:
+        error = target_error(args.peer_url, is_remote_allowed=args.allow_remote)
     config = config_from_args(args)
     if error is None:
         try:
@@ -115,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_load(config, prompts)
     summary = summarize(outcome, config_record(config, args.dataset))
     print(format_table(summary))
+    if args.peer_url:
+        peer_config = dataclasses.replace(config, base_url=args.peer_url,
+                                          options=dataclasses.replace(config.options, model=""))
+        peer_outcome = run_load(peer_config, prompts)
+        summary["peer"] = summarize(peer_outcome, config_record(peer_config, args.dataset))
+        print(format_table(summary["peer"]))
+        print(format_comparison(summary, summary["peer"]))
     if args.json:
         write_report_json(args.json, summary, outcome.results, is_detailed=args.detailed)
         print(f"report written to {args.json}")

@@ -67,12 +67,25 @@ def summarize(outcome: LoadOutcome, config_record: dict) -> dict:
         "status_counts": dict(sorted(statuses.items())),
         "num_output_tokens": num_output_tokens,
         "output_tokens_per_s": num_output_tokens / duration_s if duration_s > 0 else None,
+        "mean_token_ms": (1000 * sum(r.e2e_s for r in completed if r.e2e_s is not None) / num_output_tokens
+                          if num_output_tokens else None),
         "requests_per_s": len(completed) / duration_s if duration_s > 0 else None,
         "ttft_ms": latency_stats_ms([r.ttft_s for r in completed if r.ttft_s is not None]),
         "itl_ms": latency_stats_ms([gap for r in completed for gap in r.itl_s]),
         "tpot_ms": latency_stats_ms([r.tpot_s for r in completed if r.tpot_s is not None]),
         "e2e_ms": latency_stats_ms([r.e2e_s for r in completed if r.e2e_s is not None]),
     }
+
+
+def format_comparison(summary: dict, peer: dict) -> str:
+    """One run against two servers: ratios > 1 mean the first target is better."""
+    def ratio(numerator, denominator):
+        return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+    return (f"vs peer {peer['config'].get('base_url')}: mean token time {_fmt(summary['mean_token_ms'])} vs "
+            f"{_fmt(peer['mean_token_ms'])} ms (ratio peer/this {ratio(peer['mean_token_ms'], summary['mean_token_ms'])}), "
+            f"TTFT p50 {_fmt(summary['ttft_ms']['p50'])} vs {_fmt(peer['ttft_ms']['p50'])} ms, "
+            f"output tokens/s {_fmt(summary['output_tokens_per_s'])} vs {_fmt(peer['output_tokens_per_s'])} "
+            f"(ratio this/peer {ratio(summary['output_tokens_per_s'], peer['output_tokens_per_s'])})")
 
 
 def is_nothing_lost(summary: dict) -> bool:

@@ -38,6 +38,8 @@ class _WorkerCollector(Collector):
                                labels=["worker"])
         restarts = CounterMetricFamily("amusd:worker_restarts", "Worker process restarts",
                                        labels=["worker"])
+        costs = GaugeMetricFamily("amusd:forward_cost_seconds", "Measured forward time for num_tokens tokens "
+                                  "(the cost model's curve, engine/cost_model.py)", labels=["worker", "num_tokens"])
         try:
             workers = (self._health() or {}).get("workers", {})
         except Exception:   # a scrape must never fail because the engine is gone
@@ -51,8 +53,11 @@ class _WorkerCollector(Collector):
             beating = age is not None and float(age) < self._timeout
             up.add_metric([role], 1.0 if alive and beating else 0.0)
             restarts.add_metric([role], float(info.get("num_restarts", 0) or 0))
+            for num_tokens, seconds in enumerate(info.get("forward_costs_s") or [], start=1):
+                costs.add_metric([role, str(num_tokens)], float(seconds))
         yield up
         yield restarts
+        yield costs
 
 
 class ServerMetrics:
@@ -71,6 +76,9 @@ class ServerMetrics:
         self.draft_lead = Histogram("amusd:spec_decode_draft_lead_tokens",
                                     "Mean draft lead (drafted minus committed tokens) per request",
                                     buckets=_LEAD_BUCKETS, registry=r)
+        self.budget = Histogram("amusd:spec_decode_budget_tokens",
+                                "Mean tokens proposed per verify step in a request (the cost model's choice, "
+                                "or the fixed setting)", buckets=_LEAD_BUCKETS, registry=r)
         self.running = Gauge("amusd:num_requests_running", "Requests the engine is running", registry=r)
         self.waiting = Gauge("amusd:num_requests_waiting", "Requests waiting for the engine", registry=r)
         self.prompt_tokens = Counter("amusd:prompt_tokens", "Prefilled prompt tokens", registry=r)
@@ -132,6 +140,8 @@ class ServerMetrics:
         self.busy.labels(worker="draft").inc(max(0.0, stats.draft_busy_s))
         if stats.num_verify_steps > 0 and stats.num_draft_tokens > 0:
             self.draft_lead.observe(stats.sum_draft_lead / stats.num_verify_steps)
+        if stats.num_verify_steps > 0:
+            self.budget.observe(stats.num_proposed_tokens / stats.num_verify_steps)
 
     def set_queue_state(self, running: int, waiting: int) -> None:
         self.running.set(running)

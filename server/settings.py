@@ -61,8 +61,14 @@ class Settings(BaseSettings):
                        "'tiny-random/verify', or 'default' (fetched 1.5B)")
     draft_model: str | None = Field(DEFAULT_MODEL, description="draft model (same forms; 'default' = "
                                     "fetched 0.5B; none for mode ar)")
-    mode: str = Field(_E["mode"], description="decoding: ar | sync | async")
-    dtype: str = Field(_E["dtype"], description="bfloat16 | float16 | float32 | float64")
+    mode: str = Field(_E["mode"], description="decoding: auto | ar | sync | async (auto: the fastest by "
+                      "measured forward costs)")
+    dtype: str = Field(_E["dtype"], description="auto | bfloat16 | float16 | float32 | float64 (auto: bf16 "
+                       "where the device runs it natively, else fp32)")
+    verify_quantization: str = Field(_E["verify_quantization"], description="auto | none | int8 | int8-fast | "
+                                     "int4 (auto: int8 on CPU, none on CUDA)")
+    draft_quantization: str = Field(_E["draft_quantization"], description="auto | none | int8 | int8-fast | "
+                                    "int4 (auto: int8-fast on CPU, none on CUDA)")
     verify_device: str = Field(_E["verify_device"], description="cpu or cuda:N")
     draft_device: str = Field(_E["draft_device"], description="cpu or cuda:N")
     verify_cores: str | None = Field(_E["verify_cores"], description="CPU cores for the verify "
@@ -70,9 +76,14 @@ class Settings(BaseSettings):
     draft_cores: str | None = Field(_E["draft_cores"], description="CPU cores for the draft worker")
     verify_threads: int = Field(_E["verify_threads"], description="torch threads in the verify worker")
     draft_threads: int = Field(_E["draft_threads"], description="torch threads in the draft worker")
-    num_speculative_tokens: int = Field(_E["num_speculative_tokens"], description="sync: draft tokens per round")
+    num_speculative_tokens: int = Field(_E["num_speculative_tokens"], description="tokens proposed per verify "
+                                        "(sync: drafted, async: checked); 0 = chosen per step by the cost model")
+    acceptance_prior: float = Field(_E["acceptance_prior"], description="cost model: acceptance rate assumed "
+                                    "before any is observed")
+    prefill_chunk_tokens: int = Field(_E["prefill_chunk_tokens"], description="longest prompt chunk per forward")
     max_draft_lead: int = Field(_E["max_draft_lead"], description="async: how far the draft may run ahead")
-    max_verify_tokens: int = Field(_E["max_verify_tokens"], description="async: most draft tokens per verify")
+    max_verify_tokens: int = Field(_E["max_verify_tokens"], description="most proposed tokens per verify "
+                                   "(the cost model's cap)")
     draft_lookup_ngram: int = Field(_E["draft_lookup_ngram"], description="async: prompt-lookup n-gram "
                                     "self-speculation in the draft (0 = off)")
     draft_vocab_size: int = Field(_E["draft_vocab_size"], description="async draft: score only token ids < N "

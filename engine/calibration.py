@@ -1,0 +1,83 @@
+"""Each worker times its own forward for k = 1..K tokens at start-up, cached per machine and model.
+
+    costs = load_or_measure(runner, key={...}, cache_dir, max_tokens=9)   # ForwardCosts
+
+The cache file is <cache_dir>/costs/<sha1 of the key>.json; the key names everything the costs
+depend on (CPU model and SIMD flags, torch version, model dir and its config, dtype, quantization,
+device, threads, cores), so a restart on the same machine pays nothing and any change re-measures.
+Measurement: a 64-token random context, then for each k the median of a few forwards of k random
+tokens, cropping the cache back after each (~5-15 s for the default pair on one CPU core).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+
+import torch
+
+from engine.cost_model import ForwardCosts
+from engine.hardware import cpu_summary
+from engine.models import ModelRunner
+
+logger = logging.getLogger("amusd.engine")
+CONTEXT_TOKENS = 64
+NUM_REPEATS = 3
+
+
+def cost_key(model_dir: str, **settings) -> dict:
+    """Everything a forward's cost depends on."""
+    config_path = os.path.join(model_dir, "config.json")
+    config_hash = ""
+    if os.path.isfile(config_path):
+        with open(config_path, "rb") as f:
+            config_hash = hashlib.sha1(f.read()).hexdigest()
+    return {"cpu": cpu_summary(), "torch": torch.__version__, "model_dir": os.path.abspath(model_dir),
+            "model_config": config_hash, **settings}
+
+
+def measure_forward_costs(runner: ModelRunner, max_tokens: int) -> ForwardCosts:
+    generator = torch.Generator().manual_seed(0)
+    vocab = runner.vocab_size
+    runner.prefill(torch.randint(0, vocab, (CONTEXT_TOKENS + 1,), generator=generator).tolist())
+    runner.forward(torch.randint(0, vocab, (max_tokens,), generator=generator).tolist())  # warm-up
+    runner.crop(CONTEXT_TOKENS)
+    seconds = []
+    for k in range(1, max_tokens + 1):
+        times = []
+        for _ in range(NUM_REPEATS):
+            tokens = torch.randint(0, vocab, (k,), generator=generator).tolist()
+            start = time.perf_counter()
+            runner.forward(tokens)
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)
+            times.append(time.perf_counter() - start)
+            runner.crop(CONTEXT_TOKENS)
+        seconds.append(statistics.median(times))
+    runner.reset()
+    # A k-token forward never costs less than a (k-1)-token one; timing noise can say otherwise.
+    for i in range(1, len(seconds)):
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return ForwardCosts(tuple(seconds))
+
+
+def load_or_measure(runner: ModelRunner, key: dict, cache_dir: str, max_tokens: int) -> ForwardCosts:
+    digest = hashlib.sha1(json.dumps({**key, "max_tokens": max_tokens}, sort_keys=True).encode()).hexdigest()
+    path = os.path.join(cache_dir, "costs", f"{digest}.json")
+    try:
+        with open(path) as f:
+            return ForwardCosts(tuple(json.load(f)["seconds"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    logger.info("measuring forward costs for k = 1..%d tokens (%s, once per machine and model)",
+                max_tokens, key.get("role", ""))
+    costs = measure_forward_costs(runner, max_tokens)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w") as f:
+        json.dump({"key": key, "seconds": list(costs.seconds)}, f, indent=1)
+    os.replace(tmp_path, path)
+    return costs

@@ -1,0 +1,148 @@
+"""A measured cost model of speculation: how many tokens to check per verify, and which mode.
+
+Pure Python (no torch): the workers feed it their measured forward costs, the supervisor uses it
+to pick `mode: auto`. The maths, with a = per-token acceptance (a proposed token is accepted
+given all before it were), assumed the same at every position:
+
+    E(n)   = 1 + a + ... + a^n = (1 - a^(n+1)) / (1 - a)     committed tokens when n are proposed
+    c_v(k) = verify forward over k tokens (measured, k = 1..K; linear beyond K)
+    c_d    = one draft forward of one token
+
+    async verify budget   n* = argmax_n  E(n) / c_v(n + 1)                  (n <= proposals on hand)
+    sync draft length     k* = argmax_k  E(k) / (k c_d + c_v(k + 1))
+    predicted tokens / s  ar     1 / c_v(1)
+                          sync   E(k*) / (k* c_d + c_v(k* + 1))
+                          async  max_n E(n) / max(c_v(n + 1), n c_d)     (draft on its own device:
+                                 the step lasts as long as the slower of the two)
+
+`a` is learnt online (`AcceptanceEstimator`, the maximum-likelihood rate under the geometric model,
+with a prior and exponential forgetting). Where the CPU cannot run k tokens for the price of one
+(no native bf16, dense weights) c_v grows ~linearly in k and n* falls to 0 or 1 by itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_ACCEPTANCE_PRIOR = 0.7
+
+
+@dataclass(frozen=True)
+class ForwardCosts:
+    """Seconds for one forward appending k tokens to a short KV cache; seconds[k - 1], k = 1..K."""
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.seconds or any(s <= 0 for s in self.seconds):
+            raise ValueError(f"forward costs must be positive, got {self.seconds}")
+
+    @property
+    def max_tokens(self) -> int:
+        return len(self.seconds)
+
+    def cost(self, num_tokens: int) -> float:
+        """c(k); past the measured range, extended linearly with the last measured slope."""
+        if num_tokens <= self.max_tokens:
+            return self.seconds[max(1, num_tokens) - 1]
+        slope = self.seconds[-1] - self.seconds[-2] if self.max_tokens > 1 else self.seconds[-1]
+        return self.seconds[-1] + max(slope, 0.0) * (num_tokens - self.max_tokens)
+
+
+def expected_committed(num_proposed: int, acceptance: float) -> float:
+    """E(n): expected tokens one verify step commits when n tokens are proposed."""
+    if acceptance >= 1.0:
+        return float(num_proposed + 1)
+    return (1.0 - acceptance ** (num_proposed + 1)) / (1.0 - acceptance)
+
+
+def best_verify_budget(verify: ForwardCosts, acceptance: float, max_proposed: int) -> int:
+    """n* in 0..max_proposed maximising committed tokens per second of verify time."""
+    return max(range(max_proposed + 1), key=lambda n: (expected_committed(n, acceptance) / verify.cost(n + 1), -n))
+
+
+def best_sync_length(verify: ForwardCosts, draft: ForwardCosts, acceptance: float, max_draft: int) -> int:
+    """k* in 1..max_draft for classic speculation (draft then verify on one device)."""
+    return max(range(1, max_draft + 1),
+               key=lambda k: (expected_committed(k, acceptance) / (k * draft.cost(1) + verify.cost(k + 1)), -k))
+
+
+def predict_tokens_per_s(mode: str, verify: ForwardCosts, draft: ForwardCosts | None, acceptance: float,
+                         max_proposed: int) -> float:
+    """Predicted decode speed of a mode (prefill and protocol overheads left out)."""
+    if mode == "ar" or draft is None:
+        return 1.0 / verify.cost(1)
+    if mode == "sync":
+        k = best_sync_length(verify, draft, acceptance, max_proposed)
+        return expected_committed(k, acceptance) / (k * draft.cost(1) + verify.cost(k + 1))
+    return max(expected_committed(n, acceptance) / max(verify.cost(n + 1), n * draft.cost(1))
+               for n in range(max_proposed + 1))
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    mode: str
+    tokens_per_s: dict[str, float]
+    reason: str
+
+
+def choose_mode(verify: ForwardCosts, draft: ForwardCosts | None, acceptance: float, max_proposed: int) -> ModePlan:
+    """`mode: auto`: the mode with the highest predicted speed, and why."""
+    modes = ("ar",) if draft is None else ("ar", "sync", "async")
+    speeds = {mode: predict_tokens_per_s(mode, verify, draft, acceptance, max_proposed) for mode in modes}
+    best = max(speeds, key=speeds.get)
+    shown = ", ".join(f"{mode} {speed:.1f} tok/s" for mode, speed in speeds.items())
+    reason = (f"predicted from measured forward costs (verify c(1) = {verify.cost(1) * 1e3:.1f} ms"
+              + (f", draft c(1) = {draft.cost(1) * 1e3:.1f} ms" if draft else "")
+              + f") at acceptance {acceptance:.2f}: {shown}")
+    return ModePlan(best, speeds, reason)
+
+
+class AcceptanceEstimator:
+    """Online per-token acceptance a: accepted / (accepted + rejections), prior-weighted, forgetting.
+
+    A step that proposed n and accepted m < n saw m acceptances and one rejection; m == n saw n
+    acceptances and no rejection (the maximum-likelihood estimate of a geometric acceptance).
+    """
+
+    def __init__(self, prior: float = DEFAULT_ACCEPTANCE_PRIOR, prior_weight: float = 8.0, decay: float = 0.98):
+        self.num_accepted = prior * prior_weight
+        self.num_rejected = (1.0 - prior) * prior_weight
+        self.decay = decay
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        if num_proposed <= 0:
+            return
+        self.num_accepted = self.num_accepted * self.decay + num_accepted
+        self.num_rejected = self.num_rejected * self.decay + (num_accepted < num_proposed)
+
+    @property
+    def rate(self) -> float:
+        total = self.num_accepted + self.num_rejected
+        return min(0.99, self.num_accepted / total) if total > 0 else DEFAULT_ACCEPTANCE_PRIOR
+
+
+class SpeculationBudget:
+    """How many proposed tokens the next verify step should check (a fixed setting wins).
+
+    One per worker, kept across requests so the acceptance estimate carries over.
+    """
+
+    def __init__(self, verify: ForwardCosts | None, max_tokens: int, num_fixed: int = 0,
+                 draft: ForwardCosts | None = None, acceptance_prior: float = DEFAULT_ACCEPTANCE_PRIOR):
+        self.verify, self.draft = verify, draft
+        self.max_tokens, self.num_fixed = max_tokens, num_fixed
+        self.acceptance = AcceptanceEstimator(acceptance_prior)
+
+    def num_to_check(self) -> int:
+        """Async verify: proposals (draft tokens + n-gram guesses) worth checking in one forward."""
+        if self.num_fixed or self.verify is None:
+            return self.num_fixed or self.max_tokens
+        return best_verify_budget(self.verify, self.acceptance.rate, self.max_tokens)
+
+    def num_to_draft(self) -> int:
+        """Sync: draft tokens per round (at least 1)."""
+        if self.num_fixed or self.verify is None or self.draft is None:
+            return self.num_fixed or 4
+        return best_sync_length(self.verify, self.draft, self.acceptance.rate, self.max_tokens)
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.acceptance.record(num_proposed, num_accepted)

@@ -1,0 +1,76 @@
+"""What the hardware runs natively, and the `auto` defaults that follow (torch-free).
+
+    resolve_dtype("auto", "cpu")            -> ("float32", "CPU has no native bf16 matmul (avx2 only): ...")
+    resolve_quantization("auto", "cpu", "float32", role="verify") -> ("int8", "...")
+
+dtype auto: bf16 on CUDA and on CPUs with native bf16 matmul (AVX512_BF16 or AMX-BF16); fp32
+elsewhere. Without native bf16 a bf16 matmul over k tokens costs ~k one-token matmuls (the CPU
+converts and runs fp32 without blocking over tokens), which breaks speculation's premise.
+quantization auto: on CPU the verify gets `int8` (accurate W8A8) and the draft `int8-fast`; on CUDA
+nothing (bf16 matmuls are what GPUs run best); float64 (an exactness setting) is never quantized.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+SIMD_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_summary() -> dict:
+    """Model name, architecture and the SIMD flags that decide kernels (for logs, /health, bench JSON)."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {"model_name": name or platform.processor(), "arch": platform.machine(),
+            "simd": [flag for flag in SIMD_FLAGS if flag in flags], "has_native_bf16": has_native_bf16()}
+
+
+def has_native_bf16() -> bool:
+    return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """(concrete dtype, why) for a configured dtype on a device."""
+    if dtype != "auto":
+        return dtype, "set in the configuration"
+    if device.startswith("cuda"):
+        return "bfloat16", "CUDA runs bf16 natively"
+    flags = cpu_flags()
+    if has_native_bf16():
+        found = ", ".join(flag for flag in BF16_FLAGS if flag in flags)
+        return "bfloat16", f"CPU has native bf16 matmul ({found})"
+    simd = next((flag for flag in SIMD_FLAGS if flag in flags), "no AVX")
+    return "float32", (f"CPU has no native bf16 matmul (best SIMD: {simd}): bf16 over k tokens would cost "
+                       "~k one-token forwards, so fp32 under quantized weights")
+
+
+def resolve_quantization(quantization: str, device: str, dtype: str, role: str) -> tuple[str, str]:
+    """(concrete scheme, why) for a configured quantization of the verify or draft model."""
+    if quantization != "auto":
+        return quantization, "set in the configuration"
+    if dtype == "float64":
+        return "none", "float64 asks for exact arithmetic"
+    if device.startswith("cuda"):
+        return "none", "GPUs run bf16 matmuls at full speed"
+    if role == "draft":
+        return "int8-fast", "CPU draft: the fastest scheme (its errors only cost acceptance)"
+    return "int8", "CPU verify: W8A8 with per-token ~14-bit activations (int8 weight-only accuracy)"

@@ -1,0 +1,58 @@
+"""Load one model for a worker the way the hardware wants it: dtype, quantization, measured costs.
+
+    loaded = load_model("verify", config, device="cpu")
+    loaded.runner       ModelRunner (model + KV cache)
+    loaded.runtime      {"dtype", "dtype_reason", "quantization", "quantization_reason",
+                         "forward_costs_s": [c(1), ..., c(K)], "threads", "device"}
+
+Resolves `dtype: auto` and `*_quantization: auto` (engine/hardware.py), loads and quantizes
+(engine/quantization.py), then times the forward for k = 1..K tokens or reads it from the cache
+(engine/calibration.py). Runs inside a worker process (imports torch).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.cost_model import ForwardCosts
+from engine.hardware import resolve_dtype, resolve_quantization
+
+logger = logging.getLogger("amusd.engine")
+
+
+@dataclass
+class LoadedModel:
+    runner: object                 # engine.models.ModelRunner
+    model_dir: str
+    costs: ForwardCosts
+    runtime: dict
+
+
+def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: int,
+               worker_role: str | None = None) -> LoadedModel:
+    """Load the verify or draft model of `config` onto `device` and measure its forward costs.
+
+    worker_role: the worker process it runs in (sync loads the draft in the verify worker).
+    """
+    from engine.calibration import cost_key, load_or_measure
+    from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
+    spec, gguf_file = (config.verify_model, config.gguf_file) if role == "verify" else \
+        (config.draft_model, config.draft_gguf_file)
+    configured_quantization = config.verify_quantization if role == "verify" else config.draft_quantization
+    dtype, dtype_reason = resolve_dtype(config.dtype, device)
+    quantization, quantization_reason = resolve_quantization(configured_quantization, device, dtype, role)
+    path, gguf = resolve_model_spec(spec, config.cache_dir, gguf_file)
+    model = load_causal_lm(path, gguf, device, dtype, quantization)
+    runner = ModelRunner(model, device, config.prefill_chunk_tokens)
+    import torch
+    threads = torch.get_num_threads()
+    key = cost_key(path, role=role, gguf=gguf, dtype=dtype, quantization=quantization, device=device,
+                   threads=threads, cores=config.cores_of(worker_role or role))
+    costs = load_or_measure(runner, key, config.cache_dir, num_cost_tokens)
+    runtime = {"device": device, "threads": threads, "dtype": dtype, "dtype_reason": dtype_reason,
+               "quantization": quantization, "quantization_reason": quantization_reason,
+               "forward_costs_s": list(costs.seconds)}
+    logger.info("%s model %s: %s (%s); quantization %s (%s); forward ms by tokens: %s", role, path, dtype,
+                dtype_reason, quantization, quantization_reason, [round(s * 1e3, 1) for s in costs.seconds])
+    return LoadedModel(runner, path, costs, runtime)

@@ -1,0 +1,88 @@
+"""engine/cost_model.py and engine/hardware.py: pure-Python decisions, no torch, no workers."""
+from __future__ import annotations
+
+import pytest
+
+from engine import hardware
+from engine.cost_model import (AcceptanceEstimator, ForwardCosts, SpeculationBudget, best_sync_length,
+                               best_verify_budget, choose_mode, expected_committed, predict_tokens_per_s)
+
+FLAT = ForwardCosts((0.10, 0.105, 0.11, 0.115, 0.12, 0.125, 0.13, 0.135, 0.14))       # native-bf16 / int8 CPU
+LINEAR = ForwardCosts(tuple(0.10 * k for k in range(1, 10)))                           # AVX2 bf16: k tokens = k steps
+
+
+def test_expected_committed():
+    assert expected_committed(0, 0.7) == pytest.approx(1.0)
+    assert expected_committed(3, 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_committed(4, 1.0) == 5
+
+
+def test_linear_extrapolation_past_the_measured_range():
+    costs = ForwardCosts((1.0, 2.0, 3.0))
+    assert costs.cost(5) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        ForwardCosts((0.0,))
+
+
+def test_flat_costs_check_many_tokens_linear_costs_check_few():
+    assert best_verify_budget(FLAT, 0.8, 8) >= 6
+    assert best_verify_budget(LINEAR, 0.8, 8) == 0          # k tokens cost k steps: speculation cannot pay
+    assert best_verify_budget(FLAT, 0.1, 8) <= 1            # a hopeless draft is not worth checking
+
+
+def test_sync_length_grows_with_acceptance_and_shrinks_with_draft_cost():
+    cheap_draft, dear_draft = ForwardCosts((0.01,)), ForwardCosts((0.08,))
+    assert best_sync_length(FLAT, cheap_draft, 0.9, 8) > best_sync_length(FLAT, cheap_draft, 0.5, 8)
+    assert best_sync_length(FLAT, cheap_draft, 0.8, 8) > best_sync_length(FLAT, dear_draft, 0.8, 8)
+
+
+def test_choose_mode():
+    draft = ForwardCosts((0.03, 0.032))
+    plan = choose_mode(FLAT, draft, 0.8, 8)
+    assert plan.mode == "async" and "async" in plan.reason and set(plan.tokens_per_s) == {"ar", "sync", "async"}
+    assert choose_mode(LINEAR, ForwardCosts((0.2,)), 0.8, 8).mode == "ar"       # slow draft, linear verify
+    assert choose_mode(FLAT, None, 0.8, 8).mode == "ar"
+    # async is never predicted slower than ar: it can always check nothing
+    assert predict_tokens_per_s("async", LINEAR, draft, 0.3, 8) >= predict_tokens_per_s("ar", LINEAR, draft, 0.3, 8)
+
+
+def test_acceptance_estimator_learns_the_geometric_rate():
+    estimator = AcceptanceEstimator(prior=0.5)
+    for _ in range(300):            # accept 3 of 4 proposed, then reject: a = 3 / (3 + 1)
+        estimator.record(4, 3)
+    assert estimator.rate == pytest.approx(0.75, abs=0.02)
+    for _ in range(300):
+        estimator.record(4, 4)
+    assert estimator.rate > 0.95
+
+
+def test_speculation_budget_fixed_setting_wins():
+    budget = SpeculationBudget(LINEAR, max_tokens=8, num_fixed=5)
+    assert budget.num_to_check() == 5 and budget.num_to_draft() == 5
+    adaptive = SpeculationBudget(FLAT, max_tokens=8, draft=ForwardCosts((0.02,)))
+    for _ in range(200):
+        adaptive.record(4, 0)        # nothing ever accepted
+    assert adaptive.num_to_check() <= 1 and adaptive.num_to_draft() == 1
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                                             ({"amx_bf16", "avx512f"}, "bfloat16")])
+def test_dtype_auto_follows_native_bf16(monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    dtype, reason = hardware.resolve_dtype("auto", "cpu")
+    assert dtype == expected and reason
+    assert hardware.resolve_dtype("auto", "cuda:1")[0] == "bfloat16"
+    assert hardware.resolve_dtype("float64", "cpu") == ("float64", "set in the configuration")
+
+
+def test_quantization_auto():
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "verify")[0] == "int8"
+    assert hardware.resolve_quantization("auto", "cpu", "bfloat16", "draft")[0] == "int8-fast"
+    assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify")[0] == "none"
+    assert hardware.resolve_quantization("auto", "cpu", "float64", "verify")[0] == "none"
+    assert hardware.resolve_quantization("int4", "cpu", "float32", "verify")[0] == "int4"
+
+
+def test_cpu_summary_names_the_simd_flags():
+    summary = hardware.cpu_summary()
+    assert set(summary) >= {"model_name", "arch", "simd", "has_native_bf16"}

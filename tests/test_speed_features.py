@@ -1,0 +1,101 @@
+"""Speed features through live workers on tiny models: quantized identity, mode auto, cost cache,
+prefix cache, and what /health and /metrics tell about them."""
+from __future__ import annotations
+
+import glob
+import os
+
+import httpx
+import pytest
+import torch
+
+from engine.messages import GenerationRequest, SamplingParams
+from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+
+QUANTIZED = dict(dtype="float32", verify_quantization="int8", draft_quantization="int8-fast")
+PROMPTS = random_prompts(6, seed=3)
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("speed-cache"))
+
+
+@pytest.fixture(scope="module")
+def quantized_ar(cache_dir):
+    sup = start_engine(tiny_config(cache_dir, "ar", **QUANTIZED))
+    yield sup
+    sup.shutdown()
+
+
+@pytest.mark.parametrize("mode, extra", [("sync", {}), ("async", {}), ("async", {"num_speculative_tokens": 3})])
+def test_quantized_speculation_equals_quantized_ar(cache_dir, quantized_ar, mode, extra):
+    sup = start_engine(tiny_config(cache_dir, mode, **QUANTIZED, **extra))
+    try:
+        num_accepted = 0
+        for prompt in PROMPTS:
+            expected, _ = run(quantized_ar, prompt, max_tokens=MAX_TOKENS)
+            tokens, final = run(sup, prompt, max_tokens=MAX_TOKENS)
+            assert tokens == expected, f"{mode} {extra} diverged from ar on the same int8 model"
+            num_accepted += final.stats.num_accepted_tokens
+            assert final.stats.num_proposed_tokens >= final.stats.num_draft_tokens
+        assert num_accepted > 0, "the draft must have contributed"
+        seeded = dict(max_tokens=MAX_TOKENS, temperature=0.9, seed=7)
+        assert run(sup, PROMPTS[0], **seeded)[0] == run(quantized_ar, PROMPTS[0], **seeded)[0]
+    finally:
+        sup.shutdown()
+
+
+def test_mode_auto_settles_on_a_mode_and_caches_costs(cache_dir):
+    sup = start_engine(tiny_config(cache_dir, "auto", **QUANTIZED))
+    try:
+        health = sup.health()
+        assert health["mode"] in ("ar", "sync", "async")
+        assert health["mode_reason"].startswith(f"mode auto chose {health['mode']}")
+        verify = health["workers"]["verify"]
+        assert verify["dtype"] == "float32" and verify["quantization"] == "int8"
+        assert len(verify["forward_costs_s"]) == sup.config.max_verify_tokens + 1
+        assert all(c > 0 for c in verify["forward_costs_s"])
+        tokens, final = run(sup, PROMPTS[1], max_tokens=8)
+        assert len(tokens) == 8 and final.finish_reason == "length"
+    finally:
+        sup.shutdown()
+    cost_files = sorted(glob.glob(os.path.join(cache_dir, "costs", "*.json")))
+    assert cost_files, "forward costs must be cached"
+    mtimes = [os.path.getmtime(f) for f in cost_files]
+    sup = start_engine(tiny_config(cache_dir, "auto", **QUANTIZED))      # a restart reads, never re-measures
+    sup.shutdown()
+    assert sorted(glob.glob(os.path.join(cache_dir, "costs", "*.json"))) == cost_files
+    assert [os.path.getmtime(f) for f in cost_files] == mtimes
+
+
+def test_prefix_cache_reuses_the_common_prefix_and_changes_nothing(cache_dir):
+    from transformers import AutoModelForCausalLM
+
+    from engine.models import ModelRunner
+    from engine.tiny_models import ensure_tiny_model
+    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny-random/verify", cache_dir),
+                                                 dtype=torch.float64).eval()
+    shared = list(range(10, 40))
+    first, second = shared + [50, 51, 52], shared + [60, 61]
+    warm = ModelRunner(model, "cpu", prefill_chunk_tokens=7)
+    assert warm.prefill(first) == 0
+    warm.forward([first[-1], 70])                         # decode a little: the cache now holds more
+    assert warm.prefill(second) == len(shared)            # only the shared prompt prefix is kept
+    cold = ModelRunner(model, "cpu")
+    cold.prefill(second)
+    assert warm.cached_ids == cold.cached_ids == second[:-1]
+    assert torch.allclose(warm.forward([second[-1]]), cold.forward([second[-1]]), atol=1e-10)
+
+
+def test_health_and_metrics_show_dtype_quantization_and_costs(server):
+    health = httpx.get(server.url("/health"), timeout=10).json()
+    verify = health["workers"]["verify"]
+    assert {"dtype", "dtype_reason", "quantization", "quantization_reason", "forward_costs_s"} <= set(verify)
+    assert health["mode"] and health["mode_reason"]
+    response = server.openai().completions.create(model=server.model, prompt="hi", max_tokens=4, temperature=0)
+    assert response.usage.completion_tokens == 4
+    metrics = httpx.get(server.url("/metrics"), timeout=10).text
+    assert 'amusd:forward_cost_seconds{num_tokens="1",worker="verify"}' in metrics
+    assert "amusd:spec_decode_budget_tokens_count" in metrics
