@@ -22,6 +22,7 @@ import torch
 from engine.cost_model import ForwardCosts
 from engine.hardware import cpu_summary
 from engine.models import ModelRunner
+from engine.quantization import KERNELS_VERSION
 
 logger = logging.getLogger("amusd.engine")
 CONTEXT_TOKENS = 64
@@ -35,7 +36,8 @@ def cost_key(model_dir: str, **settings) -> dict:
     if os.path.isfile(config_path):
         with open(config_path, "rb") as f:
             config_hash = hashlib.sha1(f.read()).hexdigest()
-    return {"cpu": cpu_summary(), "torch": torch.__version__, "model_dir": os.path.abspath(model_dir),
+    return {"cpu": cpu_summary(), "torch": torch.__version__, "kernels": KERNELS_VERSION,
+            "model_dir": os.path.abspath(model_dir),
             "model_config": config_hash, **settings}
 
 

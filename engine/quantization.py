@@ -32,10 +32,12 @@ import torch
 from torch import nn
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4")
+KERNELS_VERSION = 2                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 _INT4_INNER_K_TILES = 2
 _DIGIT_MAX = 63                     # 7-bit signed digit
 _DIGIT_BASE = 2 * _DIGIT_MAX        # second digit resolution: 1/126 of the first's step
+FUSABLE_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))   # Llama / Qwen / Mistral names
 
 
 class Int8DynamicLinear(nn.Module):
@@ -149,13 +151,76 @@ def make_quantized(linear: nn.Linear, scheme: str) -> nn.Module | None:
     return Int8DynamicLinear(linear, num_digits=2 if scheme == "int8" else 1)
 
 
+class SharedInputGroup:
+    """Linears that always read the same input (q/k/v, gate/up) run as one kernel call.
+
+    The first member called computes the fused output for that input tensor; the others slice it.
+    Keyed on the input tensor object itself, so a new forward (a new tensor) always recomputes.
+    """
+
+    def __init__(self, fused: nn.Module):
+        self.fused = fused
+        self._last_input: torch.Tensor | None = None
+        self._last_output: torch.Tensor | None = None
+
+    def output_for(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._last_input:
+            self._last_output = self.fused(x)
+            self._last_input = x
+        return self._last_output
+
+
+class SliceOfGroup(nn.Module):
+    """One member of a SharedInputGroup: columns [start, stop) of the fused output."""
+
+    def __init__(self, group: SharedInputGroup, start: int, stop: int):
+        super().__init__()
+        self.group_fused = group.fused           # registered once per member: shared parameters
+        self._group, self.start, self.stop = group, start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output_for(x)[..., self.start:self.stop]
+
+
+def _fuse_shared_inputs(model: nn.Module, scheme: str) -> int:
+    """Replace each q/k/v and gate/up set of nn.Linear siblings by slices of one quantized linear."""
+    num_replaced = 0
+    for parent in list(model.modules()):
+        for names in FUSABLE_SIBLINGS:
+            members = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(m, nn.Linear) for m in members):
+                continue
+            if len({m.in_features for m in members}) != 1 or any(m.weight.is_cuda for m in members):
+                continue
+            has_bias = [m.bias is not None for m in members]
+            combined = nn.Linear(members[0].in_features, sum(m.out_features for m in members), bias=any(has_bias))
+            with torch.no_grad():
+                combined.weight.copy_(torch.cat([m.weight.float() for m in members]))
+                if any(has_bias):
+                    combined.bias.copy_(torch.cat([m.bias.float() if m.bias is not None else
+                                                   torch.zeros(m.out_features) for m in members]))
+            fused = make_quantized(combined, scheme)
+            if fused is None:
+                continue
+            group, start = SharedInputGroup(fused), 0
+            for name, member in zip(names, members):
+                setattr(parent, name, SliceOfGroup(group, start, start + member.out_features))
+                start += member.out_features
+            num_replaced += len(members)
+    return num_replaced
+
+
 def quantize_model(model: nn.Module, scheme: str) -> int:
-    """Replace every nn.Linear the kernels support (lm_head too) in place; return how many."""
+    """Replace every nn.Linear the kernels support (lm_head too) in place; return how many.
+
+    CPU int8 schemes fuse q/k/v and gate/up into one call each (one activation quantization, one
+    kernel launch, a wider matmul); each output row still depends on its own input row only.
+    """
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {scheme!r}")
     if scheme == "none":
         return 0
-    num_replaced = 0
+    num_replaced = _fuse_shared_inputs(model, scheme) if scheme in ("int8", "int8-fast") else 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
