@@ -277,3 +277,26 @@ def test_datasets(tmp_path):
         load_prompts(str(path))
     assert cli.main(["--dataset", str(path)]) == 2
     assert cli.main(["--dataset", "chat", "--concurrency", "0"]) == 2
+
+
+def test_peer_url_runs_the_same_requests_against_a_second_server(tmp_path, capsys):
+    with FakeServer(FakeBehavior(num_tokens=6, token_delay_s=0.001)) as ours, \
+            FakeServer(FakeBehavior(num_tokens=6, token_delay_s=0.03)) as peer:
+        exit_code, report = run_cli(ours.base_url, tmp_path, "--num-requests", "4", "--concurrency", "1",
+                                    "--peer-url", peer.base_url)
+    assert exit_code == 0
+    assert report["num_completed"] == 4 and report["peer"]["num_completed"] == 4
+    assert report["peer"]["config"]["base_url"] == peer.base_url
+    assert report["peer"]["mean_token_ms"] > report["mean_token_ms"] > 0      # the slower fake is the peer
+    out = capsys.readouterr().out
+    assert f"vs peer {peer.base_url}: mean token time" in out
+
+
+def test_peer_measure_completions_counts_usage_tokens_and_times():
+    from loadtest.peer import measure_completions
+    with FakeServer(FakeBehavior(num_tokens=5)) as fake:
+        samples = measure_completions(fake.base_url, ["a", "b"], max_tokens=8)
+    assert len(samples) == 2
+    for sample in samples:
+        assert sample["num_usage_tokens"] == 5 and len(sample["chunk_times_s"]) == 5
+        assert 0 < sample["ttft_s"] <= sample["elapsed_s"] and sample["text"]
