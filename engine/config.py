@@ -63,6 +63,7 @@ class EngineConfig:
     max_verify_tokens: int = 8            # most proposed tokens checked in one verify forward (cost model's cap)
     acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
+    prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
     draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
     draft_vocab_size: int = 0             # async/sync draft: score only ids < N plus the prompt's ids (0 = all)
     verify_lookup_ngram: int = 3          # async: verify appends n-gram guesses after the draft's tokens (0 = off)
@@ -96,7 +97,9 @@ class EngineConfig:
         for name in ("verify_device", "draft_device"):
             if not _DEVICE_RE.match(getattr(self, name)):
                 raise ConfigError(f"{name} must be 'cpu' or 'cuda:N', got {getattr(self, name)!r}")
-        for name in ("verify_cores", "draft_cores"):
+        for name in ("verify_cores", "draft_cores", "prefill_cores"):
+            if getattr(self, name) == "auto":
+                continue
             try:
                 _parse_cores(getattr(self, name))
             except ValueError as exc:
@@ -128,6 +131,16 @@ class EngineConfig:
 
     def cores_of(self, role: str) -> tuple[int, ...] | None:
         return _parse_cores(self.verify_cores if role == "verify" else self.draft_cores)
+
+    @property
+    def verify_prefill_cores(self) -> tuple[int, ...] | None:
+        """Cores the CPU verify worker prefills on: the draft's core is mostly idle while it does."""
+        if self.prefill_cores != "auto":
+            return _parse_cores(self.prefill_cores)
+        if self.verify_device != "cpu" or self.cores_of("verify") is None:
+            return None
+        draft_cores = self.cores_of("draft") if self.draft_model and self.draft_device == "cpu" else None
+        return tuple(sorted(set(self.cores_of("verify")) | set(draft_cores or ())))
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,7 @@ Runs inside the worker processes (imports torch).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -90,6 +91,33 @@ def check_same_vocab(verify_model, draft_model, verify_dir: str, draft_dir: str)
         raise ConfigError(f"draft tokenizer ({draft_dir}) differs from verify tokenizer ({verify_dir})")
 
 
+class PrefillPlacement:
+    """Prefill on more cores than decode: threads and affinity widened around each prefill.
+
+    Linux affinity is per thread: the calling thread is moved to `prefill_cores` and torch gets one
+    thread per core, then both are put back (its extra OpenMP thread then sleeps).
+    """
+
+    def __init__(self, prefill_cores: tuple[int, ...]):
+        self.prefill_cores = set(prefill_cores)
+
+    @contextlib.contextmanager
+    def widened(self):
+        decode_cores, decode_threads = os.sched_getaffinity(0), torch.get_num_threads()
+        cores = (self.prefill_cores & set(range(os.cpu_count() or 1))) or decode_cores
+        try:
+            os.sched_setaffinity(0, cores)
+        except OSError:
+            yield
+            return
+        torch.set_num_threads(len(cores))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(decode_threads)
+            os.sched_setaffinity(0, decode_cores)
+
+
 class ModelRunner:
     """One causal LM with a DynamicCache holding KV for a prefix of one sequence.
 
@@ -107,6 +135,7 @@ class ModelRunner:
         self.vocab_size = num_output_rows(model)
         self.cached_ids: list[int] = []                 # the tokens whose KV the cache holds
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_placement: PrefillPlacement | None = None     # set by the verify worker on CPU
         self.head_ids: torch.Tensor | None = None      # restricted output vocabulary (draft only)
         self.head_weight: torch.Tensor | None = None
 
@@ -171,8 +200,11 @@ class ModelRunner:
                 break
             num_reused += 1
         self.crop(num_reused)
-        for start in range(num_reused, len(target), self.prefill_chunk_tokens):
-            ids = torch.as_tensor(target[start:start + self.prefill_chunk_tokens], dtype=torch.long, device=self.device)
-            self.model.model(input_ids=ids.view(1, -1), past_key_values=self.cache, use_cache=True)
-            self.cached_ids.extend(target[start:start + self.prefill_chunk_tokens])
+        placement = self.prefill_placement.widened() if self.prefill_placement else contextlib.nullcontext()
+        with placement:
+            for start in range(num_reused, len(target), self.prefill_chunk_tokens):
+                chunk = target[start:start + self.prefill_chunk_tokens]
+                ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device).view(1, -1)
+                self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+                self.cached_ids.extend(chunk)
         return num_reused

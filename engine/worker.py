@@ -106,6 +106,10 @@ class VerifyWorker:
         budget = SpeculationBudget(verify.costs, config.max_verify_tokens, config.num_speculative_tokens,
                                    draft_costs, config.acceptance_prior)
         self.verifier = Verifier(verify.runner, budget)
+        prefill_cores = config.verify_prefill_cores
+        if prefill_cores and set(prefill_cores) != set(config.cores_of("verify") or ()):
+            from engine.models import PrefillPlacement
+            verify.runner.prefill_placement = PrefillPlacement(prefill_cores)
         self.channel = _make_channel(config, state, peer_conn, role="verify")
         self.draft_probs = _share_draft_probs(config, peer_conn, "verify", self.verifier.runner.vocab_size)
         self.load_seconds = time.perf_counter() - start

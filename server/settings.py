@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     acceptance_prior: float = Field(_E["acceptance_prior"], description="cost model: acceptance rate assumed "
                                     "before any is observed")
     prefill_chunk_tokens: int = Field(_E["prefill_chunk_tokens"], description="longest prompt chunk per forward")
+    prefill_cores: str | None = Field(_E["prefill_cores"], description="CPU cores the verify prefills on, one "
+                                      "thread each (auto = verify + draft cores: the draft idles meanwhile)")
     max_draft_lead: int = Field(_E["max_draft_lead"], description="async: how far the draft may run ahead")
     max_verify_tokens: int = Field(_E["max_verify_tokens"], description="most proposed tokens per verify "
                                    "(the cost model's cap)")
@@ -111,7 +113,7 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v if v is not None else []
 
-    @field_validator("draft_model", "verify_cores", "draft_cores", "gguf_file", "draft_gguf_file",
+    @field_validator("draft_model", "verify_cores", "draft_cores", "prefill_cores", "gguf_file", "draft_gguf_file",
                      "served_model_name", mode="before")
     @classmethod
     def _none_words(cls, v: Any) -> Any:

@@ -114,7 +114,8 @@ def test_shipped_configs_are_valid(name):
     s = load_settings(["--config", str(REPO / "configs" / name)])
     s.to_engine_config()
     if name == "default.yaml":
-        assert (s.model, s.draft_model, s.mode, s.dtype) == ("default", "default", "async", "bfloat16")
+        assert (s.model, s.draft_model, s.mode, s.dtype) == ("default", "default", "auto", "auto")
+        assert (s.verify_quantization, s.draft_quantization, s.num_speculative_tokens) == ("auto", "auto", 0)
         assert (s.verify_cores, s.draft_cores) == ("0", "1")
     else:
         assert s.model.startswith("tiny-random/") and s.dtype in ("float32", "float64")
