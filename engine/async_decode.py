@@ -78,17 +78,17 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
             seq.finish_reason = "cancelled"
             break
         c = seq.num_committed
-        max_verify_tokens = verifier.budget.num_to_check()       # cost model: worth checking now
+        num_to_check = verifier.budget.num_to_check()            # cost model: worth checking now
         draft_ids: list[int] = []
         if state.get(Ctrl.DRAFT_EPOCH) == epoch:
             num_drafted = state.get(Ctrl.NUM_DRAFTED)
             stats.sum_draft_lead += max(0, num_drafted - c)
             if num_drafted > c:
-                draft_ids = channel.read_for_verify(c, min(num_drafted, c + max_verify_tokens))
+                draft_ids = channel.read_for_verify(c, min(num_drafted, c + num_to_check))
         guess_ids: list[int] = []
-        if lookup_ngram and len(draft_ids) < max_verify_tokens:
+        if lookup_ngram and len(draft_ids) < num_to_check:
             context = np.asarray(seq.token_ids + draft_ids)
-            guess_ids = propose_from_ngrams(context, lookup_ngram, budget.num_guesses(max_verify_tokens - len(draft_ids)))
+            guess_ids = propose_from_ngrams(context, lookup_ngram, budget.num_guesses(num_to_check - len(draft_ids)))
         num_lookup_accepted = stats.num_lookup_accepted
         q_rows = None
         if is_rejection and draft_ids:

@@ -133,10 +133,14 @@ class SpeculationBudget:
         self.acceptance = AcceptanceEstimator(acceptance_prior)
 
     def num_to_check(self) -> int:
-        """Async verify: proposals (draft tokens + n-gram guesses) worth checking in one forward."""
+        """Async verify: proposals (draft tokens + n-gram guesses) worth checking in one forward.
+
+        At least one: the draft's tokens cost the verify only c(2) - c(1), and without a probe the
+        acceptance estimate could never recover once it says "check nothing".
+        """
         if self.num_fixed or self.verify is None:
             return self.num_fixed or self.max_tokens
-        return best_verify_budget(self.verify, self.acceptance.rate, self.max_tokens)
+        return max(1, best_verify_budget(self.verify, self.acceptance.rate, self.max_tokens))
 
     def num_to_draft(self) -> int:
         """Sync: draft tokens per round (at least 1)."""

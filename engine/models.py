@@ -140,7 +140,8 @@ class ModelRunner:
         self.cache = DynamicCache(config=model.config)
         self.lm_head = model.get_output_embeddings()
         self.vocab_size = num_output_rows(model)
-        self.cached_ids: list[int] = []                 # the tokens whose KV the cache holds
+        self._cached_ids: list[int] = []                # the tokens whose KV the cache holds ...
+        self._unsynced_ids: list[torch.Tensor] = []      # ... and device tensors not yet copied to host
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_placement: PrefillPlacement | None = None     # set by the verify worker on CPU
         self.head_ids: torch.Tensor | None = None      # restricted output vocabulary (draft only)
@@ -165,7 +166,15 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.cache = self._cache_cls(config=self.model.config)
-        self.cached_ids = []
+        self._cached_ids, self._unsynced_ids = [], []
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """Token ids whose KV the cache holds (device tensors are read back only when asked)."""
+        for ids in self._unsynced_ids:
+            self._cached_ids.extend(ids.tolist())
+        self._unsynced_ids.clear()
+        return self._cached_ids
 
     @property
     def num_cached(self) -> int:
@@ -183,7 +192,10 @@ class ModelRunner:
         """Append `token_ids` (list or 1-D tensor) to the cache; return logits [n, V] (or [1, V])."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(1, -1)
         hidden = self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True).last_hidden_state
-        self.cached_ids.extend(ids[0].tolist())
+        if isinstance(token_ids, torch.Tensor) and token_ids.device.type != "cpu":
+            self._unsynced_ids.append(ids[0])            # no device sync on the draft's hot path
+        else:
+            self._cached_ids.extend(ids[0].tolist())
         if last_only:
             hidden = hidden[:, -1:]
         if self.head_ids is None:
@@ -214,5 +226,5 @@ class ModelRunner:
                 chunk = target[start:start + self.prefill_chunk_tokens]
                 ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device).view(1, -1)
                 self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
-                self.cached_ids.extend(chunk)
+                self._cached_ids.extend(chunk)
         return num_reused

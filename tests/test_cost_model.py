@@ -62,7 +62,8 @@ def test_speculation_budget_fixed_setting_wins():
     adaptive = SpeculationBudget(FLAT, max_tokens=8, draft=ForwardCosts((0.02,)))
     for _ in range(200):
         adaptive.record(4, 0)        # nothing ever accepted
-    assert adaptive.num_to_check() <= 1 and adaptive.num_to_draft() == 1
+    assert adaptive.num_to_check() == 1 and adaptive.num_to_draft() == 1     # a one-token probe, never 0
+    assert SpeculationBudget(LINEAR, max_tokens=8).num_to_check() == 1
 
 
 @pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
