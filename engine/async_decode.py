@@ -100,12 +100,13 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
         num_accepted = len(new_ids) - 1
         state.committed_tokens[c:c + len(new_ids)] = new_ids
         state.set(Ctrl.NUM_COMMITTED, c + len(new_ids))
-        # Does the draft's token at the last committed position (the correction/bonus) agree?
+        # Does the draft hold every committed token it was not checked against: the n-gram guesses
+        # accepted past its tokens (c + len(draft_ids) .. last_pos - 1) and the correction/bonus?
         last_pos = c + num_accepted
         is_rejected = num_accepted < len(draft_ids)
         is_confirmed = (not is_rejected and state.get(Ctrl.DRAFT_EPOCH) == epoch
                         and state.get(Ctrl.NUM_DRAFTED) > last_pos
-                        and channel.token_at(last_pos) == new_ids[-1])
+                        and channel.read_for_verify(c + len(draft_ids), last_pos + 1) == new_ids[len(draft_ids):])
         if not is_confirmed:
             epoch += 1
             state.set(Ctrl.EPOCH, epoch)

@@ -63,6 +63,7 @@ class EngineConfig:
     max_verify_tokens: int = 8            # most proposed tokens checked in one verify forward (cost model's cap)
     acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
+    prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
     prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
     draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
     draft_vocab_size: int = 0             # async/sync draft: score only ids < N plus the prompt's ids (0 = all)
@@ -97,6 +98,8 @@ class EngineConfig:
         for name in ("verify_device", "draft_device"):
             if not _DEVICE_RE.match(getattr(self, name)):
                 raise ConfigError(f"{name} must be 'cpu' or 'cuda:N', got {getattr(self, name)!r}")
+            if getattr(self, name) == "cuda":
+                setattr(self, name, "cuda:0")            # the workers compare and pin device strings
         for name in ("verify_cores", "draft_cores", "prefill_cores"):
             if getattr(self, name) == "auto":
                 continue
@@ -115,6 +118,14 @@ class EngineConfig:
         for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+
+    def warnings(self) -> list[str]:
+        """Settings that work but probably do not do what the user wants."""
+        found = []
+        if self.uses_draft_worker and self.verify_device == self.draft_device and self.verify_device != "cpu":
+            found.append(f"draft and verify workers share {self.verify_device}: without CUDA MPS their kernels "
+                         "time-slice rather than run concurrently, so async speculation gains little")
+        return found
 
     @property
     def uses_draft_worker(self) -> bool:

@@ -123,14 +123,20 @@ class AcceptanceEstimator:
 class SpeculationBudget:
     """How many proposed tokens the next verify step should check (a fixed setting wins).
 
-    One per worker, kept across requests so the acceptance estimate carries over.
+    One per worker. The acceptance estimate restarts from the prior with every request, so a
+    request's proposal sizes depend on that request alone (in `sync` a seeded request is then
+    reproducible, rejection sampling included).
     """
 
     def __init__(self, verify: ForwardCosts | None, max_tokens: int, num_fixed: int = 0,
                  draft: ForwardCosts | None = None, acceptance_prior: float = DEFAULT_ACCEPTANCE_PRIOR):
         self.verify, self.draft = verify, draft
         self.max_tokens, self.num_fixed = max_tokens, num_fixed
+        self.acceptance_prior = acceptance_prior
         self.acceptance = AcceptanceEstimator(acceptance_prior)
+
+    def start_request(self) -> None:
+        self.acceptance = AcceptanceEstimator(self.acceptance_prior)
 
     def num_to_check(self) -> int:
         """Async verify: proposals (draft tokens + n-gram guesses) worth checking in one forward.

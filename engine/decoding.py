@@ -59,7 +59,7 @@ def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int
 class Verifier:
     """Runs verify steps for one sequence on the verify model and commits their tokens.
 
-    `budget` (kept across requests) learns the acceptance rate from every step and says how many
+    `budget` learns the request's acceptance rate from every step and says how many
     proposed tokens the next step should check (engine/cost_model.py).
     """
 
@@ -68,6 +68,7 @@ class Verifier:
         self.budget = budget
 
     def prefill(self, seq: Sequence) -> None:
+        self.budget.start_request()
         start = time.perf_counter()
         seq.stats.num_cached_prompt_tokens = self.runner.prefill(seq.token_ids)
         seq.stats.prefill_s = time.perf_counter() - start

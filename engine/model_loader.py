@@ -44,7 +44,7 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     quantization, quantization_reason = resolve_quantization(configured_quantization, device, dtype, role)
     path, gguf = resolve_model_spec(spec, config.cache_dir, gguf_file)
     model = load_causal_lm(path, gguf, device, dtype, quantization)
-    runner = ModelRunner(model, device, config.prefill_chunk_tokens)
+    runner = ModelRunner(model, device, config.prefill_chunk_tokens, config.prefix_caching)
     import torch
     threads = torch.get_num_threads()
     key = cost_key(path, role=role, gguf=gguf, dtype=dtype, quantization=quantization, device=device,

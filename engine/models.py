@@ -132,7 +132,7 @@ class ModelRunner:
     last one, which is the next forward's first input ("pending token").
     """
 
-    def __init__(self, model, device: str, prefill_chunk_tokens: int = 512):
+    def __init__(self, model, device: str, prefill_chunk_tokens: int = 512, is_prefix_cached: bool = True):
         from transformers import DynamicCache
         self.model = model
         self.device = torch.device(device)
@@ -143,6 +143,7 @@ class ModelRunner:
         self._cached_ids: list[int] = []                # the tokens whose KV the cache holds ...
         self._unsynced_ids: list[torch.Tensor] = []      # ... and device tensors not yet copied to host
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.is_prefix_cached = is_prefix_cached
         self.prefill_placement: PrefillPlacement | None = None     # set by the verify worker on CPU
         self.head_ids: torch.Tensor | None = None      # restricted output vocabulary (draft only)
         self.head_weight: torch.Tensor | None = None
@@ -213,6 +214,8 @@ class ModelRunner:
         turn is not computed again. The rest is fed in chunks of `prefill_chunk_tokens`.
         """
         target = list(token_ids[:-1])
+        if not self.is_prefix_cached:
+            self.reset()
         num_reused = 0
         for cached, wanted in zip(self.cached_ids, target):
             if cached != wanted:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import platform
 import os
 import queue
 import secrets
@@ -44,6 +45,21 @@ logger = logging.getLogger("amusd.engine")
 
 class EngineStartError(RuntimeError):
     """The workers could not be started; the message says why."""
+
+
+X86_64_MACHINES = ("x86_64", "amd64", "AMD64")
+
+
+def check_memory_ordering(config: EngineConfig, machine: str | None = None) -> None:
+    """Refuse async on hosts whose stores may become visible out of order (aarch64 & co).
+
+    The async protocol (engine/async_decode.py) publishes tokens, then counters, with plain stores
+    into shared memory; x86-64 (TSO) keeps that order for other processes, weaker models do not.
+    """
+    machine = machine or platform.machine()
+    if config.uses_draft_worker and machine not in X86_64_MACHINES:
+        raise EngineStartError(f"mode {config.mode!r} needs an x86-64 host: its shared-memory protocol relies on "
+                               f"x86-64 store ordering and this host is {machine}; use --mode ar or sync here")
 
 
 class _Worker:
@@ -65,6 +81,9 @@ class EngineSupervisor:
     def __init__(self, config: EngineConfig):
         self.requested_mode = config.mode
         self.mode_reason = "set in the configuration"
+        if config.mode == "auto" and platform.machine() not in X86_64_MACHINES:
+            self.requested_mode, self.mode_reason = "sync", "mode auto: async needs x86-64 store ordering"
+            config = config.replace(mode="sync")
         self.config = config.replace(mode="async") if config.mode == "auto" else config
         self._ctx = mp.get_context("spawn")
         self._workers = self._make_workers()
@@ -87,6 +106,9 @@ class EngineSupervisor:
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        check_memory_ordering(self.config)
+        for warning in self.config.warnings():
+            logger.warning(warning)
         self._state = SharedState.create(self.config.max_model_len)
         self._out_queue = self._ctx.Queue()
         self._peer_conns = self._ctx.Pipe()

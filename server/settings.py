@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     acceptance_prior: float = Field(_E["acceptance_prior"], description="cost model: acceptance rate assumed "
                                     "before any is observed")
     prefill_chunk_tokens: int = Field(_E["prefill_chunk_tokens"], description="longest prompt chunk per forward")
+    prefix_caching: bool = Field(_E["prefix_caching"], description="reuse the KV of the prefix shared with "
+                                 "the previous request (system prompt, earlier turns)")
     prefill_cores: str | None = Field(_E["prefill_cores"], description="CPU cores the verify prefills on, one "
                                       "thread each (auto = verify + draft cores: the draft idles meanwhile)")
     max_draft_lead: int = Field(_E["max_draft_lead"], description="async: how far the draft may run ahead")

@@ -125,7 +125,8 @@ def test_shipped_configs_are_valid(name):
 
 def test_metric_names_match_the_deploy_list():
     """Every metric in docker/prometheus/exported-metrics.txt is exported, with its labels."""
-    health = lambda: {"workers": {r: {"is_alive": True, "num_restarts": 1, "heartbeat_age_s": 0.1}
+    health = lambda: {"workers": {r: {"is_alive": True, "num_restarts": 1, "heartbeat_age_s": 0.1,
+                                      "forward_costs_s": [0.01, 0.012]}
                                   for r in ("verify", "draft")}}
     m = ServerMetrics(health=health)
     m.record_finished("stop", 1.0, RequestStats(num_prompt_tokens=3, num_generated_tokens=5, num_verify_steps=2,

@@ -99,3 +99,16 @@ def test_health_and_metrics_show_dtype_quantization_and_costs(server):
     metrics = httpx.get(server.url("/metrics"), timeout=10).text
     assert 'amusd:forward_cost_seconds{num_tokens="1",worker="verify"}' in metrics
     assert "amusd:spec_decode_budget_tokens_count" in metrics
+
+
+def test_config_edge_cases_from_two_gpu_deployments():
+    from engine.config import EngineConfig
+    from engine.supervisor import EngineStartError, check_memory_ordering
+    config = EngineConfig(verify_model="v", draft_model="d", mode="async", draft_device="cuda", verify_device="cuda")
+    assert (config.draft_device, config.verify_device) == ("cuda:0", "cuda:0")     # "cuda" alone crashed a worker
+    assert any("share cuda:0" in w for w in config.warnings())
+    assert not EngineConfig(verify_model="v", draft_model="d", draft_device="cuda:0", verify_device="cuda:1").warnings()
+    with pytest.raises(EngineStartError, match="needs an x86-64 host"):
+        check_memory_ordering(EngineConfig(verify_model="v", draft_model="d", mode="async"), machine="aarch64")
+    check_memory_ordering(EngineConfig(verify_model="v", mode="ar"), machine="aarch64")           # ar is fine
+    check_memory_ordering(EngineConfig(verify_model="v", draft_model="d", mode="async"), machine="x86_64")
