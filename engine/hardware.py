@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import platform
 
+X86_64_MACHINES = ("x86_64", "amd64", "AMD64")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 SIMD_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
 
@@ -74,3 +75,21 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str) 
     if role == "draft":
         return "int8-fast", "CPU draft: the fastest scheme (its errors only cost acceptance)"
     return "int8", "CPU verify: W8A8 with per-token ~14-bit activations (int8 weight-only accuracy)"
+
+
+def has_ordered_stores(machine: str | None = None) -> bool:
+    """x86-64 (TSO): plain stores become visible to other processes in program order."""
+    return (machine or platform.machine()) in X86_64_MACHINES
+
+
+def check_memory_ordering(config, machine: str | None = None) -> None:
+    """Refuse async where stores may become visible out of order (aarch64 & co): ConfigError.
+
+    The async protocol (engine/async_decode.py) publishes tokens, then counters, with plain stores
+    into shared memory; x86-64 keeps that order for other processes, weaker memory models do not.
+    """
+    from engine.config import ConfigError
+    if config.uses_draft_worker and not has_ordered_stores(machine):
+        raise ConfigError(f"mode {config.mode!r} needs an x86-64 host: its shared-memory protocol relies on "
+                          f"x86-64 store ordering and this host is {machine or platform.machine()}; "
+                          "use --mode ar or sync here")

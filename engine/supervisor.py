@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import platform
-import os
 import queue
 import secrets
 import threading
@@ -35,9 +33,11 @@ import time
 from typing import Callable
 
 from engine.config import EngineConfig
-from engine.messages import (EngineOutput, GenerationRequest, RequestDone, Shutdown, StartRequest, TokensOut,
-                             WorkerFailed, WorkerReady)
+from engine.hardware import check_memory_ordering, has_ordered_stores
+from engine.messages import (EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut, WorkerFailed,
+                             WorkerReady)
 from engine.shared_state import Clock, Ctrl, SharedState
+from engine.worker_handle import WorkerHandle
 
 POLL_S = 0.02
 logger = logging.getLogger("amusd.engine")
@@ -47,41 +47,11 @@ class EngineStartError(RuntimeError):
     """The workers could not be started; the message says why."""
 
 
-X86_64_MACHINES = ("x86_64", "amd64", "AMD64")
-
-
-def check_memory_ordering(config: EngineConfig, machine: str | None = None) -> None:
-    """Refuse async on hosts whose stores may become visible out of order (aarch64 & co).
-
-    The async protocol (engine/async_decode.py) publishes tokens, then counters, with plain stores
-    into shared memory; x86-64 (TSO) keeps that order for other processes, weaker models do not.
-    """
-    machine = machine or platform.machine()
-    if config.uses_draft_worker and machine not in X86_64_MACHINES:
-        raise EngineStartError(f"mode {config.mode!r} needs an x86-64 host: its shared-memory protocol relies on "
-                               f"x86-64 store ordering and this host is {machine}; use --mode ar or sync here")
-
-
-class _Worker:
-    """Handle on one worker process."""
-
-    def __init__(self, role: str):
-        self.role = role
-        self.process: mp.Process | None = None
-        self.cmd_queue = None
-        self.num_restarts = 0
-        self.ready: WorkerReady | None = None
-
-    @property
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-
 class EngineSupervisor:
     def __init__(self, config: EngineConfig):
         self.requested_mode = config.mode
         self.mode_reason = "set in the configuration"
-        if config.mode == "auto" and platform.machine() not in X86_64_MACHINES:
+        if config.mode == "auto" and not has_ordered_stores():
             self.requested_mode, self.mode_reason = "sync", "mode auto: async needs x86-64 store ordering"
             config = config.replace(mode="sync")
         self.config = config.replace(mode="async") if config.mode == "auto" else config
@@ -134,7 +104,7 @@ class EngineSupervisor:
                 self._state.set(Ctrl.CANCEL_REQUEST_ID, self.running_request_id)
             self._thread.join(timeout_s)
         for worker in self._workers.values():
-            self._stop_worker(worker, timeout_s)
+            worker.stop(timeout_s)
         while True:
             try:
                 request, on_output = self._fifo.get_nowait()
@@ -151,22 +121,22 @@ class EngineSupervisor:
             self._out_queue.cancel_join_thread()
             self._out_queue = None
 
-    def _make_workers(self) -> dict[str, "_Worker"]:
+    def _make_workers(self) -> dict[str, "WorkerHandle"]:
         roles = ["verify", "draft"] if self.config.uses_draft_worker else ["verify"]
-        return {role: _Worker(role) for role in roles}
+        return {role: WorkerHandle(role) for role in roles}
 
     def _settle_mode(self) -> None:
         """`mode: auto`: both workers measured their forward costs; keep async or restart as ar / sync."""
         from engine.cost_model import ForwardCosts, choose_mode
-        verify_costs = ForwardCosts(tuple(self._workers["verify"].ready.runtime["forward_costs_s"]))
-        draft_costs = ForwardCosts(tuple(self._workers["draft"].ready.runtime["forward_costs_s"]))
-        plan = choose_mode(verify_costs, draft_costs, self.config.acceptance_prior, self.config.max_verify_tokens)
+        verify, draft = (ForwardCosts(tuple(self._workers[role].ready.runtime["forward_costs_s"]))
+                         for role in ("verify", "draft"))
+        plan = choose_mode(verify, draft, self.config.acceptance_prior, self.config.max_verify_tokens)
         self.mode_reason = f"mode auto chose {plan.mode}: {plan.reason}"
         logger.info(self.mode_reason)
         if plan.mode == "async":
             return
         for worker in self._workers.values():
-            self._stop_worker(worker, 10.0)
+            worker.stop(10.0)
         self.config = self.config.replace(mode=plan.mode)
         self._workers = self._make_workers()
         for worker in self._workers.values():
@@ -221,14 +191,14 @@ class EngineSupervisor:
             "fatal_error": self.fatal_error,
             "mode": self.config.mode,
             "mode_reason": self.mode_reason,
-            "workers": {w.role: {"is_alive": w.is_alive, "pid": w.process.pid if w.process else None,
+            "workers": {w.role: {"is_alive": w.is_alive, "pid": w.pid,
                                  "num_restarts": w.num_restarts, "heartbeat_age_s": round(self._heartbeat_age(w), 3),
                                  **(w.ready.runtime if w.ready is not None else {})}
                         for w in self._workers.values()},
         }
 
     def worker_pids(self) -> dict[str, int | None]:
-        return {w.role: (w.process.pid if w.process else None) for w in self._workers.values()}
+        return {w.role: w.pid for w in self._workers.values()}
 
     # ---- scheduler thread ------------------------------------------------------------
 
@@ -302,15 +272,15 @@ class EngineSupervisor:
             return True
         return False
 
-    def _recover(self, worker: _Worker, rid: int | None) -> None:
+    def _recover(self, worker: WorkerHandle, rid: int | None) -> None:
         """Kill the failed worker, stop the running request on the other, restart the failed one."""
         self._is_restarting = True
         try:
-            self._kill(worker)
+            worker.kill()
             if self.config.has_peer_buffers:
                 # The workers exchanged buffers at start-up (CUDA IPC / q ring): restart both, new pipe.
                 for other in self._workers.values():
-                    self._kill(other)
+                    other.kill()
                 self._peer_conns = self._ctx.Pipe()
             state = self._state
             if rid is not None:
@@ -364,18 +334,12 @@ class EngineSupervisor:
 
     # ---- process plumbing ---------------------------------------------------------------
 
-    def _spawn(self, worker: _Worker) -> None:
-        from engine.worker import worker_main   # torch-free at import: torch loads in the child
-        worker.ready = None
-        worker.cmd_queue = self._ctx.Queue()
+    def _spawn(self, worker: WorkerHandle) -> None:
         peer = self._peer_conns[0] if worker.role == "verify" else self._peer_conns[1]
         self._state.clock[Clock.VERIFY_HEARTBEAT if worker.role == "verify" else Clock.DRAFT_HEARTBEAT] = time.monotonic()
-        worker.process = self._ctx.Process(
-            target=worker_main, name=f"amusd-{worker.role}", daemon=True,
-            args=(worker.role, self.config, self._state.name, worker.cmd_queue, self._out_queue, peer, os.getpid()))
-        worker.process.start()
+        worker.spawn(self._ctx, self.config, self._state.name, self._out_queue, peer)
 
-    def _await_ready(self, workers: list[_Worker]) -> None:
+    def _await_ready(self, workers: list[WorkerHandle]) -> None:
         deadline = time.monotonic() + self.config.worker_start_timeout_s
         while any(w.ready is None for w in workers):
             if self._is_stopping and self._thread is not None:
@@ -394,25 +358,7 @@ class EngineSupervisor:
             elif isinstance(msg, WorkerFailed):
                 raise EngineStartError(f"{msg.role} worker failed to start: {msg.error}")
 
-    def _heartbeat_age(self, worker: _Worker) -> float:
+    def _heartbeat_age(self, worker: WorkerHandle) -> float:
         if self._state is None or worker.ready is None:
             return 0.0
         return self._state.heartbeat_age(Clock.VERIFY_HEARTBEAT if worker.role == "verify" else Clock.DRAFT_HEARTBEAT)
-
-    def _stop_worker(self, worker: _Worker, timeout_s: float) -> None:
-        if worker.process is None:
-            return
-        if worker.is_alive:
-            try:
-                worker.cmd_queue.put(Shutdown())
-            except (ValueError, OSError):
-                pass
-            worker.process.join(timeout_s)
-        self._kill(worker)
-
-    @staticmethod
-    def _kill(worker: _Worker) -> None:
-        if worker.process is not None:
-            if worker.process.is_alive():
-                worker.process.kill()
-            worker.process.join(5)

@@ -9,7 +9,6 @@ import httpx
 import pytest
 import torch
 
-from engine.messages import GenerationRequest, SamplingParams
 from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
 
 QUANTIZED = dict(dtype="float32", verify_quantization="int8", draft_quantization="int8-fast")
@@ -102,13 +101,13 @@ def test_health_and_metrics_show_dtype_quantization_and_costs(server):
 
 
 def test_config_edge_cases_from_two_gpu_deployments():
-    from engine.config import EngineConfig
-    from engine.supervisor import EngineStartError, check_memory_ordering
+    from engine.config import ConfigError, EngineConfig
+    from engine.hardware import check_memory_ordering
     config = EngineConfig(verify_model="v", draft_model="d", mode="async", draft_device="cuda", verify_device="cuda")
     assert (config.draft_device, config.verify_device) == ("cuda:0", "cuda:0")     # "cuda" alone crashed a worker
     assert any("share cuda:0" in w for w in config.warnings())
     assert not EngineConfig(verify_model="v", draft_model="d", draft_device="cuda:0", verify_device="cuda:1").warnings()
-    with pytest.raises(EngineStartError, match="needs an x86-64 host"):
+    with pytest.raises(ConfigError, match="needs an x86-64 host"):
         check_memory_ordering(EngineConfig(verify_model="v", draft_model="d", mode="async"), machine="aarch64")
     check_memory_ordering(EngineConfig(verify_model="v", mode="ar"), machine="aarch64")           # ar is fine
     check_memory_ordering(EngineConfig(verify_model="v", draft_model="d", mode="async"), machine="x86_64")
