@@ -164,10 +164,15 @@ class Drafter:
         length = n_prompt                      # draft_tokens[:length] is the draft's sequence
         pending = None                         # device tensor of the last token when not yet on host
         draft_epoch = -1
-        while state.get(Ctrl.REQUEST_ID) == rid:
+        while True:
             state.beat(Clock.DRAFT_HEARTBEAT)
             self.channel.flush()
+            # EPOCH first, then the request id: the verify ends request A (REQUEST_ID = 0) before it
+            # bumps EPOCH for request B, so an epoch read before seeing REQUEST_ID == rid is A's.
+            # (The other order could adopt B's epoch for A's tokens.)
             epoch = state.get(Ctrl.EPOCH)
+            if state.get(Ctrl.REQUEST_ID) != rid:
+                break
             if epoch != draft_epoch:
                 start = time.perf_counter()
                 length = self._reconcile(length, n_prompt)

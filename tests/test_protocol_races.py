@@ -1,0 +1,96 @@
+"""The async protocol under forced interleavings (issue 11, item 2), in one process, no workers.
+
+The draft loop runs in a thread against a real SharedState and a tiny draft model; the test plays
+the verify worker by writing the shared fields itself, at the exact moment it wants: right after
+the draft has read something. That reproduces orderings that two processes hit only by chance.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engine.async_decode import Drafter  # noqa: E402
+from engine.messages import SamplingParams, StartRequest  # noqa: E402
+from engine.models import ModelRunner, load_causal_lm, resolve_model_spec  # noqa: E402
+from engine.shared_state import Ctrl, SharedState  # noqa: E402
+from engine.token_channel import HostDraftChannel  # noqa: E402
+
+REQUEST_A, REQUEST_B = 5, 6
+MAX_LEN = 256
+
+
+class SwitchAfterRequestCheck(SharedState):
+    """SharedState whose Nth read of REQUEST_ID (while it says A) is followed at once by the verify
+    finishing A and starting B: the read returns A, but every later read sees B's state."""
+
+    def __init__(self, shm, max_len, is_owner, switch_on_read: int, prompt_b: list[int]):
+        super().__init__(shm, max_len, is_owner)
+        self.num_reads = 0
+        self.switch_on_read = switch_on_read
+        self.prompt_b = prompt_b
+        self.epoch_b: int | None = None
+        self.epochs_adopted_in_a: list[int] = []
+
+    def get(self, field):
+        value = super().get(field)
+        if field == Ctrl.REQUEST_ID and value == REQUEST_A:
+            self.num_reads += 1
+            if self.num_reads == self.switch_on_read:
+                self._verify_switches_to_b()
+        return value
+
+    def set(self, field, value):
+        if field == Ctrl.DRAFT_EPOCH:
+            self.epochs_adopted_in_a.append(int(value))
+        super().set(field, value)
+
+    def _verify_switches_to_b(self):
+        # The verify's own write order (engine/async_decode.py, run_async_verify): finish A ...
+        super().set(Ctrl.REQUEST_ID, 0)
+        super().set(Ctrl.LAST_FINISHED_REQUEST_ID, REQUEST_A)
+        # ... then start B: prompt, NUM_COMMITTED, EPOCH + 1, REQUEST_ID.
+        self.committed_tokens[:len(self.prompt_b)] = self.prompt_b
+        super().set(Ctrl.NUM_COMMITTED, len(self.prompt_b))
+        self.epoch_b = super().get(Ctrl.EPOCH) + 1
+        super().set(Ctrl.EPOCH, self.epoch_b)
+        super().set(Ctrl.REQUEST_ID, REQUEST_B)
+
+
+@pytest.fixture(scope="module")
+def draft_runner(tmp_path_factory):
+    path, _ = resolve_model_spec("tiny-random/draft", str(tmp_path_factory.mktemp("cache")))
+    return ModelRunner(load_causal_lm(path, None, "cpu", "float64"), "cpu")
+
+
+def _owned_state(switch_on_read: int, prompt_b: list[int]) -> SwitchAfterRequestCheck:
+    plain = SharedState.create(MAX_LEN)
+    plain.ctrl = plain.clock = plain.committed_tokens = plain.draft_tokens = None   # hand the segment over
+    return SwitchAfterRequestCheck(plain.shm, MAX_LEN, True, switch_on_read, prompt_b)
+
+
+@pytest.mark.parametrize("switch_on_read", [1, 2, 3, 5])
+def test_draft_of_a_never_adopts_the_epoch_of_b(draft_runner, switch_on_read):
+    prompt_a, prompt_b = [10, 20, 30, 40], [7, 8, 9, 11, 12, 13]
+    state = _owned_state(switch_on_read, prompt_b)
+    try:
+        # The verify has published request A (what run_async_verify does before its prefill).
+        state.committed_tokens[:len(prompt_a)] = prompt_a
+        SharedState.set(state, Ctrl.NUM_COMMITTED, len(prompt_a))
+        SharedState.set(state, Ctrl.EPOCH, 3)
+        SharedState.set(state, Ctrl.REQUEST_ID, REQUEST_A)
+        drafter = Drafter(draft_runner, state, HostDraftChannel(state), max_draft_lead=4, max_model_len=MAX_LEN,
+                          wait_timeout_s=5)
+        request = StartRequest(REQUEST_A, prompt_a, SamplingParams(max_tokens=32))
+        thread = threading.Thread(target=drafter.run, args=(request,), daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "the draft loop of A did not notice that A finished"
+        assert state.epoch_b is not None, "the interleaving was never forced"
+        assert state.epoch_b not in state.epochs_adopted_in_a, (
+            f"the draft loop of request A set DRAFT_EPOCH to B's epoch {state.epoch_b} "
+            f"(adopted: {state.epochs_adopted_in_a}): B's verify would trust A's draft tokens")
+    finally:
+        state.close()
