@@ -45,6 +45,7 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     path, gguf = resolve_model_spec(spec, config.cache_dir, gguf_file)
     model = load_causal_lm(path, gguf, device, dtype, quantization)
     runner = ModelRunner(model, device, config.prefill_chunk_tokens, config.prefix_caching)
+    runner.is_mapping_unknown_ids = role == "draft"     # the verify may commit ids past the draft's rows
     import torch
     threads = torch.get_num_threads()
     key = cost_key(path, role=role, gguf=gguf, dtype=dtype, quantization=quantization, device=device,

@@ -75,20 +75,29 @@ def eos_token_ids_of(model) -> list[int]:
 
 
 def check_same_vocab(verify_model, draft_model, verify_dir: str, draft_dir: str) -> None:
-    """Refuse a pair that cannot share token ids."""
-    verify_vocab = num_output_rows(verify_model)
-    draft_vocab = num_output_rows(draft_model)
-    if verify_vocab != draft_vocab:
-        raise ConfigError(f"draft and verify vocabularies differ: draft {draft_dir} has {draft_vocab} "
-                          f"output rows, verify {verify_dir} has {verify_vocab}; they must share a tokenizer")
+    """Refuse a pair that cannot share token ids.
+
+    The tokenizers must be the same; output rows may differ by padding past the tokenizer
+    (Qwen2.5-7B scores 152064 rows, 0.5B 151936), as long as the draft's rows are no more than the
+    verify's and cover every tokenizer id. Rejection sampling pads the draft's q rows with zeros.
+    """
+    verify_rows, draft_rows = num_output_rows(verify_model), num_output_rows(draft_model)
+    if draft_rows > verify_rows:
+        raise ConfigError(f"the draft {draft_dir} scores {draft_rows} tokens, more than the verify {verify_dir} "
+                          f"({verify_rows}): its proposals could be ids the verify does not have")
     from transformers import AutoTokenizer
     try:
         verify_tok = AutoTokenizer.from_pretrained(verify_dir)
         draft_tok = AutoTokenizer.from_pretrained(draft_dir)
     except (OSError, ValueError):
-        return  # e.g. a GGUF-only dir: the embedding size check above is all we can do
+        if draft_rows != verify_rows:     # e.g. a GGUF-only dir: only the row counts can be compared
+            raise ConfigError(f"cannot read the tokenizers of {draft_dir} and {verify_dir}, and their output "
+                              f"rows differ ({draft_rows} vs {verify_rows}): cannot tell whether they share ids")
+        return
     if verify_tok.get_vocab() != draft_tok.get_vocab():
         raise ConfigError(f"draft tokenizer ({draft_dir}) differs from verify tokenizer ({verify_dir})")
+    if len(draft_tok) > draft_rows:
+        raise ConfigError(f"the draft {draft_dir} has {draft_rows} output rows for {len(draft_tok)} tokenizer ids")
 
 
 MIN_WIDE_PREFILL_TOKENS = 64     # shorter prefills stay on the worker's own core: the draft prefills too
@@ -140,6 +149,8 @@ class ModelRunner:
         self.cache = DynamicCache(config=model.config)
         self.lm_head = model.get_output_embeddings()
         self.vocab_size = num_output_rows(model)
+        self.num_input_rows = int(model.get_input_embeddings().num_embeddings)
+        self.is_mapping_unknown_ids = False             # draft of a padded verify: see _input_ids
         self._cached_ids: list[int] = []                # the tokens whose KV the cache holds ...
         self._unsynced_ids: list[torch.Tensor] = []      # ... and device tensors not yet copied to host
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -192,7 +203,7 @@ class ModelRunner:
     def forward(self, token_ids, last_only: bool = False) -> torch.Tensor:
         """Append `token_ids` (list or 1-D tensor) to the cache; return logits [n, V] (or [1, V])."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(1, -1)
-        hidden = self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.model.model(input_ids=self._input_ids(ids), past_key_values=self.cache, use_cache=True).last_hidden_state
         if isinstance(token_ids, torch.Tensor) and token_ids.device.type != "cpu":
             self._unsynced_ids.append(ids[0])            # no device sync on the draft's hot path
         else:
@@ -204,6 +215,13 @@ class ModelRunner:
         sub_logits = torch.nn.functional.linear(hidden[0], self.head_weight)          # [n, len(head_ids)]
         logits = sub_logits.new_full((sub_logits.shape[0], self.vocab_size), float("-inf"))
         return logits.index_copy_(1, self.head_ids, sub_logits)
+
+    def _input_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """A draft beside a verify with padded rows may be fed a padding id the verify committed: it
+        has no embedding for it, so it reads id 0 there (only its guesses suffer; the verify decides)."""
+        if not self.is_mapping_unknown_ids:
+            return ids
+        return ids.masked_fill(ids >= self.num_input_rows, 0)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int]) -> int:
@@ -228,6 +246,6 @@ class ModelRunner:
             for start in range(num_reused, len(target), self.prefill_chunk_tokens):
                 chunk = target[start:start + self.prefill_chunk_tokens]
                 ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device).view(1, -1)
-                self.model.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+                self.model.model(input_ids=self._input_ids(ids), past_key_values=self.cache, use_cache=True)
                 self._cached_ids.extend(chunk)
         return num_reused

@@ -126,8 +126,10 @@ class CoupledNoiseCache:
     """Per-request memo of coupled noise rows (position -> Tensor[V] on `device`).
 
     The verifier re-scores positions it already scored last step (bonus position, rollbacks),
-    the draft redrafts after rollbacks: each row is computed once. Rows are pure functions of
-    (seed, position), so the cache can only save time, never change a token. Keeps the
+    the draft redrafts after rollbacks: each row is computed once, on `device` (a CUDA worker
+    makes its noise on its GPU: no host work, no pageable copy per token). Rows are pure functions
+    of (seed, position, device), so the cache can only save time, never change a token; draft and
+    verify on different device kinds may differ in the last ulp, which can only cost acceptance. Keeps the
     `max_positions` highest positions seen (output positions only grow, old ones are dead).
     """
 
@@ -139,19 +141,26 @@ class CoupledNoiseCache:
         self.max_positions = max_positions
         self.rows: dict[int, Tensor] = {}
 
-    def noise(self, start_position: int, num_positions: int) -> Tensor:
-        """noise[num_positions, V] on self.device, equal to coupled_noise(seed, start_position, ...)."""
+    def noise(self, start_position: int, num_positions: int, vocab_size: int | None = None) -> Tensor:
+        """noise[num_positions, vocab_size] on self.device, equal to coupled_noise(seed, start_position, ...).
+
+        vocab_size (default: the cache's) may be smaller than the cache's: a smaller vocabulary's
+        noise is a prefix of a larger one's (a draft scoring fewer rows than a padded verify).
+        """
+        vocab_size = vocab_size or self.vocab_size
+        if vocab_size > self.vocab_size:
+            raise ValueError(f"noise for {vocab_size} tokens from a cache of {self.vocab_size}")
         positions = range(start_position, start_position + num_positions)
         missing = [p for p in positions if p not in self.rows]
         if missing:
             first, last = missing[0], missing[-1]
-            fresh = coupled_noise(self.seed, first, last - first + 1, self.vocab_size).to(self.device)
+            fresh = coupled_noise(self.seed, first, last - first + 1, self.vocab_size, self.device)
             for offset, row in enumerate(fresh):
                 self.rows.setdefault(first + offset, row)
         for old in sorted(self.rows)[:-self.max_positions]:
             if old < start_position:
                 del self.rows[old]
-        return torch.stack([self.rows[p] for p in positions])
+        return torch.stack([self.rows[p][:vocab_size] for p in positions])
 
 
 def coupled_choice(scores: Tensor, seed: int, start_position: int,
@@ -162,7 +171,7 @@ def coupled_choice(scores: Tensor, seed: int, start_position: int,
     """
     num_positions, vocab_size = scores.shape
     if noise_cache is not None:
-        noise = noise_cache.noise(start_position, num_positions)
+        noise = noise_cache.noise(start_position, num_positions, vocab_size)
     else:
         noise = coupled_noise(seed, start_position, num_positions, vocab_size)
     return torch.argmax(scores + noise.to(scores.device, scores.dtype), dim=-1)

@@ -4,6 +4,8 @@
                          layers 2..7 are near-identity, so it costs ~4x the draft
     tiny-random/draft    2 layers: the verify model's first 2 layers plus small noise (agrees mostly)
     tiny-random/wrong    an independent random 2-layer model (almost never agrees: forces rollbacks)
+    tiny-random/verify-padded   tiny-random/verify with TINY_PADDING_ROWS extra (random) embedding and
+                         output rows past the tokenizer, as Qwen2.5-7B (152064) beside 0.5B (151936)
 
 Built deterministically on first use into `<cache_dir>/tiny-random/<name>` (atomic rename, so
 two workers building at once is safe). Builds in about a second.
@@ -19,6 +21,7 @@ TINY_VERSION = "v3"
 TINY_VERIFY_LAYERS = 8
 TINY_DRAFT_LAYERS = 2
 TINY_EXTRA_LAYER_SCALE = 0.05
+TINY_PADDING_ROWS = 16
 TINY_DRAFT_NOISE = 0.01         # relative std of the draft weight noise: ~85 % greedy agreement
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -29,8 +32,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def ensure_tiny_model(spec: str, cache_dir: str) -> str:
     name = spec[len(TINY_PREFIX):]
-    if name not in ("verify", "draft", "wrong"):
-        raise ValueError(f"unknown tiny model {spec!r}: use tiny-random/verify, /draft or /wrong")
+    if name not in ("verify", "draft", "wrong", "verify-padded"):
+        raise ValueError(f"unknown tiny model {spec!r}: use tiny-random/verify, /draft, /wrong or /verify-padded")
     out_dir = os.path.join(cache_dir, "tiny-random", f"{name}-{TINY_VERSION}")
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir
@@ -97,6 +100,8 @@ def _build(name: str, out_dir: str) -> None:
             layer.mlp.down_proj.weight.mul_(TINY_EXTRA_LAYER_SCALE)
     if name == "verify":
         model = verify
+    elif name == "verify-padded":
+        model = _padded(verify, TINY_PADDING_ROWS)
     elif name == "wrong":
         model = _random_model(tokenizer, TINY_DRAFT_LAYERS, seed=1)
     else:
@@ -110,3 +115,17 @@ def _build(name: str, out_dir: str) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _padded(model, num_rows: int):
+    """The same model with `num_rows` more embedding and output rows (random, like trained padding
+    that was never hit): real tokens score as before; padding ids can still be sampled."""
+    import torch
+    gen = torch.Generator().manual_seed(11)
+    old_rows = model.config.vocab_size
+    model.resize_token_embeddings(old_rows + num_rows, mean_resizing=False)
+    with torch.no_grad():
+        for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            tail = weight[old_rows:]
+            tail.copy_(torch.randn(tail.shape, generator=gen) * weight[:old_rows].std())
+    return model

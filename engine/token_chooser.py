@@ -54,7 +54,9 @@ class TokenChooser:
         p = probs_from_scores(process_logits(logits.float(), self.params))           # [K+1, V]
         if not proposal:
             return 0, [int(sample_from_probs(p[0], self.generator))]
-        q = draft_probs.to(p.device, p.dtype)[: len(proposal)]
+        q = draft_probs.to(p.device, p.dtype)[: len(proposal)]                       # [K, V_draft]
+        if q.shape[-1] < p.shape[-1]:       # a padded verify scores more rows: the draft never proposes them
+            q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))          # [K, V]
         num_accepted, next_token = rejection_verify(torch.tensor(proposal, device=p.device), q,
                                                     p[: len(proposal) + 1], self.generator)
         return num_accepted, proposal[:num_accepted] + [next_token]
@@ -62,6 +64,7 @@ class TokenChooser:
     def _noise_cache(self, logits: torch.Tensor) -> CoupledNoiseCache | None:
         if self.params.temperature == 0:
             return None
-        if self.noise_cache is None:
+        if self.noise_cache is None or self.noise_cache.vocab_size < logits.shape[-1]:
+            # sync mode asks for draft rows and (possibly more, padded) verify rows through one chooser
             self.noise_cache = CoupledNoiseCache(self.params.seed, logits.shape[-1], logits.device)
         return self.noise_cache
