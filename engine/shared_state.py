@@ -113,3 +113,10 @@ class SharedState:
 def _supports_track() -> bool:
     import inspect
     return "track" in inspect.signature(shared_memory.SharedMemory.__init__).parameters
+
+
+def release_draft(state: SharedState, request_id: int) -> None:
+    """The supervisor's one write of verify-owned fields, made only once the verify process is dead
+    (so there is still a single writer): end `request_id` as the verify would, freeing the draft."""
+    state.set(Ctrl.REQUEST_ID, 0)
+    state.set(Ctrl.LAST_FINISHED_REQUEST_ID, request_id)

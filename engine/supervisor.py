@@ -24,6 +24,7 @@ the engine failed (every request then gets an error; `fatal_error` says why).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import queue
@@ -36,7 +37,7 @@ from engine.config import EngineConfig
 from engine.hardware import check_memory_ordering, has_ordered_stores
 from engine.messages import (EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut, WorkerFailed,
                              WorkerReady)
-from engine.shared_state import Clock, Ctrl, SharedState
+from engine.shared_state import Clock, Ctrl, SharedState, release_draft
 from engine.worker_handle import WorkerHandle
 
 POLL_S = 0.02
@@ -59,14 +60,14 @@ class EngineSupervisor:
         self._workers = self._make_workers()
         self._state: SharedState | None = None
         self._out_queue = None
-        self._peer_conns = None
         self._fifo: queue.Queue = queue.Queue()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._is_stopping = False
         self._is_restarting = False
-        self.running_request_id: int | None = None
+        self._worker_request_ids = itertools.count(1)   # ids the workers see: never reused, always rising
+        self._running: tuple[int, int] | None = None     # (caller's request id, worker request id)
         self.fatal_error: str | None = None
         self.tokenizer_dir = ""
         self.eos_token_ids: list[int] = []
@@ -81,10 +82,8 @@ class EngineSupervisor:
             logger.warning(warning)
         self._state = SharedState.create(self.config.max_model_len)
         self._out_queue = self._ctx.Queue()
-        self._peer_conns = self._ctx.Pipe()
         try:
-            for worker in self._workers.values():
-                self._spawn(worker)
+            self._spawn(list(self._workers.values()))
             self._await_ready(list(self._workers.values()))
             if self.requested_mode == "auto":
                 self._settle_mode()
@@ -100,8 +99,9 @@ class EngineSupervisor:
         """Stop the workers, fail queued requests, free shared memory. Idempotent."""
         self._is_stopping = True
         if self._thread is not None and self._thread is not threading.current_thread():
-            if self.running_request_id is not None and self._state is not None:
-                self._state.set(Ctrl.CANCEL_REQUEST_ID, self.running_request_id)
+            running = self._running
+            if running is not None and self._state is not None:
+                self._state.set(Ctrl.CANCEL_REQUEST_ID, running[1])
             self._thread.join(timeout_s)
         for worker in self._workers.values():
             worker.stop(timeout_s)
@@ -139,8 +139,7 @@ class EngineSupervisor:
             worker.stop(10.0)
         self.config = self.config.replace(mode=plan.mode)
         self._workers = self._make_workers()
-        for worker in self._workers.values():
-            self._spawn(worker)
+        self._spawn(list(self._workers.values()))
         self._await_ready(list(self._workers.values()))
 
     # ---- public API --------------------------------------------------------------------
@@ -173,8 +172,15 @@ class EngineSupervisor:
     def cancel(self, request_id: int) -> None:
         with self._lock:
             self._cancelled.add(request_id)
-        if self.running_request_id == request_id and self._state is not None:
-            self._state.set(Ctrl.CANCEL_REQUEST_ID, request_id)
+        running = self._running          # one read: the pair cannot belong to two requests
+        if running is not None and running[0] == request_id and self._state is not None:
+            self._state.set(Ctrl.CANCEL_REQUEST_ID, running[1])
+
+    @property
+    def running_request_id(self) -> int | None:
+        """The caller's id of the request the workers are decoding now."""
+        running = self._running
+        return running[0] if running is not None else None
 
     @property
     def num_waiting(self) -> int:
@@ -207,7 +213,7 @@ class EngineSupervisor:
             try:
                 request, on_output = self._fifo.get(timeout=0.1)
             except queue.Empty:
-                self._check_workers(None, None)
+                self._check_workers(None, None, None)
                 continue
             rid = request.request_id
             with self._lock:
@@ -223,40 +229,44 @@ class EngineSupervisor:
             self._run(request, on_output)
 
     def _run(self, request: GenerationRequest, on_output) -> None:
+        """Decode one request. Workers see a fresh internal id (`wid`), whatever id the caller chose:
+        the protocol compares ids for order and equality, so a caller's reused or smaller id must
+        never reach them."""
         rid = request.request_id
-        self.running_request_id = rid
-        start = StartRequest(rid, list(request.prompt_token_ids), request.params)
+        wid = next(self._worker_request_ids)
+        self._running = (rid, wid)
+        start = StartRequest(wid, list(request.prompt_token_ids), request.params)
         for worker in self._workers.values():
             worker.cmd_queue.put(start)
         is_cancel_sent = False
         try:
             while True:
                 if not is_cancel_sent and (rid in self._cancelled or self._is_stopping):
-                    self._state.set(Ctrl.CANCEL_REQUEST_ID, rid)
+                    self._state.set(Ctrl.CANCEL_REQUEST_ID, wid)
                     is_cancel_sent = True
                 try:
                     msg = self._out_queue.get(timeout=POLL_S)
                 except queue.Empty:
                     msg = None
-                if isinstance(msg, TokensOut) and msg.request_id == rid:
+                if isinstance(msg, TokensOut) and msg.request_id == wid:
                     on_output(EngineOutput(rid, msg.token_ids, msg.logprobs))
-                elif isinstance(msg, RequestDone) and msg.request_id == rid:
+                elif isinstance(msg, RequestDone) and msg.request_id == wid:
                     on_output(EngineOutput(rid, finished=True, finish_reason=msg.finish_reason, stats=msg.stats))
                     return
                 elif isinstance(msg, WorkerFailed):
                     on_output(EngineOutput(rid, finished=True, finish_reason="error",
                                            error=f"{msg.role} worker failed: {msg.error}"))
-                    self._recover(self._workers[msg.role], rid)
+                    self._recover(self._workers[msg.role], wid)
                     return
-                failed = self._check_workers(rid, on_output)
+                failed = self._check_workers(rid, wid, on_output)
                 if failed:
                     return
         finally:
-            self.running_request_id = None
+            self._running = None
             with self._lock:
                 self._cancelled.discard(rid)
 
-    def _check_workers(self, rid: int | None, on_output) -> bool:
+    def _check_workers(self, rid: int | None, wid: int | None, on_output) -> bool:
         """Detect dead or hung workers; end the running request with an error and restart them."""
         if self._is_stopping or self._state is None:
             return False
@@ -268,34 +278,26 @@ class EngineSupervisor:
                 f"died (exit code {worker.process.exitcode if worker.process else None})"
             if on_output is not None:
                 on_output(EngineOutput(rid, finished=True, finish_reason="error", error=f"{worker.role} worker {reason}"))
-            self._recover(worker, rid)
+            self._recover(worker, wid)
             return True
         return False
 
-    def _recover(self, worker: WorkerHandle, rid: int | None) -> None:
-        """Kill the failed worker, stop the running request on the other, restart the failed one."""
+    def _recover(self, worker: WorkerHandle, wid: int | None) -> None:
+        """Kill the failed worker, end the running request on the other, restart what must restart."""
         self._is_restarting = True
         try:
             worker.kill()
-            if self.config.has_peer_buffers:
-                # The workers exchanged buffers at start-up (CUDA IPC / q ring): restart both, new pipe.
-                for other in self._workers.values():
-                    other.kill()
-                self._peer_conns = self._ctx.Pipe()
-            state = self._state
-            if rid is not None:
-                state.set(Ctrl.CANCEL_REQUEST_ID, rid)
-                if not self._workers["verify"].is_alive:
-                    # Stand in for the dead verify worker: release the draft from this request.
-                    state.set(Ctrl.REQUEST_ID, 0)
-                    state.set(Ctrl.LAST_FINISHED_REQUEST_ID, rid)
+            if wid is not None:
+                self._state.set(Ctrl.CANCEL_REQUEST_ID, wid)
+                if self._workers["verify"].is_alive:
+                    self._drain_until_done(wid)
                 else:
-                    self._drain_until_done(rid)
+                    release_draft(self._state, wid)     # the verify is dead: stand in for it
             self._ensure_workers()
         finally:
             self._is_restarting = False
 
-    def _drain_until_done(self, rid: int) -> None:
+    def _drain_until_done(self, wid: int) -> None:
         deadline = time.monotonic() + self.config.step_timeout_s
         while time.monotonic() < deadline:
             try:
@@ -304,14 +306,19 @@ class EngineSupervisor:
                 if not self._workers["verify"].is_alive:
                     return
                 continue
-            if isinstance(msg, (RequestDone, WorkerFailed)) and getattr(msg, "request_id", None) in (rid, None):
+            if isinstance(msg, (RequestDone, WorkerFailed)) and getattr(msg, "request_id", None) in (wid, None):
                 return
 
     def _ensure_workers(self) -> bool:
-        """Restart dead workers (up to max_restarts consecutive failed starts each)."""
+        """Restart dead workers (up to max_restarts consecutive failed starts).
+
+        Workers that exchanged buffers at start-up (CUDA draft, rejection q ring) restart together
+        on a fresh pipe: a survivor would hold the dead one's buffers, and a lone newcomer would
+        wait for a handshake nobody sends.
+        """
         if self.fatal_error:
             return False
-        dead = [w for w in self._workers.values() if not w.is_alive]
+        dead = self._workers_to_restart()
         if not dead:
             return True
         self._is_restarting = True
@@ -320,24 +327,41 @@ class EngineSupervisor:
             for _ in range(self.config.max_restarts):
                 for worker in dead:
                     worker.num_restarts += 1
-                    self._spawn(worker)
+                self._spawn(dead)
                 try:
                     self._await_ready(dead)
                     return True
                 except EngineStartError as exc:
                     last_error = str(exc)
-                    dead = [w for w in self._workers.values() if not w.is_alive or w.ready is None]
+                    dead = self._workers_to_restart(also_unready=True)
             self.fatal_error = f"workers failed to restart {self.config.max_restarts} times: {last_error}"
             return False
         finally:
             self._is_restarting = False
 
+    def _workers_to_restart(self, also_unready: bool = False) -> list[WorkerHandle]:
+        dead = [w for w in self._workers.values() if not w.is_alive or (also_unready and w.ready is None)]
+        if dead and self.config.has_peer_buffers:
+            for worker in self._workers.values():
+                worker.kill()
+            return list(self._workers.values())
+        for worker in dead:
+            worker.kill()
+        return dead
+
     # ---- process plumbing ---------------------------------------------------------------
 
-    def _spawn(self, worker: WorkerHandle) -> None:
-        peer = self._peer_conns[0] if worker.role == "verify" else self._peer_conns[1]
-        self._state.clock[Clock.VERIFY_HEARTBEAT if worker.role == "verify" else Clock.DRAFT_HEARTBEAT] = time.monotonic()
-        worker.spawn(self._ctx, self.config, self._state.name, self._out_queue, peer)
+    def _spawn(self, workers: list[WorkerHandle]) -> None:
+        """Start `workers` joined by a fresh pipe (their start-up handshake); this process keeps no end."""
+        verify_end, draft_end = self._ctx.Pipe()
+        try:
+            for worker in workers:
+                self._state.clock[_heartbeat_of(worker.role)] = time.monotonic()
+                worker.spawn(self._ctx, self.config, self._state.name, self._out_queue,
+                             verify_end if worker.role == "verify" else draft_end)
+        finally:
+            verify_end.close()     # the children hold their own copies now
+            draft_end.close()
 
     def _await_ready(self, workers: list[WorkerHandle]) -> None:
         deadline = time.monotonic() + self.config.worker_start_timeout_s
@@ -361,4 +385,8 @@ class EngineSupervisor:
     def _heartbeat_age(self, worker: WorkerHandle) -> float:
         if self._state is None or worker.ready is None:
             return 0.0
-        return self._state.heartbeat_age(Clock.VERIFY_HEARTBEAT if worker.role == "verify" else Clock.DRAFT_HEARTBEAT)
+        return self._state.heartbeat_age(_heartbeat_of(worker.role))
+
+
+def _heartbeat_of(role: str) -> Clock:
+    return Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT

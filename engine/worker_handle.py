@@ -30,6 +30,7 @@ class WorkerHandle:
     def spawn(self, ctx, config: EngineConfig, shm_name: str, out_queue, peer_conn) -> None:
         from engine.worker import worker_main   # torch-free at import: torch loads in the child
         self.ready = None
+        self._close_cmd_queue()
         self.cmd_queue = ctx.Queue()
         self.process = ctx.Process(target=worker_main, name=f"amusd-{self.role}", daemon=True,
                                    args=(self.role, config, shm_name, self.cmd_queue, out_queue, peer_conn,
@@ -53,3 +54,10 @@ class WorkerHandle:
             if self.process.is_alive():
                 self.process.kill()
             self.process.join(5)
+
+    def _close_cmd_queue(self) -> None:
+        """A restarted worker gets a new queue: the old one (and its pipe) must not leak."""
+        if self.cmd_queue is not None:
+            self.cmd_queue.close()
+            self.cmd_queue.cancel_join_thread()
+            self.cmd_queue = None
