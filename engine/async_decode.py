@@ -12,10 +12,14 @@ Shared fields (engine/shared_state.py), each with exactly ONE writer:
     NUM_DRAFTED                draft       draft_tokens[:NUM_DRAFTED] valid (under DRAFT_EPOCH)
     DRAFT_EPOCH                draft       the EPOCH draft_tokens were last reconciled with
     CANCEL_REQUEST_ID          supervisor  stop this request (verify checks it before every step)
+    (REQUEST_ID, LAST_FINISHED_REQUEST_ID: the supervisor writes them once, `release_draft`, only after
+     the verify process died, so there is still one writer at a time.)
+The writes live in engine/shared_state.py: VerifySide and DraftSide, one method per ordered group.
 
 Order of writes (x86-64 keeps stores in program order, loads likewise):
     verify commit:    committed_tokens[c:c'] -> NUM_COMMITTED = c' -> (if needed) EPOCH += 1
-    draft append:     draft_tokens[n] -> NUM_DRAFTED = n + 1
+    draft append:     draft_tokens[n] -> NUM_DRAFTED = n + 1   (q row first, when rejection sampling)
+    draft loop turn:  read EPOCH, then check REQUEST_ID (the other order can adopt the next request's epoch)
     draft reconcile:  draft_tokens[p:c] = committed[p:c] -> NUM_DRAFTED -> DRAFT_EPOCH = EPOCH read
 
 Invariant I: while DRAFT_EPOCH == EPOCH,
@@ -43,33 +47,29 @@ import time
 import numpy as np
 
 from engine.decoding import Sequence, Verifier, sync_cache
-from engine.messages import SamplingParams, StartRequest
+from engine.messages import StartRequest
 from engine.models import ModelRunner
 from engine.ngram import LookupBudget, propose_from_ngrams
-from engine.token_chooser import DRAFT_STREAM, TokenChooser
-from engine.shared_state import Clock, Ctrl, SharedState
+from engine.shared_state import Clock, DraftSide, SharedState, VerifySide
 from engine.token_channel import HostDraftChannel
+from engine.token_chooser import DRAFT_STREAM, TokenChooser
 
 IDLE_SLEEP_S = 0.0002
 
 
 def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, channel: HostDraftChannel,
-                     emit, should_stop, lookup_ngram: int = 0, draft_probs=None) -> None:
+                     emit, should_stop, lookup_ngram: int = 0) -> None:
     """Verify-worker side of one async request.
 
-    draft_probs: the [R, V] ring of the draft's q rows (row = position % R; rejection sampling only).
+    Rejection sampling: the draft's q rows come from the channel's [R, V] ring (row = position % R).
     The draft writes row p before publishing token p and never runs R positions past NUM_COMMITTED,
     so a row the verify reads cannot be overwritten during the read.
     """
     is_rejection = seq.chooser.is_rejection
     if is_rejection:
         lookup_ngram = 0                # n-gram guesses are not drawn from q: keep rejection sampling pure
-    n_prompt = seq.num_committed
-    state.committed_tokens[:n_prompt] = seq.token_ids
-    state.set(Ctrl.NUM_COMMITTED, n_prompt)
-    epoch = state.get(Ctrl.EPOCH) + 1
-    state.set(Ctrl.EPOCH, epoch)
-    state.set(Ctrl.REQUEST_ID, seq.request_id)          # the draft may start now
+    side = VerifySide(state)
+    side.start_request(seq.request_id, seq.token_ids)          # the draft may start now
     verifier.prefill(seq)
     stats = seq.stats
     budget = LookupBudget()
@@ -79,48 +79,42 @@ def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, chan
             break
         c = seq.num_committed
         num_to_check = verifier.budget.num_to_check()            # cost model: worth checking now
-        draft_ids: list[int] = []
-        if state.get(Ctrl.DRAFT_EPOCH) == epoch:
-            num_drafted = state.get(Ctrl.NUM_DRAFTED)
-            stats.sum_draft_lead += max(0, num_drafted - c)
-            if num_drafted > c:
-                draft_ids = channel.read_for_verify(c, min(num_drafted, c + num_to_check))
+        num_drafted = side.num_consistent_drafted()
+        stats.sum_draft_lead += max(0, num_drafted - c)
+        draft_ids = channel.read_for_verify(c, min(num_drafted, c + num_to_check)) if num_drafted > c else []
         guess_ids: list[int] = []
         if lookup_ngram and len(draft_ids) < num_to_check:
             context = np.asarray(seq.token_ids + draft_ids)
             guess_ids = propose_from_ngrams(context, lookup_ngram, budget.num_guesses(num_to_check - len(draft_ids)))
         num_lookup_accepted = stats.num_lookup_accepted
-        q_rows = None
-        if is_rejection and draft_ids:
-            rows = [p % draft_probs.shape[0] for p in range(c, c + len(draft_ids))]
-            q_rows = draft_probs[rows]
+        q_rows = channel.q_rows_for_verify(c, c + len(draft_ids)) if is_rejection and draft_ids else None
         out = verifier.step(seq, draft_ids, guess_ids, q_rows)
         budget.record(len(guess_ids), stats.num_lookup_accepted - num_lookup_accepted)
         new_ids = out.token_ids
-        num_accepted = len(new_ids) - 1
-        state.committed_tokens[c:c + len(new_ids)] = new_ids
-        state.set(Ctrl.NUM_COMMITTED, c + len(new_ids))
+        side.commit(c, new_ids)
         # Does the draft hold every committed token it was not checked against: the n-gram guesses
         # accepted past its tokens (c + len(draft_ids) .. last_pos - 1) and the correction/bonus?
-        last_pos = c + num_accepted
-        is_rejected = num_accepted < len(draft_ids)
-        is_confirmed = (not is_rejected and state.get(Ctrl.DRAFT_EPOCH) == epoch
-                        and state.get(Ctrl.NUM_DRAFTED) > last_pos
+        last_pos = c + len(new_ids) - 1
+        is_rejected = len(new_ids) - 1 < len(draft_ids)
+        is_confirmed = (not is_rejected and side.num_consistent_drafted() > last_pos
                         and channel.read_for_verify(c + len(draft_ids), last_pos + 1) == new_ids[len(draft_ids):])
         if not is_confirmed:
-            epoch += 1
-            state.set(Ctrl.EPOCH, epoch)
+            side.invalidate_draft()
             # A real rollback: the draft had already produced a different token there.
-            stats.num_rollbacks += is_rejected or state.get(Ctrl.NUM_DRAFTED) > last_pos
+            stats.num_rollbacks += is_rejected or side.num_drafted() > last_pos
         emit(out)
-    state.set(Ctrl.REQUEST_ID, 0)
-    state.set(Ctrl.LAST_FINISHED_REQUEST_ID, seq.request_id)
-    stats.num_draft_tokens_produced = state.get(Ctrl.DRAFT_NUM_DRAFTED_TOTAL)
+    side.finish_request(seq.request_id)
+    _collect_draft_stats(seq, side)
+
+
+def _collect_draft_stats(seq: Sequence, side: VerifySide) -> None:
+    draft = side.draft_stats()
+    stats = seq.stats
+    stats.num_draft_tokens_produced = draft["num_drafted_total"]
     # discarded on reconciliation + drafted past the final commit (approximate: the draft may be mid-step)
-    num_past_end = state.get(Ctrl.NUM_DRAFTED) - seq.num_committed if state.get(Ctrl.DRAFT_EPOCH) == epoch else 0
-    stats.num_draft_tokens_wasted = state.get(Ctrl.DRAFT_NUM_DISCARDED) + max(0, num_past_end)
-    stats.draft_busy_s = state.get(Ctrl.DRAFT_BUSY_US) / 1e6
-    stats.num_draft_forwards = state.get(Ctrl.DRAFT_NUM_FORWARDS)
+    stats.num_draft_tokens_wasted = draft["num_discarded"] + max(0, side.num_consistent_drafted() - seq.num_committed)
+    stats.draft_busy_s = draft["busy_us"] / 1e6
+    stats.num_draft_forwards = draft["num_forwards"]
 
 
 class Drafter:
@@ -128,21 +122,23 @@ class Drafter:
 
     def __init__(self, runner: ModelRunner, state: SharedState, channel: HostDraftChannel,
                  max_draft_lead: int, max_model_len: int, wait_timeout_s: float, lookup_ngram: int = 0,
-                 vocab_size: int = 0, scheme: str = "coupled", draft_probs=None):
+                 vocab_size: int = 0, scheme: str = "coupled"):
         self.runner = runner
         self.scheme = scheme
-        self.draft_probs = draft_probs          # [R, V] shared ring of q rows (rejection sampling)
         self.vocab_size = vocab_size
         self.lookup_ngram = lookup_ngram
         self.state = state
+        self.side = DraftSide(state)
         self.channel = channel
         self.max_draft_lead = max_draft_lead
         self.max_model_len = max_model_len
         self.wait_timeout_s = wait_timeout_s
+        self.num_discarded = 0
 
     def run(self, req: StartRequest) -> None:
-        state = self.state
+        state, side = self.state, self.side
         rid = req.request_id
+        self.channel.reset()                   # nothing of the previous request still in flight
         if not self._wait_for_start(rid):
             return
         prompt = req.prompt_token_ids
@@ -150,11 +146,9 @@ class Drafter:
         chooser = TokenChooser(req.params, self.scheme, DRAFT_STREAM)
         budget = LookupBudget()
         max_len = min(n_prompt + req.params.max_tokens, self.max_model_len)
-        state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, 0)
-        state.set(Ctrl.DRAFT_NUM_DISCARDED, 0)
-        state.set(Ctrl.DRAFT_BUSY_US, 0)
         busy_s = 0.0
-        num_drafted_total = num_forwards = 0
+        num_drafted_total = num_forwards = self.num_discarded = 0
+        side.record_stats(0, 0, 0.0, 0)
         start = time.perf_counter()
         if self.vocab_size:
             self.runner.restrict_vocab(list(range(self.vocab_size)) + list(prompt))
@@ -167,21 +161,18 @@ class Drafter:
         while True:
             state.beat(Clock.DRAFT_HEARTBEAT)
             self.channel.flush()
-            # EPOCH first, then the request id: the verify ends request A (REQUEST_ID = 0) before it
-            # bumps EPOCH for request B, so an epoch read before seeing REQUEST_ID == rid is A's.
-            # (The other order could adopt B's epoch for A's tokens.)
-            epoch = state.get(Ctrl.EPOCH)
-            if state.get(Ctrl.REQUEST_ID) != rid:
+            epoch = side.epoch_while_running(rid)
+            if epoch is None:
                 break
             if epoch != draft_epoch:
                 start = time.perf_counter()
                 length = self._reconcile(length, n_prompt)
                 pending = None
-                state.set(Ctrl.NUM_DRAFTED, length)
-                state.set(Ctrl.DRAFT_EPOCH, epoch)
+                side.adopt(epoch, length)
                 draft_epoch = epoch
                 busy_s += time.perf_counter() - start
-            num_committed = state.get(Ctrl.NUM_COMMITTED)
+                side.record_stats(num_drafted_total, self.num_discarded, busy_s, num_forwards)
+            num_committed = side.num_committed()
             if length - num_committed >= self.max_draft_lead or length >= max_len:
                 time.sleep(IDLE_SLEEP_S)
                 continue
@@ -192,9 +183,7 @@ class Drafter:
             num_drafted_total += len(new_ids)
             num_forwards += 1
             busy_s += time.perf_counter() - start
-            state.set(Ctrl.DRAFT_NUM_FORWARDS, num_forwards)
-            state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, num_drafted_total)
-            state.set(Ctrl.DRAFT_BUSY_US, int(busy_s * 1e6))
+            side.record_stats(num_drafted_total, self.num_discarded, busy_s, num_forwards)
 
     def _draft_step(self, chooser: TokenChooser, budget: LookupBudget, length: int, n_prompt: int, room: int,
                     pending):
@@ -217,39 +206,33 @@ class Drafter:
                 num_accepted += 1
             self.runner.crop(length + num_accepted)
             budget.record(len(guesses), num_accepted)
-        new_ids = []
-        for i in range(num_accepted + 1):
-            if q is not None:
-                self.draft_probs[(length + i) % self.draft_probs.shape[0]] = q[i]   # q row before its token
-            value = self.channel.publish(length + i, chosen[i])
-            new_ids.append(value)
+        new_ids = [self.channel.publish(length + i, chosen[i], None if q is None else q[i])
+                   for i in range(num_accepted + 1)]
         return new_ids, (chosen[num_accepted] if new_ids[-1] < 0 else None)
 
     def _wait_for_start(self, rid: int) -> bool:
-        """Wait until the verify worker has published request `rid` (or already finished it)."""
+        """Wait until the verify worker has published request `rid` (False: it already finished it)."""
         deadline = time.monotonic() + self.wait_timeout_s
         while time.monotonic() < deadline:
             self.state.beat(Clock.DRAFT_HEARTBEAT)
-            if self.state.get(Ctrl.REQUEST_ID) == rid:
-                return True
-            if self.state.get(Ctrl.LAST_FINISHED_REQUEST_ID) >= rid:
-                return False
+            is_started = self.side.is_started(rid)
+            if is_started is not None:
+                return is_started
             time.sleep(IDLE_SLEEP_S)
         return False
 
     def _reconcile(self, length: int, n_prompt: int) -> int:
         """Make draft_tokens agree with the commit; crop the KV cache; return the new length."""
         state = self.state
-        self.channel.sync_host(length)
-        num_committed = state.get(Ctrl.NUM_COMMITTED)
+        self.channel.sync_host()
+        num_committed = self.side.num_committed()
         committed = state.committed_tokens[:num_committed]
         overlap = min(length, num_committed)
         mismatch = (state.draft_tokens[n_prompt:overlap] != committed[n_prompt:overlap]).nonzero()[0]
         first_bad = n_prompt + int(mismatch[0]) if len(mismatch) else overlap
         if first_bad >= num_committed:         # draft agrees with everything committed: keep it all
             return length
-        num_discarded = max(0, length - first_bad)
-        state.set(Ctrl.DRAFT_NUM_DISCARDED, state.get(Ctrl.DRAFT_NUM_DISCARDED) + num_discarded)
+        self.num_discarded += max(0, length - first_bad)
         self.channel.overwrite(first_bad, committed[first_bad:num_committed])
         sync_cache(self.runner, state.draft_tokens[:num_committed], num_consistent=first_bad)
         return num_committed

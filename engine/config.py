@@ -137,8 +137,12 @@ class EngineConfig:
 
     @property
     def has_peer_buffers(self) -> bool:
-        """Do the workers hand each other buffers at start-up (so they must restart together)?"""
-        return self.uses_draft_worker and (self.draft_device.startswith("cuda") or self.sampling_scheme == "rejection")
+        """Do the workers hand each other buffers at start-up (so they must restart together)?
+
+        Only the rejection-sampling q ring: draft tokens meet in the supervisor's shared segment
+        whatever the devices (engine/token_channel.py).
+        """
+        return self.uses_draft_worker and self.sampling_scheme == "rejection"
 
     def cores_of(self, role: str) -> tuple[int, ...] | None:
         return _parse_cores(self.verify_cores if role == "verify" else self.draft_cores)

@@ -8,9 +8,9 @@ and unlinked by the supervisor) holds:
     committed_tokens[L]     int64, written by the verify worker only
     draft_tokens[L]         int64, written by the draft worker only
 
-This module is torch-free so the supervisor can create and inspect it. Workers get torch views
-with `torch.from_numpy`. On CUDA the draft worker additionally shares a device copy of its
-draft tokens with the verify worker through CUDA IPC (see engine/token_channel.py).
+This module is torch-free so the supervisor can create and inspect it. A CUDA draft worker moves
+its tokens here through a pinned host ring (engine/token_channel.py): the verify never touches the
+draft's GPU. `VerifySide` and `DraftSide` hold each worker's writes, in the protocol's order.
 Plain stores to this memory are seen by other processes in program order on x86-64 (TSO);
 that is the ordering the protocol relies on.
 """
@@ -113,6 +113,97 @@ class SharedState:
 def _supports_track() -> bool:
     import inspect
     return "track" in inspect.signature(shared_memory.SharedMemory.__init__).parameters
+
+
+class VerifySide:
+    """The verify worker's view: its writes, each group in the protocol's order (engine/async_decode.py)."""
+
+    def __init__(self, state: SharedState):
+        self.state = state
+        self.epoch = state.get(Ctrl.EPOCH)
+
+    def start_request(self, request_id: int, prompt_ids: list[int]) -> None:
+        """Prompt -> NUM_COMMITTED -> a fresh EPOCH -> REQUEST_ID (the draft may start now)."""
+        self.commit(0, prompt_ids)
+        self.invalidate_draft()
+        self.state.set(Ctrl.REQUEST_ID, request_id)
+
+    def commit(self, start: int, token_ids: list[int]) -> None:
+        """committed_tokens[start:...] = token_ids, then NUM_COMMITTED: readers never see a hole."""
+        self.state.committed_tokens[start:start + len(token_ids)] = token_ids
+        self.state.set(Ctrl.NUM_COMMITTED, start + len(token_ids))
+
+    def invalidate_draft(self) -> None:
+        """Bump EPOCH: the draft's tokens may disagree with the commit until it reconciles."""
+        self.epoch += 1
+        self.state.set(Ctrl.EPOCH, self.epoch)
+
+    def num_drafted(self) -> int:
+        """NUM_DRAFTED whatever the draft's epoch (stats only: the tokens may be stale)."""
+        return self.state.get(Ctrl.NUM_DRAFTED)
+
+    def num_consistent_drafted(self) -> int:
+        """NUM_DRAFTED if the draft has reconciled with the current EPOCH (its tokens are usable), else 0."""
+        return self.state.get(Ctrl.NUM_DRAFTED) if self.state.get(Ctrl.DRAFT_EPOCH) == self.epoch else 0
+
+    def finish_request(self, request_id: int) -> None:
+        """REQUEST_ID = 0 before LAST_FINISHED_REQUEST_ID (the draft leaves on either)."""
+        self.state.set(Ctrl.REQUEST_ID, 0)
+        self.state.set(Ctrl.LAST_FINISHED_REQUEST_ID, request_id)
+
+    def is_cancelled(self, request_id: int) -> bool:
+        return self.state.get(Ctrl.CANCEL_REQUEST_ID) == request_id
+
+    def draft_stats(self) -> dict[str, int]:
+        return {"num_drafted_total": self.state.get(Ctrl.DRAFT_NUM_DRAFTED_TOTAL),
+                "num_discarded": self.state.get(Ctrl.DRAFT_NUM_DISCARDED),
+                "busy_us": self.state.get(Ctrl.DRAFT_BUSY_US),
+                "num_forwards": self.state.get(Ctrl.DRAFT_NUM_FORWARDS)}
+
+
+class DraftSide:
+    """The draft worker's view: its writes, each group in the protocol's order."""
+
+    def __init__(self, state: SharedState):
+        self.state = state
+
+    def epoch_while_running(self, request_id: int) -> int | None:
+        """EPOCH, if request_id is still running; None once it is not.
+
+        EPOCH is read first: the verify ends a request (REQUEST_ID = 0) before it bumps EPOCH for
+        the next, so an epoch read before seeing REQUEST_ID == request_id belongs to that request.
+        """
+        epoch = self.state.get(Ctrl.EPOCH)
+        return epoch if self.state.get(Ctrl.REQUEST_ID) == request_id else None
+
+    def is_started(self, request_id: int) -> bool | None:
+        """True once the verify published request_id, False if it already finished it, None: not yet."""
+        if self.state.get(Ctrl.REQUEST_ID) == request_id:
+            return True
+        return False if self.state.get(Ctrl.LAST_FINISHED_REQUEST_ID) >= request_id else None
+
+    def num_committed(self) -> int:
+        return self.state.get(Ctrl.NUM_COMMITTED)
+
+    def set_num_drafted(self, num_drafted: int) -> None:
+        """After draft_tokens[:num_drafted] hold their values."""
+        self.state.set(Ctrl.NUM_DRAFTED, num_drafted)
+
+    def adopt(self, epoch: int, num_drafted: int) -> None:
+        """After reconciling with the commit read under `epoch`: NUM_DRAFTED, then DRAFT_EPOCH."""
+        self.state.set(Ctrl.NUM_DRAFTED, num_drafted)
+        self.state.set(Ctrl.DRAFT_EPOCH, epoch)
+
+    def record_stats(self, num_drafted_total: int, num_discarded: int, busy_s: float, num_forwards: int) -> None:
+        self.state.set(Ctrl.DRAFT_NUM_DRAFTED_TOTAL, num_drafted_total)
+        self.state.set(Ctrl.DRAFT_NUM_DISCARDED, num_discarded)
+        self.state.set(Ctrl.DRAFT_BUSY_US, int(busy_s * 1e6))
+        self.state.set(Ctrl.DRAFT_NUM_FORWARDS, num_forwards)
+
+
+def cancel_request(state: SharedState, request_id: int) -> None:
+    """The supervisor's field: the verify checks it before every step."""
+    state.set(Ctrl.CANCEL_REQUEST_ID, request_id)
 
 
 def release_draft(state: SharedState, request_id: int) -> None:

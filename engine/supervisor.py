@@ -37,7 +37,7 @@ from engine.config import EngineConfig
 from engine.hardware import check_memory_ordering, has_ordered_stores
 from engine.messages import (EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut, WorkerFailed,
                              WorkerReady)
-from engine.shared_state import Clock, Ctrl, SharedState, release_draft
+from engine.shared_state import Clock, SharedState, cancel_request, release_draft
 from engine.worker_handle import WorkerHandle
 
 POLL_S = 0.02
@@ -101,7 +101,7 @@ class EngineSupervisor:
         if self._thread is not None and self._thread is not threading.current_thread():
             running = self._running
             if running is not None and self._state is not None:
-                self._state.set(Ctrl.CANCEL_REQUEST_ID, running[1])
+                cancel_request(self._state, running[1])
             self._thread.join(timeout_s)
         for worker in self._workers.values():
             worker.stop(timeout_s)
@@ -174,7 +174,7 @@ class EngineSupervisor:
             self._cancelled.add(request_id)
         running = self._running          # one read: the pair cannot belong to two requests
         if running is not None and running[0] == request_id and self._state is not None:
-            self._state.set(Ctrl.CANCEL_REQUEST_ID, running[1])
+            cancel_request(self._state, running[1])
 
     @property
     def running_request_id(self) -> int | None:
@@ -242,7 +242,7 @@ class EngineSupervisor:
         try:
             while True:
                 if not is_cancel_sent and (rid in self._cancelled or self._is_stopping):
-                    self._state.set(Ctrl.CANCEL_REQUEST_ID, wid)
+                    cancel_request(self._state, wid)
                     is_cancel_sent = True
                 try:
                     msg = self._out_queue.get(timeout=POLL_S)
@@ -288,7 +288,7 @@ class EngineSupervisor:
         try:
             worker.kill()
             if wid is not None:
-                self._state.set(Ctrl.CANCEL_REQUEST_ID, wid)
+                cancel_request(self._state, wid)
                 if self._workers["verify"].is_alive:
                     self._drain_until_done(wid)
                 else:

@@ -22,7 +22,7 @@ import traceback
 
 from engine.config import EngineConfig
 from engine.messages import RequestDone, Shutdown, StartRequest, WorkerFailed, WorkerReady
-from engine.shared_state import Clock, Ctrl, SharedState
+from engine.shared_state import Clock, SharedState, VerifySide
 
 PR_SET_PDEATHSIG = 1
 
@@ -85,6 +85,7 @@ class VerifyWorker:
         from engine.decoding import Verifier
         from engine.model_loader import load_model
         from engine.models import check_same_vocab, eos_token_ids_of, resolve_model_spec
+        from engine.token_channel import HostDraftChannel
         start = time.perf_counter()
         self.config, self.state = config, state
         verify = load_model("verify", config, config.verify_device, config.max_verify_tokens + 1)
@@ -110,8 +111,8 @@ class VerifyWorker:
         if prefill_cores and set(prefill_cores) != set(config.cores_of("verify") or ()):
             from engine.models import PrefillPlacement
             verify.runner.prefill_placement = PrefillPlacement(prefill_cores)
-        self.channel = _make_channel(config, state, peer_conn, role="verify")
-        self.draft_probs = _share_draft_probs(config, peer_conn, "verify", self.verifier.runner.vocab_size)
+        # The verify reads draft tokens from host memory whatever the draft's device (engine/token_channel.py).
+        self.channel = HostDraftChannel(state, _share_draft_probs(config, peer_conn, "verify", 0))
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:
@@ -125,16 +126,18 @@ class VerifyWorker:
         start = time.perf_counter()
         seq = new_sequence(req, self.eos_token_ids, config.max_model_len, config.sampling_scheme)
 
+        side = VerifySide(state)
+
         def should_stop() -> bool:
             state.beat(Clock.VERIFY_HEARTBEAT)
-            return state.get(Ctrl.CANCEL_REQUEST_ID) == req.request_id
+            return side.is_cancelled(req.request_id)
 
         if config.mode == "async":
             run_async_verify(seq, self.verifier, state, self.channel, out_queue.put, should_stop,
-                             config.verify_lookup_ngram, self.draft_probs)
+                             config.verify_lookup_ngram)
         else:
             run_ar_or_sync(seq, self.verifier, self.drafter, out_queue.put, should_stop)
-            state.set(Ctrl.LAST_FINISHED_REQUEST_ID, req.request_id)
+            side.finish_request(req.request_id)
         seq.stats.total_s = time.perf_counter() - start
         out_queue.put(RequestDone(req.request_id, seq.finish_reason or "stop", seq.stats))
 
@@ -146,13 +149,11 @@ class DraftWorker:
         start = time.perf_counter()
         draft = load_model("draft", config, config.draft_device, 1 + min(config.max_draft_lead, 4))
         self.model_dir, self.runtime, runner = draft.model_dir, draft.runtime, draft.runner
-        channel = _make_channel(config, state, peer_conn, role="draft")
-        draft_probs = _share_draft_probs(config, peer_conn, "draft", runner.vocab_size)
+        channel = _draft_channel(config, state, _share_draft_probs(config, peer_conn, "draft", runner.vocab_size))
         self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
                                wait_timeout_s=config.step_timeout_s,
                                lookup_ngram=0 if config.draft_device.startswith("cuda") else config.draft_lookup_ngram,
-                               vocab_size=config.draft_vocab_size, scheme=config.sampling_scheme,
-                               draft_probs=draft_probs)
+                               vocab_size=config.draft_vocab_size, scheme=config.sampling_scheme)
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:
@@ -172,28 +173,21 @@ def _meta_shape_model(path: str, gguf: str | None):
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def _make_channel(config: EngineConfig, state: SharedState, peer_conn, role: str):
-    """CPU: host shared memory. Draft on CUDA: its device buffer, sent to the verify via CUDA IPC."""
+def _draft_channel(config: EngineConfig, state: SharedState, draft_probs):
+    """CPU draft: stores straight into shared memory. CUDA draft: event-ordered copies through a
+    pinned host ring, so neither side waits on the GPU per token."""
     from engine.token_channel import CudaDraftChannel, HostDraftChannel
-    if config.mode != "async" or not config.draft_device.startswith("cuda"):
-        return HostDraftChannel(state)
-    import torch
-    import torch.multiprocessing  # noqa: F401 - registers CUDA IPC reductions for the pipe
-    if role == "draft":
-        device_tokens = torch.zeros(config.max_model_len, dtype=torch.long, device=config.draft_device)
-        peer_conn.send(device_tokens)
-    else:
-        if not peer_conn.poll(config.worker_start_timeout_s):
-            raise TimeoutError("draft worker never sent its CUDA token buffer")
-        device_tokens = peer_conn.recv()
-    return CudaDraftChannel(state, device_tokens)
+    if not config.draft_device.startswith("cuda"):
+        return HostDraftChannel(state, draft_probs)
+    return CudaDraftChannel(state, draft_probs, ring_size=config.max_draft_lead + 2)
 
 
 def _share_draft_probs(config: EngineConfig, peer_conn, role: str, vocab_size: int):
-    """Async rejection sampling: the draft's q rows travel in a [max_draft_lead + 1, V] shared ring.
+    """Async rejection sampling: the draft's q rows travel in a [max_draft_lead + 1, V] ring in host
+    shared memory (also for a CUDA draft: see engine/token_channel.py).
 
-    Created by the draft worker in shared memory (torch) and sent to the verify worker over the
-    peer pipe; None in every other configuration.
+    Created by the draft worker (vocab_size: its rows) and sent to the verify worker over the peer
+    pipe, the workers' only start-up handshake; None in every other configuration.
     """
     if config.mode != "async" or config.sampling_scheme != "rejection":
         return None
