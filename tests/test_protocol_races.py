@@ -1,4 +1,4 @@
-"""The async protocol under forced interleavings (issue 11, item 2), in one process, no workers.
+"""The async protocol under forced interleavings (issue 11, items 2 and 3), in one process, no workers.
 
 The draft loop runs in a thread against a real SharedState and a tiny draft model; the test plays
 the verify worker by writing the shared fields itself, at the exact moment it wants: right after
@@ -92,5 +92,63 @@ def test_draft_of_a_never_adopts_the_epoch_of_b(draft_runner, switch_on_read):
         assert state.epoch_b not in state.epochs_adopted_in_a, (
             f"the draft loop of request A set DRAFT_EPOCH to B's epoch {state.epoch_b} "
             f"(adopted: {state.epochs_adopted_in_a}): B's verify would trust A's draft tokens")
+    finally:
+        state.close()
+
+
+# ---- issue 11, item 3: n-gram guesses the verify accepts past the draft's tokens ---------------
+
+class ConcurrentDraftVerifier:
+    """Stands in for the Verifier: while its 'forward' runs, the draft publishes more tokens (one
+    that disagrees with the verify's first n-gram guess); then it accepts every proposal."""
+
+    def __init__(self, state: SharedState, num_to_check: int):
+        from engine.cost_model import SpeculationBudget
+        self.state = state
+        self.budget = SpeculationBudget.__new__(SpeculationBudget)
+        self.budget.num_to_check = lambda: num_to_check
+        self.num_guesses_seen = 0
+
+    def prefill(self, seq):
+        # The draft has reconciled with the new request and drafted one token.
+        SharedState.set(self.state, Ctrl.DRAFT_EPOCH, self.state.get(Ctrl.EPOCH))
+        self.state.draft_tokens[:seq.num_committed] = seq.token_ids
+        self.state.draft_tokens[seq.num_committed] = 3
+        SharedState.set(self.state, Ctrl.NUM_DRAFTED, seq.num_committed + 1)
+
+    def step(self, seq, draft_ids, guess_ids, q_rows):
+        from engine.messages import TokensOut
+        c = seq.num_committed
+        self.num_guesses_seen = len(guess_ids)
+        # Meanwhile the draft went on: position c+1 differs from the first guess, the rest is as guessed.
+        continuation = [guess_ids[0] + 100] + list(guess_ids[1:]) + [42]
+        start = c + len(draft_ids)
+        self.state.draft_tokens[start:start + len(continuation)] = continuation
+        SharedState.set(self.state, Ctrl.NUM_DRAFTED, start + len(continuation))
+        new_ids = list(draft_ids) + list(guess_ids) + [42]            # all accepted, bonus = draft's token
+        seq.token_ids.extend(new_ids)
+        return TokensOut(seq.request_id, new_ids, None)
+
+
+def test_accepted_guesses_the_draft_disagrees_with_invalidate_its_tokens():
+    from engine.async_decode import run_async_verify
+    from engine.decoding import new_sequence
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]                     # the n-gram lookup guesses 1, 2 after "... 2, 3"
+    state = SharedState.create(MAX_LEN)
+    try:
+        seq = new_sequence(StartRequest(REQUEST_A, prompt, SamplingParams(max_tokens=32)), [], MAX_LEN, "coupled")
+        verifier = ConcurrentDraftVerifier(state, num_to_check=4)
+        num_checks = iter([False, True])
+        run_async_verify(seq, verifier, state, HostDraftChannel(state), lambda out: None,
+                         lambda: next(num_checks), lookup_ngram=3)
+        assert verifier.num_guesses_seen > 0, "the step must have checked n-gram guesses"
+        committed = state.committed_tokens[:state.get(Ctrl.NUM_COMMITTED)].tolist()
+        drafted = state.draft_tokens[:state.get(Ctrl.NUM_DRAFTED)].tolist()
+        is_draft_trusted = state.get(Ctrl.DRAFT_EPOCH) == state.get(Ctrl.EPOCH)
+        overlap = min(len(committed), len(drafted))
+        # Invariant I: while DRAFT_EPOCH == EPOCH the draft's tokens agree with the commit.
+        assert not is_draft_trusted or drafted[:overlap] == committed[:overlap], (
+            f"EPOCH kept although the draft holds {drafted[len(prompt):overlap]} "
+            f"where {committed[len(prompt):overlap]} was committed")
     finally:
         state.close()
