@@ -21,8 +21,10 @@ SPEC_ENGINES = {
     "async": dict(mode="async"),
     "async-wrong": dict(mode="async", draft="tiny-random/wrong"),
     "async-lead1": dict(mode="async", max_draft_lead=1, max_verify_tokens=1),
-    "async-lookup": dict(mode="async", draft_lookup_ngram=3),
+    "async-plain": dict(mode="async", draft_lookup_ngram=0, verify_lookup_ngram=0),   # AMUSD alone
 }
+WRONG_DRAFTS = ("sync-wrong-k2", "async-wrong")
+USES_GUESSES = ("async", "async-wrong", "async-lead1")      # verify_lookup_ngram on (the default)
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +52,29 @@ def ar_outputs(ar_results):
 
 @pytest.mark.parametrize("name", list(SPEC_ENGINES))
 def test_greedy_outputs_equal_ar(engines, ar_results, name):
-    num_rollbacks = num_accepted = 0
+    num_rollbacks = num_accepted = num_drafted = num_guessed = 0
     for prompt, (expected, ar_final) in zip(PROMPTS, ar_results):
         tokens, final = run(engines[name], prompt, max_tokens=MAX_TOKENS)
         assert tokens == expected, f"{name} diverged from ar on prompt {prompt[:8]}..."
         assert final.finish_reason == ar_final.finish_reason
         num_rollbacks += final.stats.num_rollbacks
         num_accepted += final.stats.num_accepted_tokens
+        num_drafted += final.stats.num_draft_tokens
+        num_guessed += final.stats.num_lookup_tokens
     assert num_rollbacks > 0, "the test must exercise rollbacks"
+    assert num_drafted > num_accepted, "some draft tokens must be checked and rejected"
+    assert num_accepted > 0 or name in WRONG_DRAFTS, "the draft's tokens must be accepted too"
+    if name in USES_GUESSES:
+        assert num_guessed > 0, "the verify's n-gram guesses must be proposed"
+    if name == "async-plain":
+        assert num_guessed == 0
     if name == "sync":
         assert num_accepted > 0.3 * MAX_TOKENS * len(PROMPTS), "the perturbed draft should be accepted often"
     if name == "async":   # how far the draft gets ahead depends on timing: only ask that accepts happen
         assert num_accepted > 0, "the async accept path must be exercised"
 
 
-@pytest.mark.parametrize("name", ["sync", "async", "async-wrong", "async-lookup"])
+@pytest.mark.parametrize("name", ["sync", "async", "async-wrong", "async-plain"])
 @pytest.mark.parametrize("stop_index", [0, 3, 17])
 def test_stop_token_mid_draft(engines, ar_outputs, name, stop_index):
     expected = ar_outputs[1]
@@ -86,16 +96,22 @@ def test_max_tokens_mid_draft(engines, ar_outputs, name, max_tokens):
     assert final.stats.num_generated_tokens == max_tokens
 
 
-@pytest.mark.parametrize("name", ["sync", "async", "async-lookup", "async-wrong"])
+@pytest.mark.parametrize("name", ["sync", "async", "async-plain", "async-wrong"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 20, 0.9), (1.0, 0, 0.5)])
 def test_coupled_sampling_equals_ar(engines, name, temperature, top_k, top_p):
+    num_drafted = num_accepted = num_rollbacks = 0
     for seed in (1, 2, 3):
         params = dict(max_tokens=32, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         expected, _ = run(engines["ar"], PROMPTS[seed], **params)
-        tokens, _ = run(engines[name], PROMPTS[seed], **params)
+        tokens, final = run(engines[name], PROMPTS[seed], **params)
         assert tokens == expected
-    other, _ = run(engines["ar"], PROMPTS[1], **{**params, "seed": 99})
-    assert other != expected or temperature < 1, "different seeds should give different samples"
+        num_drafted += final.stats.num_draft_tokens
+        num_accepted += final.stats.num_accepted_tokens
+        num_rollbacks += final.stats.num_rollbacks
+        other, _ = run(engines["ar"], PROMPTS[seed], **{**params, "seed": 99})
+        assert other != expected, "the same prompt under another seed should give another sample"
+    assert num_drafted > num_accepted and num_rollbacks > 0
+    assert num_accepted > 0 or name in WRONG_DRAFTS
 
 
 @pytest.mark.parametrize("name", ["ar", "sync", "async"])
@@ -144,5 +160,9 @@ def test_async_stats_are_consistent(engines):
     stats = final.stats
     assert stats.num_generated_tokens == MAX_TOKENS
     assert stats.num_accepted_tokens <= stats.num_draft_tokens
-    assert stats.num_verify_steps + stats.num_accepted_tokens >= stats.num_generated_tokens
+    assert stats.num_lookup_accepted <= stats.num_lookup_tokens
+    # Every verify step commits its accepted proposals + one token, except that max_tokens may cut
+    # the last step's extra token.
+    num_committable = stats.num_verify_steps + stats.num_accepted_tokens + stats.num_lookup_accepted
+    assert num_committable - 1 <= stats.num_generated_tokens <= num_committable
     assert 0 < stats.draft_busy_s and 0 < stats.verify_busy_s
