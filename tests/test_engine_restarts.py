@@ -68,8 +68,14 @@ def test_shared_ring_workers_restart_together_even_when_a_start_fails(cache_dir)
         assert third["verify"] not in (first["verify"], second["verify"])
         assert not _is_running(second["verify"]), "the verify of the failed start was left running"
         assert len(_live_workers("verify")) == 1 and len(_live_workers("draft")) == 1
-        tokens, final = run(sup, PROMPT, max_tokens=24, temperature=1.0, seed=2)
-        assert final.finish_reason == "length" and final.stats.num_draft_tokens > 0
+        # The new pair drafts through the new ring (the first request after a restart warms them up;
+        # how much the draft contributes depends on timing, so count over a few requests).
+        num_draft_tokens = 0
+        for seed in range(2, 6):
+            _, final = run(sup, PROMPT, max_tokens=48, temperature=1.0, seed=seed, ignore_eos=True)
+            assert final.finish_reason == "length" and final.error is None
+            num_draft_tokens += final.stats.num_draft_tokens
+        assert num_draft_tokens > 0
         assert _num_open_fds() <= fds_before, "restarts leaked pipe ends or queues"
     finally:
         sup.shutdown()
@@ -84,7 +90,7 @@ def async_engine(cache_dir):
 
 def test_callers_ids_do_not_reach_the_workers(async_engine):
     """Smaller, reused and previously cancelled caller ids still draft and run to the end."""
-    expected, _ = run(async_engine, PROMPT, max_tokens=32, ignore_eos=True)
+    expected, _ = run(async_engine, PROMPT, max_tokens=64, ignore_eos=True)
     outputs = []
     async_engine.submit(GenerationRequest(1000, PROMPT, SamplingParams(max_tokens=400, ignore_eos=True)),
                         outputs.append)
@@ -93,7 +99,7 @@ def test_callers_ids_do_not_reach_the_workers(async_engine):
     assert _wait(lambda: any(o.finished for o in outputs), 30)
     assert outputs[-1].finish_reason == "cancelled"
     for caller_id in (1000, 1, 1):      # the cancelled id again, then a smaller one, twice
-        results = async_engine.generate(GenerationRequest(caller_id, PROMPT, SamplingParams(max_tokens=32,
+        results = async_engine.generate(GenerationRequest(caller_id, PROMPT, SamplingParams(max_tokens=64,
                                                                                             ignore_eos=True)), 60)
         final = results[-1]
         assert final.request_id == caller_id and final.finish_reason == "length"
