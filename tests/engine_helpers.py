@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 import random
 
 from engine.config import EngineConfig
@@ -33,3 +34,13 @@ def run(sup: EngineSupervisor, prompt: list[int], timeout_s: float = 60, **param
 def random_prompts(num_prompts: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(0, 256) for _ in range(rng.randrange(1, 60))] for _ in range(num_prompts)]
+
+
+def wait_until(predicate, timeout_s: float) -> bool:
+    """Poll `predicate` every 20 ms until it is true (True) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False

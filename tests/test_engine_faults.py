@@ -10,18 +10,10 @@ import pytest
 from engine.config import EngineConfig
 from engine.messages import GenerationRequest, SamplingParams
 from engine.supervisor import EngineStartError, EngineSupervisor
-from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+from tests.engine_helpers import random_prompts, run, start_engine, tiny_config, wait_until as _wait
 
 PROMPT = random_prompts(1, seed=5)[0]
 
-
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")

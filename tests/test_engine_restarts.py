@@ -8,23 +8,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import time
 
 import pytest
 
 from engine.messages import GenerationRequest, SamplingParams
-from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+from tests.engine_helpers import random_prompts, run, start_engine, tiny_config, wait_until as _wait
 
 PROMPT = random_prompts(1, seed=9)[0]
 
-
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _num_open_fds() -> int:
