@@ -1,5 +1,6 @@
 """Shared fixtures.
 
+    session_cache_dir    (autouse) AMUSD_CACHE_DIR of this session: nothing is read from ~/.cache/amusd
     byte_tokenizer_dir   a byte-level tokenizer dir with a chat template (no model)
     server               session-scoped REAL server: `python -m server.main --config configs/tiny.yaml`
                          in a subprocess on a free port, real EngineSupervisor + tiny random models.
@@ -103,6 +104,20 @@ class LiveServer:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory):
+    """This session's own AMUSD_CACHE_DIR, set before any server or worker starts: tiny models and
+    forward-cost caches are built fresh, never read stale from ~/.cache/amusd."""
+    path = str(tmp_path_factory.mktemp("amusd-cache"))
+    saved = os.environ.get("AMUSD_CACHE_DIR")
+    os.environ["AMUSD_CACHE_DIR"] = path
+    yield path
+    if saved is None:
+        os.environ.pop("AMUSD_CACHE_DIR", None)
+    else:
+        os.environ["AMUSD_CACHE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -97,20 +97,21 @@ def test_max_tokens_mid_draft(engines, ar_outputs, name, max_tokens):
 
 
 @pytest.mark.parametrize("name", ["sync", "async", "async-plain", "async-wrong"])
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 20, 0.9), (1.0, 0, 0.5)])
-def test_coupled_sampling_equals_ar(engines, name, temperature, top_k, top_p):
+def test_coupled_sampling_equals_ar(engines, name):
     num_drafted = num_accepted = num_rollbacks = 0
-    for seed in (1, 2, 3):
-        params = dict(max_tokens=32, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        expected, _ = run(engines["ar"], PROMPTS[seed], **params)
-        tokens, final = run(engines[name], PROMPTS[seed], **params)
-        assert tokens == expected
-        num_drafted += final.stats.num_draft_tokens
-        num_accepted += final.stats.num_accepted_tokens
-        num_rollbacks += final.stats.num_rollbacks
-        other, _ = run(engines["ar"], PROMPTS[seed], **{**params, "seed": 99})
-        assert other != expected, "the same prompt under another seed should give another sample"
-    assert num_drafted > num_accepted and num_rollbacks > 0
+    for temperature, top_k, top_p in [(0.7, 0, 1.0), (1.3, 20, 0.9), (1.0, 0, 0.5)]:
+        for seed in (1, 2, 3):
+            params = dict(max_tokens=32, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+            expected, _ = run(engines["ar"], PROMPTS[seed], **params)
+            tokens, final = run(engines[name], PROMPTS[seed], **params)
+            assert tokens == expected, f"{name} diverged from ar with {params}"
+            num_drafted += final.stats.num_draft_tokens
+            num_accepted += final.stats.num_accepted_tokens
+            num_rollbacks += final.stats.num_rollbacks
+            other, _ = run(engines["ar"], PROMPTS[seed], **{**params, "seed": 99})
+            assert other != expected, f"the same prompt under another seed gave the same sample ({params})"
+    # Over the 9 sampled requests the draft's tokens were checked, some rejected (rolled back), some kept.
+    assert num_drafted > num_accepted and num_rollbacks > 0, (num_drafted, num_accepted, num_rollbacks)
     assert num_accepted > 0 or name in WRONG_DRAFTS
 
 
@@ -119,9 +120,11 @@ def test_cancel_then_next_request_is_correct(engines, ar_outputs, name):
     sup = engines[name]
     first = {}
     finished = []
+    num_tokens = [0]
 
     def on_output(out):
         first.setdefault("t", time.monotonic())
+        num_tokens[0] += len(out.token_ids)
         if out.finished:
             finished.append((time.monotonic(), out))
 
@@ -136,7 +139,8 @@ def test_cancel_then_next_request_is_correct(engines, ar_outputs, name):
     assert finished, "cancelled request never finished"
     done_time, out = finished[0]
     assert out.finish_reason == "cancelled"
-    assert done_time - cancel_time < 2.0
+    assert num_tokens[0] < 400, "the request ran to the end: the cancel did not take effect"
+    assert done_time - cancel_time < 10       # generous: a slow CPU; a missed cancel would take ~400 steps
     tokens, _ = run(sup, PROMPTS[3], max_tokens=MAX_TOKENS)      # back-to-back on the same workers
     assert tokens == ar_outputs[3]
 

@@ -193,10 +193,10 @@ def test_kill_worker_mid_stream(live, role):
         t.start()
 
     # the broken stream ends promptly: an error event, then [DONE]; no clean finish_reason
-    stream.join(10)
+    stream.join(30)
     assert not stream.is_alive(), "the stream of the crashed request hangs"
     stream_end_s = stream.ended_at - killed_at
-    assert stream_end_s < 10
+    assert stream_end_s < 30            # vs the 300 s step timeout a hang would take
     assert stream.error is None, f"the stream broke instead of ending: {stream.error!r}"
     assert stream.status == 200 and stream.events[-1] == "[DONE]", stream.events[-3:]
     last = json.loads(stream.events[-2])

@@ -18,6 +18,7 @@ from engine.sampling import (
     CoupledNoiseCache, choose_tokens, coupled_choice, coupled_gumbel, coupled_noise, probs_from_scores,
     process_logits, rejection_verify, sample_from_probs, top_logprobs, with_request_seed,
 )
+from tests.rejection_mutants import accept_everything, resample_target_on_rejection
 
 ALPHA = 1e-3   # significance of every chi-square test below
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -199,18 +200,6 @@ def random_distributions(seed: int, shape: tuple[int, ...], sharpness: float) ->
 TARGET_1, TARGET_2, TARGET_3 = (random_distributions(10, (), 0.6), random_distributions(11, (VOCAB,), 0.6),
                                 random_distributions(12, (VOCAB, VOCAB), 0.6))
 DRAFT_1, DRAFT_2 = random_distributions(20, (), 1.5), random_distributions(21, (VOCAB,), 1.5)
-
-
-def accept_everything(draft_tokens, draft_probs, target_probs, generator):
-    """Broken verifier: trusts the draft blindly (its output follows q, not p)."""
-    num_draft = draft_tokens.shape[0]
-    return num_draft, int(sample_from_probs(target_probs[num_draft], generator))
-
-
-def resample_target_on_rejection(draft_tokens, draft_probs, target_probs, generator):
-    """Broken verifier: correct accept test, but after a rejection samples p instead of max(0, p - q)."""
-    num_accepted, _ = rejection_verify(draft_tokens, draft_probs, target_probs, generator)
-    return num_accepted, int(sample_from_probs(target_probs[num_accepted], generator))
 
 
 def first_two_tokens(verify, num_runs: int, seed: int) -> torch.Tensor:

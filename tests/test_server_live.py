@@ -40,6 +40,10 @@ def test_health_and_models(server):
     assert [m.id for m in models.data] == [server.model]
 
 
+def test_server_builds_its_tiny_models_in_the_session_cache(server, session_cache_dir):
+    assert f"verify model {session_cache_dir}/tiny-random/" in server.log(), "models came from another cache"
+
+
 def test_openai_completion_non_stream(server):
     client = server.openai()
     r = client.completions.create(model=server.model, prompt="Hello", max_tokens=12, temperature=0)
