@@ -57,6 +57,7 @@ class RequestPlan:
 @dataclass
 class RequestResult:
     index: int
+    prompt: str = ""                           # the prompt's text (chat: the text of its messages)
     status: str = STATUS_NOT_STARTED
     http_status: int | None = None
     start_s: float | None = None               # seconds after the run start
@@ -68,6 +69,7 @@ class RequestResult:
     num_usage_tokens: int | None = None        # usage.completion_tokens, when the server sent it
     finish_reason: str | None = None
     error: str | None = None
+    text: str = ""                             # the generated text, as streamed
 
     @property
     def num_output_tokens(self) -> int:
@@ -152,6 +154,7 @@ async def send_request(client: httpx.AsyncClient, options: RequestOptions, plan:
                 text, finish_reason = chunk_text(chunk, options.endpoint)
                 result.finish_reason = finish_reason or result.finish_reason
                 if text:
+                    result.text += text
                     if last_chunk_at is None:
                         result.ttft_s = now - start
                     else:

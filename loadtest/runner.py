@@ -86,7 +86,7 @@ def make_plans(prompts: list[Prompt], config: LoadConfig) -> list[RequestPlan]:
 async def run_load_async(config: LoadConfig, prompts: list[Prompt]) -> LoadOutcome:
     config.validate()
     plans = make_plans(prompts, config)
-    results = [RequestResult(index=plan.index) for plan in plans]
+    results = [RequestResult(index=plan.index, prompt=plan.prompt.text) for plan in plans]
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
     timeout = httpx.Timeout(connect=10.0, read=config.read_timeout_s, write=30.0, pool=None)
     # trust_env=False: never route through a proxy from the environment; talk to the target itself.
