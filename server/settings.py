@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, YamlConfigSettingsSource
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_cache_dir
 
 _E = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
       for f in dataclasses.fields(EngineConfig) if f.name != "verify_model"}
@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(_E["heartbeat_timeout_s"], description="silent worker counts as dead")
     step_timeout_s: float = Field(_E["step_timeout_s"], description="longest single forward before hung")
     max_restarts: int = Field(_E["max_restarts"], description="worker restarts at start-up before giving up")
-    cache_dir: str = Field(_E["cache_dir"], description="model cache (fetched / converted models)")
+    cache_dir: str = Field(default_factory=default_cache_dir,     # $AMUSD_CACHE_DIR when the settings are made
+                           description="model cache (fetched / converted models)")
 
     @field_validator("api_keys", mode="before")
     @classmethod

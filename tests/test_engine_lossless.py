@@ -52,7 +52,7 @@ def ar_outputs(ar_results):
 
 @pytest.mark.parametrize("name", list(SPEC_ENGINES))
 def test_greedy_outputs_equal_ar(engines, ar_results, name):
-    num_rollbacks = num_accepted = num_drafted = num_guessed = 0
+    num_rollbacks = num_accepted = num_drafted = num_guessed = num_guesses_accepted = 0
     for prompt, (expected, ar_final) in zip(PROMPTS, ar_results):
         tokens, final = run(engines[name], prompt, max_tokens=MAX_TOKENS)
         assert tokens == expected, f"{name} diverged from ar on prompt {prompt[:8]}..."
@@ -61,11 +61,14 @@ def test_greedy_outputs_equal_ar(engines, ar_results, name):
         num_accepted += final.stats.num_accepted_tokens
         num_drafted += final.stats.num_draft_tokens
         num_guessed += final.stats.num_lookup_tokens
+        num_guesses_accepted += final.stats.num_lookup_accepted
     assert num_rollbacks > 0, "the test must exercise rollbacks"
     assert num_drafted > num_accepted, "some draft tokens must be checked and rejected"
     assert num_accepted > 0 or name in WRONG_DRAFTS, "the draft's tokens must be accepted too"
     if name in USES_GUESSES:
-        assert num_guessed > 0, "the verify's n-gram guesses must be proposed"
+        # Proposed, not necessarily accepted: the random tiny models rarely repeat themselves (2-3
+        # guesses kept per 480 tokens), too rare to assert without flakes.
+        assert num_guessed > num_guesses_accepted, "the verify's n-gram guesses must be proposed"
     if name == "async-plain":
         assert num_guessed == 0
     if name == "sync":

@@ -42,7 +42,7 @@ def in_thread(fn, *args):
     return t, box
 
 
-def wait_waiting(server, n, timeout=5.0):
+def wait_waiting(server, n, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if f"amusd:num_requests_waiting {float(n)}" in httpx.get(server.url("/metrics")).text:
@@ -60,15 +60,13 @@ def test_queue_full_gives_429_at_once(busy_server):
     ctx, _ = start_long_stream(busy_server)                 # running
     waiter, box = in_thread(short, busy_server)             # waiting (queue now full)
     wait_waiting(busy_server, 1)
-    t0 = time.monotonic()
     resp = short(busy_server)
-    assert time.monotonic() - t0 < 1.0
     assert resp.status_code == 429, resp.text
+    assert waiter.is_alive(), "the 429 must come while the queue is still full, not after a wait"
     assert resp.json()["error"]["code"] == "queue_full"
     ctx.__exit__(None, None, None)                          # hang up: the waiter starts promptly
-    t1 = time.monotonic()
     waiter.join(30)
-    assert box["r"].status_code == 200 and time.monotonic() - t1 < 5.0
+    assert not waiter.is_alive() and box["r"].status_code == 200
 
 
 def test_queue_timeout_gives_503(busy_server):
@@ -78,7 +76,7 @@ def test_queue_timeout_gives_503(busy_server):
         resp = short(busy_server)                           # waits 2 s behind the long request
         assert resp.status_code == 503, resp.text
         assert resp.json()["error"]["code"] == "queue_timeout"
-        assert 1.5 < time.monotonic() - t0 < 10
+        assert 1.5 < time.monotonic() - t0 < 30      # the 2 s queue timeout, not the end of the long request
     finally:
         ctx.__exit__(None, None, None)
     assert short(busy_server).status_code == 200

@@ -93,7 +93,7 @@ def test_every_engine_setting_is_a_server_setting_with_the_same_default():
             continue
         assert f.name in Settings.model_fields, f.name
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert Settings.model_fields[f.name].default == default, f.name
+        assert Settings.model_fields[f.name].get_default(call_default_factory=True) == default, f.name
     cfg = Settings(model="tiny-random/verify", draft_model="tiny-random/draft", max_draft_lead=5).to_engine_config()
     assert cfg.max_draft_lead == 5 and cfg.verify_model == "tiny-random/verify"
     assert Settings(mode="ar").to_engine_config().draft_model is None
