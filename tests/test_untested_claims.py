@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from engine.messages import SamplingParams  # noqa: E402
-from tests.engine_helpers import random_prompts, run, start_engine, tiny_config  # noqa: E402
+from tests.engine_helpers import (  # noqa: E402
+    assert_same_or_near_tie, random_prompts, run, start_engine, tiny_config)
 from tests.rejection_mutants import accept_everything  # noqa: E402
 from tests.test_sampling import chi_square_p_value  # noqa: E402
 
@@ -48,10 +49,8 @@ def test_half_precision_greedy_equals_ar_up_to_near_ties(cache_dir, dtype):
     num_accepted = 0
     for prompt, expected, (tokens, final) in pairs:
         num_accepted += final.stats.num_accepted_tokens
-        if tokens != expected:
-            first = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)
-            gap = _top2_gap(model, prompt + expected[:first])
-            assert gap < NEAR_TIE_HALF, f"{dtype}: differs from ar at {first}, top-2 gap {gap:.3f}: not a near-tie"
+        assert_same_or_near_tie(prompt, expected, tokens, lambda context: _top2_gap(model, context), NEAR_TIE_HALF,
+                                f"{dtype}: ")
     assert num_accepted > 0
 
 
