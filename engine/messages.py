@@ -24,6 +24,15 @@ class SamplingParams:
     num_logprobs: int | None = None   # None = no logprobs; N >= 0 = sampled token + top-N
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)   # extra end-of-sequence ids
+    # Context-dependent logits processing, applied before temperature/top-k/top-p/min-p, on the
+    # verify side position by position (and on the draft side the same way, for acceptance):
+    presence_penalty: float = 0.0     # OpenAI: -= p for every token seen in the output so far
+    frequency_penalty: float = 0.0    # OpenAI: -= f * count in the output so far
+    repetition_penalty: float = 1.0   # CTRL/HF: logits of tokens in prompt + output divided (>0) or multiplied (<0) by r
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    min_tokens: int = 0               # stop ids are masked until this many tokens were generated
+    grammar: GrammarSpec | None = None   # structured output: the token mask of a grammar (engine/grammar.py)
+    num_prompt_logprobs: int | None = None   # echo + logprobs: logprobs of the prompt tokens, top-N
 
     def validate(self) -> None:
         """Raise ValueError (message names the field) for out-of-range values."""
@@ -35,6 +44,12 @@ class SamplingParams:
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "must be an integer in [0, 2^63)"),
             ("stop_token_ids", isinstance(self.stop_token_ids, list) and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be a list of token ids"),
+            ("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "must be a finite number > 0"),
+            ("logit_bias", isinstance(self.logit_bias, dict) and all(isinstance(t, int) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()), "must map token ids to numbers in [-100, 100]"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "must be an integer in [0, max_tokens]"),
+            ("num_prompt_logprobs", self.num_prompt_logprobs is None or (isinstance(self.num_prompt_logprobs, int) and 0 <= self.num_prompt_logprobs <= 20), "must be in [0, 20]"),
             ("num_logprobs", self.num_logprobs is None or (isinstance(self.num_logprobs, int) and 0 <= self.num_logprobs <= 20), "must be in [0, 20]"),
         ]
         for name, ok, why in checks:
@@ -44,6 +59,26 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_context_processing(self) -> bool:
+        """True when a token's scores depend on the tokens before it (penalties, grammar, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens or self.grammar is not None)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A structured-output constraint, as the frontend parsed it from the request (picklable text).
+
+    kind: "json_object" (any JSON object; value ""), "json_schema" (value: the schema as JSON text),
+    "regex" (value: the pattern), "choice" (value: JSON list of strings), "ebnf" (value: the grammar),
+    "structural_tag" (value: xgrammar structural-tag JSON; used for tool calls).
+    """
+    kind: str
+    value: str = ""
+
+    KINDS = ("json_object", "json_schema", "regex", "choice", "ebnf", "structural_tag")
 
 
 def _finite(x) -> bool:
