@@ -72,13 +72,13 @@ class GrammarSpec:
     """A structured-output constraint, as the frontend parsed it from the request (picklable text).
 
     kind: "json_object" (any JSON object; value ""), "json_schema" (value: the schema as JSON text),
-    "regex" (value: the pattern), "choice" (value: JSON list of strings), "ebnf" (value: the grammar),
-    "structural_tag" (value: xgrammar structural-tag JSON; used for tool calls).
+    "regex" (value: the pattern), "choice" (value: JSON list of strings), "lark" (value: an
+    llguidance Lark grammar, which may embed JSON schemas with %json; tool calls use it).
     """
     kind: str
     value: str = ""
 
-    KINDS = ("json_object", "json_schema", "regex", "choice", "ebnf", "structural_tag")
+    KINDS = ("json_object", "json_schema", "regex", "choice", "lark")
 
 
 def _finite(x) -> bool:
