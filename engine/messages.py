@@ -132,6 +132,7 @@ class TokensOut:
     request_id: int
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # echo: one per prompt token (first: None)
 
 
 @dataclass
@@ -193,6 +194,7 @@ class EngineOutput:
     request_id: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # on the first item, when asked for
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
