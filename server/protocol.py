@@ -78,12 +78,47 @@ class TextContentPart(OpenAIBaseModel):
     text: str | None = None
 
 
+# issue 12: tools / chat template / FIM -------------------------------------------------
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None     # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionCallParam(OpenAIBaseModel):
+    name: str
+    arguments: str | dict[str, Any]             # OpenAI: JSON text; a parsed object is accepted too
+
+
+class ToolCallParam(OpenAIBaseModel):
+    """A call in an assistant message of the history (as a response returned it)."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+# ---------------------------------------------------------------------------------------
+
+
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallParam] | None = None   # issue 12
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -92,10 +127,15 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool | None = True   # vLLM extension
+    # issue 12: tools / chat template / FIM (server/tool_choice.py, server/chat_rendering.py)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # None: auto with tools
+    parallel_tool_calls: bool | None = None     # false: at most one call
+    chat_template: str | None = None            # vLLM extension: a Jinja template for this request
+    chat_template_kwargs: dict[str, Any] | None = None    # vLLM extension: extra template variables
+    continue_final_message: bool | None = False  # vLLM extension: continue the last (assistant) message
 
 
 # ---- responses -------------------------------------------------------------------
@@ -163,6 +203,7 @@ class ChatLogProbs(OpenAIBaseModel):
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)   # issue 12: ToolCall.to_openai()
 
 
 class ChatChoice(OpenAIBaseModel):

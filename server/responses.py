@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 
 from engine.messages import RequestStats, TokenLogprob
 from server import protocol as P
+from server.tool_parsers import ToolParser
 
 _MIN_LOGPROB = -9999.0   # JSON has no -inf (vLLM clamps the same way)
 
@@ -121,7 +122,8 @@ def _chat_logprobs(sv: Any, lps: list[TokenLogprob] | None) -> list[P.ChatTokenL
 
 
 async def chat_events(sv: Any, req: P.ChatCompletionRequest, handle: Any, detok: Any,
-                      ids: list[int]) -> AsyncIterator[dict]:
+                      ids: list[int], tool_parser: ToolParser | None = None) -> AsyncIterator[dict]:
+    """With a tool_parser (issue 12), tool calls are parsed out of the content into `tool_calls`."""
     rid, created, model = P.random_id("chatcmpl"), int(time.time()), sv.model_name
     stream = bool(req.stream)
     include_usage = stream and req.stream_options is not None and bool(req.stream_options.include_usage)
@@ -140,7 +142,13 @@ async def chat_events(sv: Any, req: P.ChatCompletionRequest, handle: Any, detok:
     texts, all_lps, last = [], [], None
     async for step in sv.steps(handle, detok):
         lps = _chat_logprobs(sv, step.logprobs) if want_lp else []
-        if stream:
+        if stream and tool_parser is not None:   # issue 12: text of a forming call is held back
+            delta = tool_parser.stream_delta(step.text, is_last=bool(step.finish_reason))
+            if step.finish_reason:
+                yield chunk(delta, lps, tool_parser.finish_reason(step.finish_reason), step.stop_reason)
+            elif delta or lps:
+                yield chunk(delta, lps)
+        elif stream:
             if step.finish_reason:
                 yield chunk({"content": step.text} if step.text else {}, lps, step.finish_reason, step.stop_reason)
             elif step.text or lps:
@@ -155,8 +163,12 @@ async def chat_events(sv: Any, req: P.ChatCompletionRequest, handle: Any, detok:
             yield P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
                                         usage=usage).model_dump(mode="json")
         return
-    choice = P.ChatChoice(message=P.ChatResponseMessage(content="".join(texts)),
+    content, tool_calls, finish_reason = "".join(texts), [], last.finish_reason
+    if tool_parser is not None:   # issue 12
+        content, calls = tool_parser.extract_tool_calls(content)
+        tool_calls, finish_reason = [c.to_openai() for c in calls], tool_parser.finish_reason(finish_reason)
+    choice = P.ChatChoice(message=P.ChatResponseMessage(content=content, tool_calls=tool_calls),
                           logprobs=P.ChatLogProbs(content=all_lps) if want_lp else None,
-                          finish_reason=last.finish_reason, stop_reason=last.stop_reason)
+                          finish_reason=finish_reason, stop_reason=last.stop_reason)
     yield P.ChatCompletionResponse(id=rid, created=created, model=model, choices=[choice],
                                    usage=usage).model_dump(mode="json")

@@ -16,22 +16,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.messages import SamplingParams
 from server import protocol as P
+from server.chat_rendering import ChatRenderer
 from server.detokenizer import IncrementalDetokenizer
+from server.errors import OpenAIError   # moved there (issue 12); server.app imports it from here
+from server.fim import FimPrompter
 from server.responses import Step, chat_events, completion_events
 from server.engine_client import (EngineClient, EngineClientError, EngineFailedError,
                                   EngineUnavailableError, RequestHandle)
 from server.settings import Settings
+from server.tool_choice import plan_tools
+from server.tool_parsers import get_tool_parser
 
 logger = logging.getLogger("amusd.server")
 MAX_STOP_STRING_CHARS = 1024
 STOP_DRAIN_TIMEOUT_S = 5.0     # after a stop string: wait this long for the engine's final stats
-
-
-class OpenAIError(Exception):
-    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
 
 
 def error_body(message: str, type: str, param: str | None = None, code: Any = None) -> dict:
@@ -88,6 +86,10 @@ class OpenAIServing:
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self._token_str_cache: dict[int, str] = {}
         self._byte_decoder = _byte_decoder(tokenizer)
+        # issue 12: tools / chat template / FIM
+        self.chat_renderer = ChatRenderer(tokenizer, settings.trust_request_chat_template)
+        self.tool_parser_cls = get_tool_parser(settings.tool_call_parser)
+        self.fim = FimPrompter(tokenizer)
 
     def models(self) -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=self.model_name, root=self.model_root,
@@ -158,30 +160,8 @@ class OpenAIServing:
             raise OpenAIError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param="prompt")
         return list(prompt)
 
-    def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
-        if not req.messages:
-            raise OpenAIError("messages must not be empty", param="messages")
-        msgs = []
-        for i, m in enumerate(req.messages):
-            if m.role not in P.ROLES:
-                raise OpenAIError(f"messages[{i}].role: unknown role {m.role!r} (expected one of "
-                                  f"{', '.join(P.ROLES)})", param=f"messages.{i}.role")
-            content = m.content
-            if isinstance(content, list):
-                if any(part.type != "text" or part.text is None for part in content):
-                    raise OpenAIError(f"messages[{i}].content: only text parts are supported",
-                                      param=f"messages.{i}.content")
-                content = "".join(part.text for part in content)
-            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
-            for key in ("name", "tool_call_id", "tool_calls"):
-                if getattr(m, key) is not None:
-                    msg[key] = getattr(m, key)
-            msgs.append(msg)
-        try:
-            text = self.tokenizer.apply_chat_template(msgs, tools=req.tools, tokenize=False,
-                                                      add_generation_prompt=req.add_generation_prompt is not False)
-        except Exception as exc:   # jinja errors (raise_exception in templates), missing template
-            raise OpenAIError(f"cannot apply the chat template: {exc}", param="messages") from None
+    def _chat_prompt(self, req: P.ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> list[int]:
+        text = self.chat_renderer.render(req, tools)
         _check_unicode(text, "messages")
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -268,12 +248,16 @@ class OpenAIServing:
         self._check_common(req)
         if req.best_of not in (None, 1):
             raise OpenAIError("only best_of=1 is supported", param="best_of")
-        if req.suffix:
-            raise OpenAIError("suffix is not supported", param="suffix")
         if req.echo and req.logprobs is not None:
             raise OpenAIError("echo with logprobs (prompt logprobs) is not supported", param="echo")
         ids = self._completion_prompt(req.prompt)
+        if req.suffix is not None:   # issue 12: fill-in-the-middle
+            if req.echo:
+                raise OpenAIError("echo cannot be combined with suffix", param="suffix")
+            ids = self.fim.prompt_ids(ids, req.suffix)
         params = self._params(req, len(ids), req.max_tokens, req.logprobs)
+        if req.suffix is not None:
+            params.stop_token_ids = sorted({*params.stop_token_ids, *self.fim.stop_token_ids})
         handle = await self._admit(ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, ids, req.stop_list())
         return await self.respond(handle, completion_events(self, req, handle, detok, ids), bool(req.stream))
@@ -285,9 +269,16 @@ class OpenAIServing:
         fmt = (req.response_format or {}).get("type", "text")
         if fmt != "text":
             raise OpenAIError(f"response_format {fmt!r} is not supported", param="response_format")
-        ids = self._chat_prompt(req)
+        tool_plan = plan_tools(req, self.tool_parser_cls)   # issue 12: tools
+        ids = self._chat_prompt(req, tool_plan.tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._params(req, len(ids), max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        if tool_plan.grammar is not None:
+            if params.grammar is not None:
+                raise OpenAIError("tool_choice (required or a named function) cannot be combined with "
+                                  "response_format or guided decoding", param="tool_choice")
+            params.grammar = tool_plan.grammar
         handle = await self._admit(ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, ids, req.stop_list())
-        return await self.respond(handle, chat_events(self, req, handle, detok, ids), bool(req.stream))
+        return await self.respond(handle, chat_events(self, req, handle, detok, ids, tool_plan.new_parser()),
+                                  bool(req.stream))

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(8, ge=0, description="most stop strings per request")
     default_temperature: float = Field(1.0, ge=0, description="temperature when a request sets none "
                                        "(OpenAI's default is 1.0; 0 = greedy)")
+    # ---- tools / chat templates (issue 12) -------------------------------------------
+    tool_call_parser: str = Field("hermes", description="how tool calls are parsed from the output: "
+                                  "hermes (Qwen2.5, Hermes: <tool_call>{json}</tool_call>)")
+    trust_request_chat_template: bool = Field(False, description="accept a request's own Jinja "
+                                              "chat_template (runs client-supplied template code)")
     # ---- engine (see engine/config.py) --------------------------------------------
     model: str = Field(DEFAULT_MODEL, description="verify (target) model: local dir, hub id, "
                        "'tiny-random/verify', or 'default' (fetched 1.5B)")
@@ -105,6 +110,13 @@ class Settings(BaseSettings):
     max_restarts: int = Field(_E["max_restarts"], description="worker restarts at start-up before giving up")
     cache_dir: str = Field(default_factory=default_cache_dir,     # $AMUSD_CACHE_DIR when the settings are made
                            description="model cache (fetched / converted models)")
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, v: str) -> str:
+        from server.tool_parsers import get_tool_parser
+        get_tool_parser(v)            # ValueError naming the known parsers
+        return v
 
     @field_validator("api_keys", mode="before")
     @classmethod

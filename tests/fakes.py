@@ -22,8 +22,9 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_byte_tokenizer(out_dir: str) -> str:
-    """A 256-byte BPE tokenizer (no merges) + ChatML specials + chat template, saved to out_dir."""
+def build_byte_tokenizer(out_dir: str, chat_template: str = CHAT_TEMPLATE, extra_specials: tuple[str, ...] = ()) -> str:
+    """A 256-byte BPE tokenizer (no merges) + ChatML specials (ids 256-258, then `extra_specials`,
+    e.g. FIM markers) + chat template, saved to out_dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -32,9 +33,9 @@ def build_byte_tokenizer(out_dir: str) -> str:
     tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(SPECIALS + list(extra_specials))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return out_dir
