@@ -62,6 +62,9 @@ class ChatRenderer:
         if m.role not in P.ROLES:
             raise OpenAIError(f"messages[{i}].role: unknown role {m.role!r} (expected one of "
                               f"{', '.join(P.ROLES)})", param=f"messages.{i}.role")
+        for key in ("refusal", "annotations", "audio", "function_call"):   # echoed by the SDK as null
+            if getattr(m, key) is not None:
+                raise OpenAIError(f"messages[{i}].{key} is not supported", param=f"messages.{i}.{key}")
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                    "content": _content_text(i, m.content)}
         if m.tool_calls:

@@ -2,9 +2,9 @@
 
     <|fim_prefix|>{prompt}<|fim_suffix|>{suffix}<|fim_middle|>   -> the model writes the middle
 
-The prompt is built from token ids (the FIM markers are single special tokens, never text that a
-prompt could forge). Only a tokenizer that has all three markers can do it; otherwise `suffix`
-gets a 400. The middle ends where the model ends a file: Qwen2.5-Coder writes <|endoftext|>
+The prompt is built from token ids: the three markers are the tokenizer's special tokens, and the
+prompt and the suffix are tokenised like any /v1/completions prompt. Only a tokenizer that has
+all three markers can do it; otherwise `suffix` gets a 400. The middle ends where the model ends a file: Qwen2.5-Coder writes <|endoftext|>
 (not the chat EOS <|im_end|>), or a repository-level marker; those stop generation too (as
 llama.cpp's end-of-generation set for FIM does).
 """

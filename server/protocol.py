@@ -74,6 +74,8 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextContentPart(OpenAIBaseModel):
+    # issue 12: other part types carry other keys (image_url, ...): server/chat_rendering.py names them in a 400
+    model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
@@ -94,6 +96,7 @@ class ToolDefinition(OpenAIBaseModel):
 class FunctionCallParam(OpenAIBaseModel):
     name: str
     arguments: str | dict[str, Any]             # OpenAI: JSON text; a parsed object is accepted too
+    parsed_arguments: Any = None                # the SDK's streaming helper echoes its parse of `arguments`
 
 
 class ToolCallParam(OpenAIBaseModel):
@@ -101,6 +104,7 @@ class ToolCallParam(OpenAIBaseModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCallParam
+    index: int | None = None                    # the SDK's streaming helper keeps the delta index
 
 
 class NamedFunction(OpenAIBaseModel):
@@ -119,6 +123,12 @@ class ChatMessage(OpenAIBaseModel):
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCallParam] | None = None   # issue 12
+    # issue 12: the openai SDK sends a returned message back with these (null); non-null is a 400
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    parsed: Any = None                          # the SDK's .parse()/.stream() helpers echo their parse of content
 
 
 class ChatCompletionRequest(_SamplingRequest):

@@ -159,6 +159,8 @@ def fake_server(byte_tokenizer_dir):
     def start(**kw):
         tokenizer_dir = kw.pop("tokenizer_dir", byte_tokenizer_dir)
         fake_kw = {k: kw.pop(k) for k in list(kw) if k not in Settings.model_fields}
+        if "max_model_len" in kw:          # a setting the fake engine reports as its own
+            fake_kw["max_model_len"] = kw["max_model_len"]
         sup = FakeSupervisor(tokenizer_dir, **fake_kw)
         app = create_app(Settings(served_model_name="fake", **kw), sup)
         sock = socket.socket()

@@ -41,6 +41,15 @@ def build_byte_tokenizer(out_dir: str, chat_template: str = CHAT_TEMPLATE, extra
     return out_dir
 
 
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")   # ids 259, 260, 261 below
+
+
+def build_qwen_like_tokenizer(out_dir: str) -> str:
+    """The byte tokenizer with Qwen2.5's chat template (tools, <tool_call>) and Qwen2.5-Coder's FIM tokens."""
+    from tests.chat_templates import QWEN25_CHAT_TEMPLATE
+    return build_byte_tokenizer(out_dir, QWEN25_CHAT_TEMPLATE, FIM_TOKENS)
+
+
 class FakeSupervisor:
     def __init__(self, tokenizer_dir: str, text: str = "Hello, wörld! 你好. " * 8, delay_s: float = 0.01,
                  tokens_per_step: int = 2, max_model_len: int = 512, start_delay_s: float = 0.0) -> None:
