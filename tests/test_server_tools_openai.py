@@ -119,6 +119,12 @@ def test_continue_final_message_over_http(fake_server, qwen_dir):
             "messages": QUESTION + [{"role": "assistant", "content": "1, 2,"}], "continue_final_message": True})
         assert r.status_code == 200, r.text
         assert prompt_text(fs).endswith("<|im_start|>assistant\n1, 2,")
+        body = {"messages": QUESTION, "chat_template": "{% for m in messages %}<{{ m.content }}>{% endfor %}"}
+        r = httpx.post(fs.url("/v1/chat/completions"), json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"   # not trusted by default
+    with fake_server(tokenizer_dir=qwen_dir, text="ok", delay_s=0.001, trust_request_chat_template=True) as fs:
+        assert httpx.post(fs.url("/v1/chat/completions"), json=body).status_code == 200
+        assert prompt_text(fs) == "<Weather in Paris?>"
 
 
 def test_fill_in_the_middle(fake_server, qwen_dir):
@@ -140,3 +146,13 @@ def test_fill_in_the_middle(fake_server, qwen_dir):
         with pytest.raises(openai.BadRequestError) as info:
             client_of(fs).completions.create(model="fake", prompt="def f(", suffix="):")
         assert info.value.body["param"] == "suffix" and "<|fim_prefix|>" in info.value.body["message"]
+
+
+def test_tool_settings(capsys):
+    from server.main import main
+    from server.settings import load_settings
+    assert main(["--tool-call-parser", "bogus"]) == 2
+    assert "known: hermes" in capsys.readouterr().err
+    settings = load_settings([])
+    assert (settings.tool_call_parser, settings.trust_request_chat_template) == ("hermes", False)
+    assert load_settings(["--trust-request-chat-template"]).trust_request_chat_template is True

@@ -50,7 +50,7 @@ class HermesToolParser(ToolParser):
         self._buffer = ""          # text not yet emitted nor parsed (a block body, or a possible tag start)
         self._is_in_call = False   # a <tool_call> is open; _buffer holds its body so far
         self._held_space = ""      # whitespace outside blocks: content only if more content follows
-        self._space_before_call = ""
+        self._space_before_call = ""   # the whitespace before the open block: dropped if it is a call
 
     def extract_tool_calls_streaming(self, delta_text: str) -> tuple[str, list[ToolCall]]:
         self._buffer += delta_text
@@ -103,7 +103,7 @@ class HermesToolParser(ToolParser):
             calls += self._add_call(*parsed)
         else:
             content.append(self._text(self._space_before_call + self.START + body + (self.END if is_closed else "")))
-        self._space_before_call = ""
+        self._space_before_call = ""   # the whitespace before the open block: dropped if it is a call
 
     @staticmethod
     def _parse_body(body: str) -> tuple[str, str] | None:
