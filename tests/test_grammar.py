@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from engine.grammar_spec import validate_grammar_spec  # noqa: E402
 from engine.messages import GrammarSpec  # noqa: E402
 from engine.tiny_models import TINY_PADDING_ROWS, ensure_tiny_model  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_SIZE = 259
 EOS, IM_START, IM_END = 256, 257, 258
 STOP_IDS = frozenset({EOS, IM_END})
@@ -156,7 +158,8 @@ def test_rows_after_a_rejected_proposal_token_allow_only_stop_ids(factory):
     assert all(_allowed(masked[i]) == STOP_IDS for i in range(3, 7))
     # the matcher was not left in an error state: a valid context afterwards is exact again
     assert not processor.matcher.is_error()
-    assert torch.equal(processor(logits[:4], tokens[:6], tokens[6:9]), _alone(factory, spec, logits[:4], tokens[:6], tokens[6:9]))
+    output_ids, proposal = tokens[:6], tokens[6:9]
+    assert torch.equal(processor(logits[:4], output_ids, proposal), _alone(factory, spec, logits[:4], output_ids, proposal))
 
 
 class RefusingRollback:
@@ -215,8 +218,8 @@ def test_stop_ids_are_allowed_exactly_where_the_grammar_can_end(factory):
 
 
 def test_padded_rows_and_chat_specials_are_always_masked(padded_factory):
-    proposal = [_byte_id(padded_factory, "x")]
-    masked = padded_factory(GrammarSpec("regex", "(?s:.*)"), STOP_IDS)(torch.zeros(2, padded_factory.vocab_size), [], proposal)
+    processor = padded_factory(GrammarSpec("regex", "(?s:.*)"), STOP_IDS)
+    masked = processor(torch.zeros(2, padded_factory.vocab_size), [], [_byte_id(padded_factory, "x")])   # [2, V]
     for row in masked:
         allowed = _allowed(row)
         assert len(allowed) > 150                   # every byte that can start UTF-8 text
@@ -256,6 +259,8 @@ def test_compiled_grammars_are_cached_least_recently_used_first(tiny_dirs):
 
 def test_spec_validation_does_not_import_torch():
     """The frontend (which never imports torch) can pre-validate with engine.grammar_spec."""
-    code = ("import sys; from engine.grammar_spec import validate_grammar_spec; from engine.messages import GrammarSpec; "
-            "validate_grammar_spec(GrammarSpec('json_object')); assert 'torch' not in sys.modules; print('ok')")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip() == "ok"
+    code = ("import sys; from engine.grammar_spec import validate_grammar_spec; "
+            "from engine.messages import GrammarSpec; validate_grammar_spec(GrammarSpec('json_object')); "
+            "assert 'torch' not in sys.modules; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
