@@ -10,6 +10,8 @@ pending token and K proposed tokens at once (N = K + 1), a draft step usually on
 
 Why llguidance: the mask costs tens of microseconds per row, the wheel has no dependencies
 (xgrammar would pull ~1 GB of triton into a CPU install), and vLLM, SGLang and llama.cpp use it.
+Masks are filled with llguidance.numpy's helpers and unpacked with numpy, then copied to the logits'
+device once; llguidance.torch's apply is torch.compile'd (a C++ toolchain on CPU, ~2 s to import).
 
 Sync by common prefix. A processor keeps ONE llguidance matcher and the list of tokens it has
 consumed. Each call brings it to the new context by rolling back to the longest common prefix and
