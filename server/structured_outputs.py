@@ -54,7 +54,7 @@ def _lark_text(grammar: Any, param: str) -> str:
         raise OpenAIError(f"{param}: cannot parse the grammar: {exc}", param=param) from None
 
 
-def _from_response_format(fmt: dict[str, Any]) -> GrammarSpec | None:
+def _from_response_format(fmt: dict[str, Any]) -> tuple[str, GrammarSpec] | None:
     if "type" not in fmt:
         raise OpenAIError("response_format.type is required (text, json_object or json_schema)",
                           param="response_format.type")
@@ -65,7 +65,7 @@ def _from_response_format(fmt: dict[str, Any]) -> GrammarSpec | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return GrammarSpec("json_object")
+        return "response_format", GrammarSpec("json_object")
     if kind != "json_schema":
         raise OpenAIError(f"response_format.type {kind!r} is not supported (text, json_object or json_schema)",
                           param="response_format.type")
@@ -80,7 +80,8 @@ def _from_response_format(fmt: dict[str, Any]) -> GrammarSpec | None:
     if spec.get("schema") is None:
         raise OpenAIError("response_format.json_schema.schema is required",
                           param="response_format.json_schema.schema")
-    return GrammarSpec("json_schema", _schema_text(spec["schema"], "response_format.json_schema.schema"))
+    param = "response_format.json_schema.schema"
+    return param, GrammarSpec("json_schema", _schema_text(spec["schema"], param))
 
 
 def _from_structured_outputs(so: dict[str, Any]) -> list[tuple[str, GrammarSpec]]:
@@ -127,9 +128,7 @@ def grammar_spec(req: Any) -> GrammarSpec | None:
     """The request's one structured-output constraint (checked), or None."""
     found: list[tuple[str, GrammarSpec]] = []
     if req.response_format is not None:
-        spec = _from_response_format(req.response_format)
-        if spec is not None:
-            found.append(("response_format", spec))
+        found += [f for f in [_from_response_format(req.response_format)] if f is not None]
     if req.structured_outputs is not None:
         found += _from_structured_outputs(req.structured_outputs)
     if req.guided_json is not None:

@@ -147,7 +147,8 @@ class FakeServer:
 def fake_server(byte_tokenizer_dir):
     """Factory: `with fake_server(max_queue_size=1, delay_s=0.05) as fs:` -> FakeServer.
 
-    Settings keywords go to Settings, the others (delay_s, text, tokens_per_step, ...) to FakeSupervisor.
+    Settings keywords go to Settings, the others (delay_s, text, tokens_per_step, tokenizer_dir, ...)
+    to FakeSupervisor.
     """
     import uvicorn
 
@@ -156,8 +157,9 @@ def fake_server(byte_tokenizer_dir):
 
     @contextlib.contextmanager
     def start(**kw):
-        fake_kw = {k: kw.pop(k) for k in list(kw) if k not in Settings.model_fields}
-        sup = FakeSupervisor(byte_tokenizer_dir, **fake_kw)
+        fake_kw = {"tokenizer_dir": byte_tokenizer_dir,
+                   **{k: kw.pop(k) for k in list(kw) if k not in Settings.model_fields}}
+        sup = FakeSupervisor(**fake_kw)
         app = create_app(Settings(served_model_name="fake", **kw), sup)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
