@@ -2,7 +2,8 @@
 
 Shapes follow OpenAI, vLLM's OpenAI server and llama-server's aliases. Request models are strict:
 an unknown field is a 400 naming it, except the fields of IGNORED_FIELDS, the one list of fields
-that are accepted and dropped because they cannot change the output. NaN/inf are rejected.
+that are accepted and dropped because they cannot change the output (and unknown fields sent as
+null, which means "not set"). NaN/inf are rejected.
 Cross-field and range checks that need the model (context length, vocab, grammars) live in
 server/request_params.py and server/structured_outputs.py.
 """
@@ -94,8 +95,11 @@ class _SamplingRequest(StrictRequestModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignored_fields(cls, data: Any) -> Any:
+        """Drop IGNORED_FIELDS, and unknown fields sent as null (clients that serialise every
+        field they know; null is "not set", which cannot change the output)."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if k not in IGNORED_FIELDS}
+            return {k: v for k, v in data.items()
+                    if k not in IGNORED_FIELDS and (v is not None or k in cls.model_fields)}
         return data
 
     def stop_list(self) -> list[str]:

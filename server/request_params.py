@@ -38,8 +38,11 @@ def load_sampling_defaults(setting: str, model_dir: str) -> dict[str, float]:
             config = json.load(f)
     except (OSError, ValueError):
         return {}
-    return {k: config[k] for k in SAMPLING_DEFAULT_KEYS
-            if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+    defaults = {k: config[k] for k in SAMPLING_DEFAULT_KEYS
+                if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+    if "top_k" in defaults:
+        defaults["top_k"] = int(defaults["top_k"])
+    return defaults
 
 
 def check_unicode(text: str, param: str) -> None:

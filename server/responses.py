@@ -222,5 +222,6 @@ async def chat_events(sv: Any, req: P.ChatCompletionRequest, runner: Any) -> Asy
             yield P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage.info(),
                                         system_fingerprint=fp).model_dump(mode="json")
         return
-    yield P.ChatCompletionResponse(id=rid, created=created, model=model, choices=[finished[i] for i in sorted(finished)],
-                                   usage=usage.info(), system_fingerprint=fp).model_dump(mode="json")
+    yield P.ChatCompletionResponse(id=rid, created=created, model=model,
+                                   choices=[finished[i] for i in sorted(finished)], usage=usage.info(),
+                                   system_fingerprint=fp).model_dump(mode="json")

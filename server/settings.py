@@ -40,7 +40,8 @@ class Settings(BaseSettings):
                                           "(none = the verify model's name)")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False,
-        description="accepted API keys for /v1/*, /tokenize and /detokenize (comma-separated or JSON list; empty = no auth)")
+        description="accepted API keys for /v1/*, /tokenize and /detokenize (comma-separated or JSON list; "
+                    "empty = no auth)")
     metrics_require_auth: bool = Field(False, description="require an API key on /metrics too")
     metrics_names: str = Field("amusd", description="metric names on /metrics: amusd (amusd:*) | vllm "
                                "(vLLM's vllm:* names with a model_name label, for vLLM dashboards)")

@@ -36,12 +36,14 @@ def test_every_ignored_field_is_accepted_and_changes_nothing(fake_server):
             base = submitted(fs, path, body)
             for name, value in IGNORED_VALUES.items():
                 assert submitted(fs, path, {**body, name: value}) == base, name
+            assert submitted(fs, path, {**body, "functions": None, "logit_bias": None}) == base   # null = not set
 
 
 @pytest.mark.parametrize("path,body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_unknown_fields_are_400_naming_them(fake_server, path, body):
     with fake_server() as fs:
         for extra, param in (({"frobnicate": 1}, "frobnicate"), ({"best_of_all": 2}, "best_of_all"),
+                             ({"functions": []}, "functions"),
                              ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
                              ({"response_format": {"json_object": True}}, "response_format.type"),
                              ({"response_format": {"type": "json_object", "strict": True}}, "response_format.strict"),
@@ -68,7 +70,8 @@ def test_two_constraints_or_a_bad_one_are_400(fake_server):
                              ({"guided_choice": []}, "guided_choice"),
                              ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
                              ({"response_format": {"type": "json_schema", "json_schema": {
-                                 "name": "x", "schema": {"$ref": "#/nowhere"}}}}, "response_format.json_schema.schema")):
+                                 "name": "x", "schema": {"$ref": "#/nowhere"}}}},
+                              "response_format.json_schema.schema")):
             for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
                 err = assert_openai_error(httpx.post(fs.url(path), json={**body, **extra}), 400)
                 assert err["param"] == param, (extra, err)
@@ -81,11 +84,13 @@ def test_each_field_reaches_the_sampling_params(fake_server):
         p = submitted(fs, "/v1/completions", {
             "prompt": "x", "n_predict": 7, "presence_penalty": 0.5, "frequency_penalty": -0.25,
             "repeat_penalty": 1.1, "logit_bias": {"65": 5, "66": -100}, "min_tokens": 2, "stop_token_ids": [33],
-            "ignore_eos": True, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+            "ignore_eos": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
         assert (p.max_tokens, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (7, 0.5, -0.25, 1.1)
         assert (p.logit_bias, p.min_tokens, p.stop_token_ids, p.ignore_eos) == ({65: 5.0, 66: -100.0}, 2, [33], True)
         assert p.grammar == GrammarSpec("json_schema", json.dumps(schema, separators=(",", ":")))
-        p = submitted(fs, "/v1/chat/completions", {**CHAT, "repetition_penalty": 1.2, "response_format": {"type": "json_object"}})
+        p = submitted(fs, "/v1/chat/completions", {**CHAT, "repetition_penalty": 1.2,
+                                                   "response_format": {"type": "json_object"}})
         assert (p.repetition_penalty, p.grammar, p.max_tokens) == (1.2, GrammarSpec("json_object"), 3)
         assert submitted(fs, "/v1/chat/completions", {**CHAT, "response_format": {"type": "text"}}).grammar is None
         cases = [({"guided_choice": ["yes", "no"]}, GrammarSpec("choice", '["yes", "no"]')),
