@@ -228,7 +228,7 @@ CASES = [
     ("chat min_p NaN", H, _raw(b'{"messages": [{"role": "user", "content": "x"}], "min_p": NaN}'), {400}),
     ("min_p negative", C, {"json": {"prompt": "x", "min_p": -0.5}}, {400}),
     ("top_p above 1", C, {"json": {"prompt": "x", "top_p": 1.5}}, {400}),
-    ("presence_penalty", C, {"json": {"prompt": "x", "presence_penalty": -1}}, {400}),
+    ("presence_penalty out of range", C, {"json": {"prompt": "x", "presence_penalty": -3}}, {400}),
     ("repetition_penalty 0", C, {"json": {"prompt": "x", "repetition_penalty": 0}}, {400}),
     ("seed 2^64", C, {"json": {"prompt": "x", "seed": 2 ** 64}}, {400}),
     ("temperature 1e-300", C, {"json": {"prompt": "x", "max_tokens": 4, "temperature": 1e-300}}, {200}),

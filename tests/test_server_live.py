@@ -164,7 +164,9 @@ def test_completion_errors_are_400(server, body, param):
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
     {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3},
-    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"json_schema": {"schema": {}}}},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "guided_regex": "a"},
+    {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"100000": 1}},
 ])
 def test_chat_errors_are_400(server, body):
     assert_openai_error(post(server, "/v1/chat/completions", body), 400)
