@@ -4,7 +4,10 @@
     app = create_app(settings, supervisor)     # any object with EngineSupervisor's interface
 
 Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. Validation errors
-are 400 (not FastAPI's 422). A client disconnect (ASGI `http.disconnect`) cancels the request.
+are 400 (not FastAPI's 422); an unknown request field is a 400 naming it. 429 and 503 carry a
+Retry-After header estimated from the queue. A client disconnect (ASGI `http.disconnect`) cancels
+the request. Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
+/version, /health, /metrics.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from starlette.responses import JSONResponse, Response
 from server import protocol as P
 from server.engine_client import EngineClient, EngineClientError, make_supervisor
 from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.serving import OpenAIError, OpenAIServing, error_body
+from server.request_params import load_sampling_defaults
+from server.serving import OpenAIError, OpenAIServing, error_body, server_version
 from server.settings import Settings
 
 logger = logging.getLogger("amusd.server")
 _ERROR_TYPES = {500: "internal_server_error", 503: "service_unavailable"}   # 4xx: invalid_request_error
+_TOKENIZER_PATHS = ("/tokenize", "/detokenize")   # behind the API key like /v1/*
 
 
 def load_tokenizer(path: str) -> Any:
@@ -61,7 +66,8 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        protected = path.startswith("/v1/") or (path == "/metrics" and self.settings.metrics_require_auth)
+        protected = (path.startswith("/v1/") or path in _TOKENIZER_PATHS
+                     or (path == "/metrics" and self.settings.metrics_require_auth))
         if self._keys and protected and not self._authorized(scope):
             self.metrics.record_failure("unauthorized")
             return await _error(401, "invalid or missing API key (send Authorization: Bearer <key>)",
@@ -137,7 +143,8 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
         sup = state["supervisor"]
         return sup.health() if sup is not None and getattr(state.get("client"), "started", False) else {}
 
-    metrics = ServerMetrics(health=health, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+    metrics = ServerMetrics(health=health, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                            names=settings.metrics_names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -155,9 +162,15 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
         root = getattr(getattr(sup, "config", None), "verify_model", None) or settings.model
         name = settings.served_model_name or (os.path.basename(os.path.normpath(root))
                                               if os.path.isdir(root) else root)
-        state["serving"] = OpenAIServing(settings, client, tokenizer, name, root, sup.max_model_len,
-                                         sup.vocab_size)
+        defaults = load_sampling_defaults(settings.generation_config, sup.tokenizer_dir)
+        state["serving"] = serving = OpenAIServing(
+            settings, client, tokenizer, name, root, sup.max_model_len, sup.vocab_size,
+            eos_token_ids=getattr(sup, "eos_token_ids", ()), sampling_defaults=defaults)
+        metrics.set_model_name(name)
         logger.info("serving model %r (mode %s, max_model_len %d)", name, settings.mode, sup.max_model_len)
+        logger.info("sampling defaults for fields a request leaves unset: %s (generation_config: %s%s)",
+                    serving.params.defaults_in_force(), settings.generation_config,
+                    f", from generation_config.json: {sorted(defaults)}" if defaults else ", none found")
         try:
             yield
         finally:
@@ -170,11 +183,15 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.record_failure("invalid_request")
-        err = (exc.errors() or [{}])[0]
+        errors = exc.errors() or [{}]
+        err = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
         if err.get("type") == "json_invalid":
             return _error(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}")
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc)
+        if err.get("type") == "extra_forbidden":
+            return _error(400, f"unknown parameter {where!r}: this server does not support it (an unsupported "
+                               "parameter is refused, never silently ignored)", None, where)
         return _error(400, f"{where + ': ' if where else ''}{err.get('msg', 'invalid request')}", None, where or None)
 
     @app.exception_handler(OpenAIError)
@@ -184,7 +201,11 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
 
     @app.exception_handler(EngineClientError)
     async def _on_engine_error(request: Request, exc: EngineClientError) -> JSONResponse:
-        return _error(exc.status, str(exc), exc.type, None, exc.code)
+        response = _error(exc.status, str(exc), exc.type, None, exc.code)
+        client = state.get("client")
+        if exc.status in (429, 503) and client is not None:
+            response.headers["Retry-After"] = str(client.retry_after_s())
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -210,6 +231,18 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
         return JSONResponse(state["serving"].models().model_dump(mode="json"))
+
+    @app.get("/version")
+    async def get_version() -> JSONResponse:
+        return JSONResponse({"version": server_version()})
+
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest) -> JSONResponse:
+        return JSONResponse(state["serving"].tokenize(body).model_dump(mode="json"))
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(state["serving"].detokenize(body).model_dump(mode="json"))
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:

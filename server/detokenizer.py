@@ -4,7 +4,8 @@ Tokens arrive a few at a time. Text is decoded over a small sliding window of to
 prefix/read offsets of TGI and vLLM) so that a multi-byte character split across tokens is only
 emitted once complete (a trailing U+FFFD means "wait for more bytes"). Text that could still turn
 into a stop string (a suffix equal to a stop string's prefix) is held back until it either cannot
-or the request ends; when a stop string appears, the text is cut before it.
+or the request ends; when a stop string appears, the text is cut before it (after it with
+include_stop_str).
 
     d = IncrementalDetokenizer(tokenizer, prompt_ids, stop=["\\n\\n"])
     for token_ids in outputs:
@@ -22,9 +23,10 @@ _PROMPT_CONTEXT = 5   # prompt tokens decoded with the output, for tokenizers th
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), stop: Sequence[str] = (),
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, include_stop_str: bool = False) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._include_stop = include_stop_str
         self._stops = [s for s in stop if s]
         self._max_stop = max((len(s) for s in self._stops), default=0)
         ctx = list(prompt_ids[-_PROMPT_CONTEXT:])
@@ -61,7 +63,7 @@ class IncrementalDetokenizer:
         self._checked = len(self.text)
         if hits:
             idx, s = min(hits)
-            self.text = self.text[:idx]
+            self.text = self.text[:idx + (len(s) if self._include_stop else 0)]
             self.stopped, self.stop_reason = True, s
 
     def _holdback(self) -> int:

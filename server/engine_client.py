@@ -4,7 +4,8 @@ The engine runs one request at a time. This client keeps its own bounded FIFO in
 hands the supervisor the next request only when the previous one has finished, so it knows exactly
 what is waiting (-> 429 when full, 503 after `queue_timeout_s`) and what is running. EngineOutputs
 arrive on the supervisor's thread and are moved onto the event loop with call_soon_threadsafe.
-Latency metrics (queue time, TTFT, inter-token, e2e) and per-request stats are recorded here.
+Latency metrics (queue time, TTFT, inter-token, e2e) and per-request stats are recorded here, and
+the recent engine time per request, from which a 429 / 503 gets its Retry-After estimate.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import collections
 import itertools
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from server.metrics import ServerMetrics
 from server.settings import DEFAULT_MODEL, Settings
 
 logger = logging.getLogger("amusd.server")
+NUM_RECENT_REQUESTS = 32   # Retry-After: mean engine time over this many recent requests
 
 
 class EngineClientError(Exception):
@@ -100,6 +103,7 @@ class EngineClient:
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: RequestHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._recent_engine_s: collections.deque[float] = collections.deque(maxlen=NUM_RECENT_REQUESTS)
         self.started = self.closing = self.draining = False
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -150,6 +154,14 @@ class EngineClient:
     @property
     def num_running(self) -> int:
         return int(self._running is not None)
+
+    def retry_after_s(self) -> int:
+        """Whole seconds a refused client should wait: waiting requests x recent mean engine time
+        per request (the running one counts as waiting), at least 1."""
+        if not self._recent_engine_s:
+            return 1
+        mean = sum(self._recent_engine_s) / len(self._recent_engine_s)
+        return max(1, math.ceil((self.num_waiting + self.num_running) * mean))
 
     # ---- admission -------------------------------------------------------------------
     def admit(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
@@ -212,6 +224,8 @@ class EngineClient:
             if reason == "cancelled":
                 reason = handle.abort_reason or "abort"
             self.metrics.record_finished(reason, now - handle.arrival, out.stats)
+            if handle.dispatched_at is not None:
+                self._recent_engine_s.append(now - handle.dispatched_at)
             if self._running is handle:
                 self._running = None
                 self._dispatch_next()

@@ -1,8 +1,11 @@
 """OpenAI API request/response models (pydantic only, no logic beyond field-level checks).
 
-Shapes follow OpenAI and vLLM's OpenAI server. Unknown request fields are accepted and ignored
-(official clients send extras); NaN/inf are rejected. Cross-field and range checks that need the
-model (context length, vocab) live in serving.py.
+Shapes follow OpenAI, vLLM's OpenAI server and llama-server's aliases. Request models are strict:
+an unknown field is a 400 naming it, except the fields of IGNORED_FIELDS, the one list of fields
+that are accepted and dropped because they cannot change the output (and unknown fields sent as
+null, which means "not set"). NaN/inf are rejected.
+Cross-field and range checks that need the model (context length, vocab, grammars) live in
+server/request_params.py and server/structured_outputs.py.
 """
 from __future__ import annotations
 
@@ -10,13 +13,33 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, protected_namespaces=())
+
+
+# Accepted and dropped: request fields that cannot change the output (tests check every one).
+IGNORED_FIELDS: dict[str, str] = {
+    "user": "an end-user id for abuse monitoring",
+    "safety_identifier": "an end-user id for abuse monitoring (OpenAI's successor of `user`)",
+    "metadata": "tags for OpenAI's stored completions",
+    "store": "whether OpenAI stores the completion",
+    "service_tier": "OpenAI's billing / latency tier",
+    "prompt_cache_key": "an OpenAI cache-routing hint (prefix caching is the `prefix_caching` setting)",
+    "cache_prompt": "llama-server: reuse the KV cache (prefix caching is the `prefix_caching` setting)",
+    "prediction": "OpenAI Predicted Outputs: a speed hint that never changes the text",
+    "priority": "vLLM's scheduling priority (requests run in arrival order here)",
+    "request_id": "vLLM: the client's id for the request",
+}
+
+
+class StrictRequestModel(OpenAIBaseModel):
+    """A request (part) whose unknown fields are a validation error (-> 400 naming the field)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
 
 
 # ---- errors ----------------------------------------------------------------------
@@ -34,13 +57,13 @@ class ErrorResponse(OpenAIBaseModel):
 
 # ---- requests --------------------------------------------------------------------
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(StrictRequestModel):
     include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False
+    continuous_usage_stats: bool | None = False   # vLLM: usage in every chunk (400 when true: not supported)
 
 
-class _SamplingRequest(OpenAIBaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class _SamplingRequest(StrictRequestModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (mapping: server/request_params.py)."""
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -51,12 +74,33 @@ class _SamplingRequest(OpenAIBaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
-    user: str | None = None
     ignore_eos: bool | None = False   # vLLM extension
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None   # vLLM extension (CTRL / HF)
+    repeat_penalty: float | None = None       # llama-server's name for repetition_penalty
+    n_predict: int | None = None              # llama-server's name for max_tokens (-1 = until the context is full)
     logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None             # vLLM extension
+    stop_token_ids: list[int] | None = None   # vLLM extension
+    skip_special_tokens: bool | None = True   # vLLM extension
+    include_stop_str_in_output: bool | None = False   # vLLM extension
+    response_format: dict[str, Any] | None = None     # checked in server/structured_outputs.py
+    structured_outputs: dict[str, Any] | None = None  # vLLM: {json | regex | choice | grammar | json_object}
+    guided_json: dict[str, Any] | str | None = None   # vLLM's older aliases of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored_fields(cls, data: Any) -> Any:
+        """Drop IGNORED_FIELDS, and unknown fields sent as null (clients that serialise every
+        field they know; null is "not set", which cannot change the output)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if k not in IGNORED_FIELDS and (v is not None or k in cls.model_fields)}
+        return data
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -137,7 +181,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool | None = True   # vLLM extension
     # issue 12: tools / chat template / FIM (server/tool_choice.py, server/chat_rendering.py)
     tools: list[ToolDefinition] | None = None
@@ -146,6 +189,22 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template: str | None = None            # vLLM extension: a Jinja template for this request
     chat_template_kwargs: dict[str, Any] | None = None    # vLLM extension: extra template variables
     continue_final_message: bool | None = False  # vLLM extension: continue the last (assistant) message
+
+
+class TokenizeRequest(StrictRequestModel):
+    """vLLM's /tokenize: a completion `prompt` or chat `messages` (rendered with the chat template)."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool | None = True
+    add_special_tokens: bool | None = None    # default: True for a prompt, False for messages
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(StrictRequestModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses -------------------------------------------------------------------
@@ -194,6 +253,7 @@ class CompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class TopLogprob(OpenAIBaseModel):
@@ -231,6 +291,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class DeltaMessage(OpenAIBaseModel):
@@ -253,6 +314,7 @@ class ChatCompletionChunk(OpenAIBaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(OpenAIBaseModel):
@@ -262,6 +324,18 @@ class ModelCard(OpenAIBaseModel):
     owned_by: str = "amusd"
     root: str | None = None
     max_model_len: int | None = None
+    sampling_defaults: dict[str, float] | None = None   # AMUSD: what a request that sets none of these gets
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
 
 
 class ModelList(OpenAIBaseModel):

@@ -1,39 +1,43 @@
-"""Completion and chat-completion logic: request -> GenerationRequest -> EngineOutputs -> response.
+"""Completion, chat-completion and tokenizer endpoints: request -> choices -> OpenAI response.
 
-Validates what needs the model (context length, vocab, limits), renders chat messages with the
-tokenizer's chat template, runs the request through the EngineClient and builds OpenAI objects:
-one JSON response, or SSE chunks (`data: {...}` ... `data: [DONE]`). An engine failure mid-stream
-becomes an error event followed by `data: [DONE]`.
+Turns a request into prompt token ids (completion prompts, or chat messages rendered with the
+tokenizer's chat template) and one Run per choice (n samples of each prompt;
+server/request_params.py maps the fields to SamplingParams), runs them through a ChoiceRunner and
+builds OpenAI objects: one JSON response, or SSE chunks (`data: {...}` ... `data: [DONE]`). An
+engine failure mid-stream becomes an error event followed by `data: [DONE]`.
 """
 from __future__ import annotations
 
-import asyncio
+import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.messages import SamplingParams
 from server import protocol as P
 from server.chat_rendering import ChatRenderer
-from server.detokenizer import IncrementalDetokenizer
-from server.errors import OpenAIError   # moved there (issue 12); server.app imports it from here
+from server.choice_runner import ChoiceRunner, Run
+from server.engine_client import EngineClient, EngineClientError
+from server.errors import OpenAIError, error_body   # noqa: F401  (re-exported for server/app.py)
 from server.fim import FimPrompter
-from server.responses import Step, chat_events, completion_events
-from server.engine_client import (EngineClient, EngineClientError, EngineFailedError,
-                                  EngineUnavailableError, RequestHandle)
+from server.request_params import SamplingParamsFactory, check_unicode
+from server.responses import chat_events, completion_events
 from server.settings import Settings
 from server.tool_choice import plan_tools
 from server.tool_parsers import get_tool_parser
 
 logger = logging.getLogger("amusd.server")
-MAX_STOP_STRING_CHARS = 1024
-STOP_DRAIN_TIMEOUT_S = 5.0     # after a stop string: wait this long for the engine's final stats
 
 
-def error_body(message: str, type: str, param: str | None = None, code: Any = None) -> dict:
-    return P.ErrorResponse(error=P.ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("amusd-server")
+    except importlib.metadata.PackageNotFoundError:   # run from a checkout without `pip install -e .`
+        return "0.0.0+checkout"
 
 
 class _EngineStream(StreamingResponse):
@@ -49,14 +53,6 @@ class _EngineStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
-
-
-def _check_unicode(text: str, param: str) -> None:
-    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a 400, not a 500."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise OpenAIError("the text contains invalid Unicode (a lone surrogate)", param=param) from None
 
 
 def _sse(obj: Any) -> str:
@@ -80,89 +76,48 @@ def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:
 
 class OpenAIServing:
     def __init__(self, settings: Settings, client: EngineClient, tokenizer: Any, model_name: str,
-                 model_root: str, max_model_len: int, vocab_size: int) -> None:
+                 model_root: str, max_model_len: int, vocab_size: int, eos_token_ids: Sequence[int] = (),
+                 sampling_defaults: dict[str, float] | None = None) -> None:
         self.settings, self.client, self.tokenizer = settings, client, tokenizer
         self.model_name, self.model_root = model_name, model_root
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.params = SamplingParamsFactory(settings, vocab_size, max_model_len, sampling_defaults or {})
         self._token_str_cache: dict[int, str] = {}
         self._byte_decoder = _byte_decoder(tokenizer)
-        # issue 12: tools / chat template / FIM
         self.chat_renderer = ChatRenderer(tokenizer, settings.trust_request_chat_template)
         self.tool_parser_cls = get_tool_parser(settings.tool_call_parser)
         self.fim = FimPrompter(tokenizer)
+        # what decides the output besides the request: the server build, the model and the decoding
+        backend = [server_version(), model_root, settings.mode, settings.dtype, settings.verify_quantization,
+                   settings.sampling_scheme, sorted(self.params.defaults_in_force().items())]
+        self.system_fingerprint = "fp_" + hashlib.sha256(json.dumps(backend).encode()).hexdigest()[:12]
 
     def models(self) -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=self.model_name, root=self.model_root,
-                                             max_model_len=self.max_model_len)])
+                                             max_model_len=self.max_model_len,
+                                             sampling_defaults=self.params.defaults_in_force())])
 
-    # ---- validation ------------------------------------------------------------------
-    def _check_common(self, req: P._SamplingRequest) -> None:
-        if req.model is not None and req.model != self.model_name:
-            raise OpenAIError(f"The model `{req.model}` does not exist.", 404, param="model",
-                              code="model_not_found")
-        if req.n not in (None, 1):
-            raise OpenAIError("only n=1 is supported", param="n")
-        if req.stream_options is not None and not req.stream:
-            raise OpenAIError("stream_options can only be set when stream=true", param="stream_options")
-        if req.logit_bias:
-            raise OpenAIError("logit_bias is not supported", param="logit_bias")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name) not in (None, 0, 0.0):
-                raise OpenAIError(f"{name} is not supported (must be 0)", param=name)
-        if req.repetition_penalty not in (None, 1, 1.0):
-            raise OpenAIError("repetition_penalty is not supported (must be 1)", param="repetition_penalty")
-        stops = req.stop_list()
-        if len(stops) > self.settings.max_stop_strings:
-            raise OpenAIError(f"at most {self.settings.max_stop_strings} stop strings are allowed", param="stop")
-        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
-            raise OpenAIError(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters", param="stop")
-        for stop in stops:
-            _check_unicode(stop, "stop")
-
-    def _params(self, req: P._SamplingRequest, prompt_len: int, max_tokens: int | None,
-                num_logprobs: int | None) -> SamplingParams:
-        s = self.settings
-        if prompt_len == 0:
-            raise OpenAIError("the prompt must not be empty", param="prompt")
-        if prompt_len > min(s.max_prompt_tokens, self.max_model_len - 1):
-            raise OpenAIError(f"the prompt has {prompt_len} tokens; at most "
-                              f"{min(s.max_prompt_tokens, self.max_model_len - 1)} are allowed", param="prompt")
-        if max_tokens is None:
-            max_tokens = min(s.max_tokens_limit, self.max_model_len - prompt_len)
-        elif isinstance(max_tokens, int) and max_tokens > s.max_tokens_limit:
-            raise OpenAIError(f"max_tokens must be <= {s.max_tokens_limit}, got {max_tokens}", param="max_tokens")
-        elif isinstance(max_tokens, int) and prompt_len + max_tokens > self.max_model_len:
-            raise OpenAIError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                              f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
-                              f"{max_tokens} for the completion).", param="max_tokens")
-        top_k = req.top_k if req.top_k not in (None, -1) else 0
-        params = SamplingParams(
-            max_tokens=max_tokens, top_k=top_k, seed=req.seed, num_logprobs=num_logprobs,
-            temperature=req.temperature if req.temperature is not None else s.default_temperature,
-            top_p=req.top_p if req.top_p is not None else 1.0,
-            min_p=req.min_p if req.min_p is not None else 0.0, ignore_eos=bool(req.ignore_eos))
-        try:
-            params.validate()
-        except ValueError as exc:
-            raise OpenAIError(str(exc), param=str(exc).split(" ", 1)[0]) from None
-        return params
-
-    def _completion_prompt(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise OpenAIError("batched prompts are not supported; send one prompt per request", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            _check_unicode(prompt, "prompt")
-            return self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise OpenAIError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param="prompt")
-        return list(prompt)
+    # ---- prompts -----------------------------------------------------------------------
+    def _completion_prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
+        """(token ids, text) of each prompt: a string, token ids, or a list of either."""
+        many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+        out = []
+        for i, one in enumerate(prompt if many else [prompt]):
+            param = f"prompt.{i}" if many else "prompt"
+            if isinstance(one, str):
+                check_unicode(one, param)
+                out.append((self.tokenizer.encode(one, add_special_tokens=True) if one else [], one))
+                continue
+            bad = next((t for t in one if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise OpenAIError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param=param)
+            out.append((list(one), self.tokenizer.decode(list(one))))
+        return out
 
     def _chat_prompt(self, req: P.ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> list[int]:
-        text = self.chat_renderer.render(req, tools)
-        _check_unicode(text, "messages")
+        text = self.chat_renderer.render(req, tools)     # server/chat_rendering.py
+        check_unicode(text, "messages")
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def token_str(self, tid: int) -> str:
@@ -180,45 +135,37 @@ class OpenAIServing:
         return list(self.token_str(tid).encode("utf-8"))
 
     # ---- generation ------------------------------------------------------------------
-    async def _admit(self, ids: list[int], params: SamplingParams) -> RequestHandle:
-        handle = self.client.admit(ids, params)
-        try:
-            await handle.wait_dispatched()
-        except BaseException:
-            handle.abort()
-            raise
-        return handle
+    def _runs(self, req: P._SamplingRequest, prompts: list[tuple[list[int], str]], max_tokens: int | None,
+              num_logprobs: int | None, num_prompt_logprobs: int | None = None, echo: bool = False,
+              extra_stop_ids: Sequence[int] = (), grammar=None) -> list[Run]:
+        """One Run per choice: sample j of prompt i is choice i * n + j (seed + j when seeded).
 
-    async def steps(self, handle: RequestHandle, detok: IncrementalDetokenizer) -> AsyncIterator[Step]:
-        """Detokenised steps; the last one carries finish_reason (+ stats)."""
-        outputs = handle.outputs()
-        while True:
-            timeout = STOP_DRAIN_TIMEOUT_S if detok.stopped else None
-            try:
-                out = await asyncio.wait_for(outputs.__anext__(), timeout)
-            except (asyncio.TimeoutError, StopAsyncIteration):
-                yield Step("", [], None, "stop", detok.stop_reason, None)
-                return
-            if out.token_ids and not detok.stopped:
-                text, used = detok.add(out.token_ids)
-                if detok.stopped:
-                    handle.abort("stop")
-                lps = out.logprobs[:used] if out.logprobs else None
-                if text or lps:
-                    yield Step(text, list(out.token_ids[:used]), lps)
-            if not out.finished:
-                continue
-            if detok.stopped:
-                yield Step("", [], None, "stop", detok.stop_reason, out.stats)
-            elif out.finish_reason == "error":
-                raise EngineFailedError(f"the engine failed while generating: {out.error or 'unknown error'}")
-            elif out.finish_reason == "cancelled":
-                raise EngineUnavailableError("the request was cancelled by the server (shutting down)")
-            else:
-                yield Step(detok.flush(), [], None, out.finish_reason, None, out.stats)
-            return
+        extra_stop_ids: FIM's end tokens; grammar: tool_choice's constraint (exclusive with
+        response_format / guided decoding).
+        """
+        n = req.n or 1
+        if n * len(prompts) > self.settings.max_choices:
+            raise OpenAIError(f"{len(prompts)} prompts x n={n} choices; at most {self.settings.max_choices} "
+                              "per request", param="n" if len(prompts) == 1 else "prompt")
+        runs = []
+        for i, (ids, text) in enumerate(prompts):
+            params = self.params.build(req, len(ids), max_tokens, num_logprobs, num_prompt_logprobs)
+            if extra_stop_ids:
+                params.stop_token_ids = sorted({*params.stop_token_ids, *extra_stop_ids})
+            if grammar is not None:
+                if params.grammar is not None:
+                    raise OpenAIError("tool_choice (required or a named function) cannot be combined with "
+                                      "response_format or guided decoding", param="tool_choice")
+                params.grammar = grammar
+            end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+            for j in range(n):
+                seed = params.seed + j if params.seed is not None and j else params.seed
+                runs.append(Run(i * n + j, ids, dataclasses.replace(params, seed=seed), req.stop_list(),
+                                req.skip_special_tokens is not False, bool(req.include_stop_str_in_output),
+                                end_ids, text if echo else "", is_first_sample=j == 0))
+        return runs
 
-    async def stream(self, handle: RequestHandle, events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async def stream(self, runner: ChoiceRunner, events: AsyncIterator[dict]) -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield _sse(event)
@@ -226,59 +173,81 @@ class OpenAIServing:
             yield _sse(error_body(str(exc), getattr(exc, "type", "internal_server_error"), None,
                                   getattr(exc, "code", None)))
         except Exception as exc:   # asyncio.CancelledError (disconnect) is BaseException: not caught
-            logger.exception("error while streaming request %d", handle.request_id)
+            logger.exception("error while streaming request %d", runner.request_id)
             yield _sse(error_body(f"internal error: {exc}", "internal_server_error"))
         finally:
-            handle.abort()
+            runner.abort()
         yield "data: [DONE]\n\n"
 
-    async def respond(self, handle: RequestHandle, events: AsyncIterator[dict], streaming: bool) -> Response:
-        """Streaming: an SSE response over `events`. Otherwise the single event, as JSON."""
+    async def respond(self, runs: list[Run], make_events: Callable[[ChoiceRunner], AsyncIterator[dict]],
+                      streaming: bool) -> Response:
+        """Admit the first run (429 / 503 come as HTTP errors), then stream SSE or return the one event."""
+        runner = ChoiceRunner(self.client, self.tokenizer, runs)
+        await runner.start()
         if streaming:
-            return _EngineStream(self.stream(handle, events), on_close=handle.abort)
+            return _EngineStream(self.stream(runner, make_events(runner)), on_close=runner.abort)
         try:
             result = None
-            async for event in events:
+            async for event in make_events(runner):
                 result = event
             return JSONResponse(result)
         finally:
-            handle.abort()
+            runner.abort()
 
     async def create_completion(self, req: P.CompletionRequest) -> Response:
-        self._check_common(req)
+        self.params.check_request(req, self.model_name)
         if req.best_of not in (None, 1):
             raise OpenAIError("only best_of=1 is supported", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise OpenAIError("echo with logprobs (prompt logprobs) is not supported", param="echo")
-        ids = self._completion_prompt(req.prompt)
-        if req.suffix is not None:   # issue 12: fill-in-the-middle
+        prompts = self._completion_prompts(req.prompt)
+        extra_stop_ids: Sequence[int] = ()
+        if req.suffix is not None:            # fill-in-the-middle (server/fim.py)
             if req.echo:
                 raise OpenAIError("echo cannot be combined with suffix", param="suffix")
-            ids = self.fim.prompt_ids(ids, req.suffix)
-        params = self._params(req, len(ids), req.max_tokens, req.logprobs)
-        if req.suffix is not None:
-            params.stop_token_ids = sorted({*params.stop_token_ids, *self.fim.stop_token_ids})
-        handle = await self._admit(ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, req.stop_list())
-        return await self.respond(handle, completion_events(self, req, handle, detok, ids), bool(req.stream))
+            prompts = [(self.fim.prompt_ids(ids, req.suffix), text) for ids, text in prompts]
+            extra_stop_ids = self.fim.stop_token_ids
+        max_tokens = self.params.max_tokens(req, req.max_tokens, "max_tokens" in req.model_fields_set)
+        echo_lps = req.logprobs if req.echo and req.logprobs is not None else None
+        runs = self._runs(req, prompts, max_tokens, req.logprobs, echo_lps, echo=bool(req.echo),
+                          extra_stop_ids=extra_stop_ids)
+        return await self.respond(runs, lambda runner: completion_events(self, req, runner), bool(req.stream))
 
     async def create_chat_completion(self, req: P.ChatCompletionRequest) -> Response:
-        self._check_common(req)
+        self.params.check_request(req, self.model_name)
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise OpenAIError(f"response_format {fmt!r} is not supported", param="response_format")
-        tool_plan = plan_tools(req, self.tool_parser_cls)   # issue 12: tools
+        tool_plan = plan_tools(req, self.tool_parser_cls)   # server/tool_choice.py
         ids = self._chat_prompt(req, tool_plan.tools)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._params(req, len(ids), max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        if tool_plan.grammar is not None:
-            if params.grammar is not None:
-                raise OpenAIError("tool_choice (required or a named function) cannot be combined with "
-                                  "response_format or guided decoding", param="tool_choice")
-            params.grammar = tool_plan.grammar
-        handle = await self._admit(ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, req.stop_list())
-        return await self.respond(handle, chat_events(self, req, handle, detok, ids, tool_plan.new_parser()),
-                                  bool(req.stream))
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self.params.max_tokens(req, requested, requested is not None)
+        runs = self._runs(req, [(ids, "")], max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                          grammar=tool_plan.grammar)
+        make_parser = tool_plan.new_parser if tool_plan.parser_cls is not None else None
+        return await self.respond(runs, lambda runner: chat_events(self, req, runner, make_parser), bool(req.stream))
+
+    # ---- tokenizer endpoints (vLLM's shapes) ------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
+
+    def tokenize(self, req: P.TokenizeRequest) -> P.TokenizeResponse:
+        self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError("send exactly one of `prompt` and `messages`", param="prompt")
+        if req.prompt is not None:
+            check_unicode(req.prompt, "prompt")
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        else:
+            chat = P.ChatCompletionRequest(messages=req.messages, tools=req.tools,
+                                           add_generation_prompt=req.add_generation_prompt)
+            ids = self._chat_prompt(chat, [t.model_dump(exclude_none=True) for t in chat.tools or []] or None)
+            if req.add_special_tokens:
+                ids = self.tokenizer.build_inputs_with_special_tokens(ids)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return P.TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
+
+    def detokenize(self, req: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        self._check_model(req.model)
+        bad = next((t for t in req.tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise OpenAIError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param="tokens")
+        return P.DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))

@@ -40,8 +40,11 @@ class Settings(BaseSettings):
                                           "(none = the verify model's name)")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False,
-        description="accepted API keys for /v1/* (comma-separated or JSON list; empty = no auth)")
+        description="accepted API keys for /v1/*, /tokenize and /detokenize (comma-separated or JSON list; "
+                    "empty = no auth)")
     metrics_require_auth: bool = Field(False, description="require an API key on /metrics too")
+    metrics_names: str = Field("amusd", description="metric names on /metrics: amusd (amusd:*) | vllm "
+                               "(vLLM's vllm:* names with a model_name label, for vLLM dashboards)")
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     access_log: bool = Field(True, description="log one line per HTTP request")
     shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM, seconds in-flight requests "
@@ -54,8 +57,12 @@ class Settings(BaseSettings):
                                    "max_model_len)")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     max_stop_strings: int = Field(8, ge=0, description="most stop strings per request")
+    max_choices: int = Field(16, ge=1, description="most choices per request (n x prompts), run one after another")
     default_temperature: float = Field(1.0, ge=0, description="temperature when a request sets none "
-                                       "(OpenAI's default is 1.0; 0 = greedy)")
+                                       "and generation_config gives none (OpenAI's default is 1.0; 0 = greedy)")
+    generation_config: str = Field("auto", description="sampling defaults (temperature, top_p, top_k, min_p, "
+                                   "repetition_penalty) for fields a request leaves unset: auto (the model's "
+                                   "generation_config.json, as vLLM) | none | a directory holding one")
     # ---- tools / chat templates (issue 12) -------------------------------------------
     tool_call_parser: str = Field("hermes", description="how tool calls are parsed from the output: "
                                   "hermes (Qwen2.5, Hermes: <tool_call>{json}</tool_call>)")
@@ -127,6 +134,20 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [k.strip() for k in v.split(",") if k.strip()]
         return v if v is not None else []
+
+    @field_validator("metrics_names")
+    @classmethod
+    def _metrics_names(cls, v: str) -> str:
+        if v not in ("amusd", "vllm"):
+            raise ValueError("metrics_names must be amusd or vllm")
+        return v
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config(cls, v: str) -> str:
+        if v not in ("auto", "none") and not os.path.isdir(v):
+            raise ValueError("generation_config must be auto, none or an existing directory")
+        return v
 
     @field_validator("draft_model", "verify_cores", "draft_cores", "prefill_cores", "gguf_file", "draft_gguf_file",
                      "served_model_name", mode="before")

@@ -1,8 +1,10 @@
 """Test doubles for the server: a byte-level tokenizer and a FakeSupervisor (no torch, no models).
 
 FakeSupervisor has EngineSupervisor's interface: one request at a time from a FIFO, emits the
-tokens of a fixed text (`delay_s` apart, `tokens_per_step` at a time), honours cancel within one
-step, and can be told to fail mid-request or to report itself unhealthy.
+tokens of a fixed text (`delay_s` apart, `tokens_per_step` at a time), stops after a token of
+`stop_token_ids` as the engine does, gives prompt logprobs (-1.0 each) on its first output when
+asked, honours cancel within one step, and can be told to fail mid-request or to report itself
+unhealthy.
 """
 from __future__ import annotations
 
@@ -154,7 +156,18 @@ class FakeSupervisor:
             if params.num_logprobs is not None:
                 lps = [TokenLogprob(t, -0.5, [(t, -0.5), (65, -1.5)][:params.num_logprobs])
                        for t in step]
-            emit(EngineOutput(rid, token_ids=step, logprobs=lps))
+            stop_at = next((i for i, t in enumerate(step) if t in params.stop_token_ids), None)
+            if stop_at is not None:
+                done -= len(step) - stop_at - 1
+                step, lps = step[:stop_at + 1], lps[:stop_at + 1] if lps else lps
+            prompt_lps = None
+            if params.num_prompt_logprobs is not None and stats.num_verify_steps == 1:
+                prompt_lps = [None] + [TokenLogprob(t, -1.0, [(t, -1.0), (65, -2.0)][:params.num_prompt_logprobs])
+                                       for t in request.prompt_token_ids[1:]]
+            emit(EngineOutput(rid, token_ids=step, logprobs=lps, prompt_logprobs=prompt_lps))
+            if stop_at is not None:
+                reason = "stop"
+                break
             if step[-1] in self.eos_token_ids and not params.ignore_eos:
                 reason = "stop"
                 break

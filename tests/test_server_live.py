@@ -138,13 +138,14 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "min_p": 2}, "min_p"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "logprobs": 50}, "num_logprobs"),
-    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),             # unknown fields are refused, never ignored
     ({"prompt": "x", "stop": ["a"] * 50}, "stop"),
     ({"prompt": [1, 2, 999999]}, "prompt"),
     ({"prompt": [-1]}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
     ({"prompt": "x" * 5000}, "prompt"),                  # longer than max_prompt_tokens
     ({"prompt": "x" * 2000, "max_tokens": 3000}, "max_tokens"),   # prompt + max_tokens > context
     ({"prompt": 123}, "?"),
@@ -163,7 +164,9 @@ def test_completion_errors_are_400(server, body, param):
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
     {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3},
-    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"json_schema": {"schema": {}}}},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "guided_regex": "a"},
+    {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"100000": 1}},
 ])
 def test_chat_errors_are_400(server, body):
     assert_openai_error(post(server, "/v1/chat/completions", body), 400)

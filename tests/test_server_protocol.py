@@ -38,8 +38,11 @@ def test_completion_rejects_bad_fields(bad):
         P.CompletionRequest(**bad)
 
 
-def test_unknown_fields_are_ignored_and_defaults():
-    r = P.CompletionRequest(prompt="x", some_client_extra={"a": 1})
+def test_unknown_fields_are_refused_ignored_fields_dropped_and_defaults():
+    with pytest.raises(ValidationError, match="some_client_extra"):
+        P.CompletionRequest(prompt="x", some_client_extra={"a": 1})
+    r = P.CompletionRequest(prompt="x", user="u", metadata={"a": "b"})
+    assert "user" not in r.model_fields_set and not hasattr(r, "metadata")
     assert r.max_tokens == 16 and r.n == 1 and r.stop_list() == [] and not r.stream
     assert P.CompletionRequest(prompt="x", stop="a").stop_list() == ["a"]
     c = P.ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
