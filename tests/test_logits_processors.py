@@ -212,3 +212,67 @@ def test_rejection_sampling_samples_the_processed_distribution():
         counts[committed[0]] += 1
     assert counts[0] == 0 and counts[2] == 0
     assert torch.allclose(counts / num_trials, expected.float(), atol=0.035), (counts / num_trials, expected)
+
+
+# ---- the async draft loop: context of one-token steps and of n-gram guess rows ----------------
+
+@pytest.mark.parametrize("params_kw", [dict(temperature=0.0, **ALL_ON),
+                                       dict(temperature=0.9, seed=2, grammar=GrammarSpec("regex", "x"), **ALL_ON)])
+def test_async_draft_loop_processes_each_row_with_its_own_context(tmp_path, monkeypatch, params_kw):
+    """The draft runs alone (no commits) until max_len; its tokens must be what the draft model
+    chooses one position at a time with the full context (a plain forward per token). An oracle
+    n-gram lookup proposes that future (one guess wrong), so guess rows are exercised too."""
+    import threading
+
+    import engine.async_decode
+    from engine.async_decode import Drafter
+    from engine.messages import StartRequest
+    from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
+    from engine.shared_state import Ctrl, SharedState, VerifySide
+    from engine.token_channel import HostDraftChannel
+
+    model = load_causal_lm(resolve_model_spec("tiny-random/draft", str(tmp_path))[0], None, "cpu", "float64")
+    prompt, eos = [10, 20, 30, 40, 50], [256]
+    params = SamplingParams(max_tokens=14, **params_kw)
+    reference_chooser = TokenChooser(params, "coupled", VERIFY_STREAM, build_logits_processors(
+        params, prompt, stop_token_ids(params, eos), make_stand_in_grammar))
+    reference: list[int] = []
+    with torch.no_grad():
+        for _ in range(params.max_tokens):
+            logits = model(torch.tensor([prompt + reference]), use_cache=False).logits[0, -1:]
+            reference += reference_chooser.draft(logits, reference)[0].tolist()
+    assert reference[:4] != [256] * 4
+
+    num_guess_calls = []
+
+    def oracle_guesses(tokens, max_ngram, num_proposals, min_ngram=1):
+        done = len(tokens) - len(prompt)
+        guesses = reference[done:done + min(num_proposals, 3)]
+        if len(guesses) == 3:
+            guesses[2] = (guesses[2] + 1) % 256       # the third guess is wrong: a partial accept
+        num_guess_calls.append(len(guesses))
+        return guesses
+
+    monkeypatch.setattr(engine.async_decode, "propose_from_ngrams", oracle_guesses)
+    state = SharedState.create(64)
+    try:
+        drafter = Drafter(ModelRunner(model, "cpu"), state, HostDraftChannel(state), max_draft_lead=32,
+                          max_model_len=64, wait_timeout_s=5, lookup_ngram=3, eos_token_ids=eos,
+                          make_grammar=make_stand_in_grammar)
+        side = VerifySide(state)
+        side.start_request(1, prompt)
+        thread = threading.Thread(target=drafter.run, args=(StartRequest(1, prompt, params),), daemon=True)
+        thread.start()
+        max_len = len(prompt) + params.max_tokens
+        for _ in range(3000):
+            if state.get(Ctrl.NUM_DRAFTED) >= max_len or not thread.is_alive():
+                break
+            thread.join(0.01)
+        drafted = state.draft_tokens[len(prompt):state.get(Ctrl.NUM_DRAFTED)].tolist()
+        num_forwards = state.get(Ctrl.DRAFT_NUM_FORWARDS)
+        side.finish_request(1)
+        thread.join(10)
+    finally:
+        state.close()
+    assert drafted == reference
+    assert sum(num_guess_calls) > 0 and num_forwards < len(reference), "guess rows must have been accepted"
