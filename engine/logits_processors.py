@@ -70,16 +70,21 @@ def apply_logits_processors(processors: Sequence[LogitsProcessor], logits: Tenso
     return scores
 
 
-def token_counts(output_ids: Sequence[int], proposal: Sequence[int], num_rows: int, vocab_size: int,
-                 device: torch.device) -> Tensor:
-    """counts[N, V] (int64): counts[i, t] = occurrences of t in output_ids + proposal[:i]; ids >= V skipped."""
-    ids = _as_ids(output_ids, device)
-    base = torch.bincount(ids[ids < vocab_size], minlength=vocab_size)              # [V]
-    steps = torch.zeros(num_rows, vocab_size, dtype=torch.int64, device=device)     # [N, V]
+def token_counts(output_ids: Sequence[int], proposal: Sequence[int], num_rows: int, columns: Tensor) -> Tensor:
+    """counts[N, S] (int64): counts[i, j] = occurrences of token columns[j] in output_ids + proposal[:i].
+
+    columns: sorted distinct token ids [S]; ids that are not among them are not counted.
+    """
+    device = columns.device
+    output = _as_ids(output_ids, device)
+    base = torch.isin(output, columns)                                                # [n_output]
+    base = torch.searchsorted(columns, output[base]).bincount(minlength=len(columns))   # [S]
+    steps = torch.zeros(num_rows, len(columns), dtype=torch.int64, device=device)      # [N, S]
     if num_rows > 1:
-        added = _as_ids(proposal[: num_rows - 1], device)                           # [N-1]
-        rows = torch.arange(1, num_rows, device=device)[added < vocab_size]
-        steps[rows, added[added < vocab_size]] = 1                                  # row i+1 adds proposal[i]
+        added = _as_ids(proposal[: num_rows - 1], device)                             # [N-1]
+        is_counted = torch.isin(added, columns)
+        rows = torch.arange(1, num_rows, device=device)[is_counted]
+        steps[rows, torch.searchsorted(columns, added[is_counted])] = 1               # row i+1 adds proposal[i]
     return base + torch.cumsum(steps, dim=0)
 
 
@@ -137,38 +142,45 @@ class LogitBias:
 
 class Penalties:
     """Repetition (HF / vLLM: tokens of prompt + output; positive logits / r, negative * r), then
-    frequency (-= f * count in the output) and presence (-= p if in the output) penalties (OpenAI)."""
+    frequency (-= f * count in the output) and presence (-= p if in the output) penalties (OpenAI).
+
+    Only the columns of tokens that occur (prompt, output, proposal) can change: they are gathered
+    [N, S], penalised with exact per-row counts and written back; every other logit stays as it is.
+    """
 
     def __init__(self, presence_penalty: float, frequency_penalty: float, repetition_penalty: float,
                  prompt_ids: Sequence[int]):
         self.presence_penalty = presence_penalty
         self.frequency_penalty = frequency_penalty
         self.repetition_penalty = repetition_penalty
-        self.prompt_ids = list(prompt_ids)
-        self._prompt_masks: dict[tuple, Tensor] = {}      # (V, device) -> is_in_prompt [V]
+        self.prompt_ids = sorted(set(prompt_ids)) if repetition_penalty != 1.0 else []   # only repetition reads the prompt
+        self._prompt_id_tensors: dict[torch.device, Tensor] = {}
 
     def __call__(self, logits: Tensor, output_ids: Sequence[int], proposal: Sequence[int]) -> Tensor:
         num_rows, vocab_size = logits.shape
-        counts = token_counts(output_ids, proposal, num_rows, vocab_size, logits.device)   # [N, V]
-        is_in_output = counts > 0                                                         # [N, V]
+        device = logits.device
+        prompt = self._prompt_ids_on(device)
+        seen = torch.cat([prompt, _as_ids(output_ids, device), _as_ids(proposal[: num_rows - 1], device)])
+        columns = torch.unique(seen[seen < vocab_size])                                  # [S], sorted
+        if columns.numel() == 0:
+            return logits
+        counts = token_counts(output_ids, proposal, num_rows, columns)                    # [N, S]
+        is_in_output = counts > 0                                                         # [N, S]
+        scores = logits[:, columns]                                                       # [N, S]
         if self.repetition_penalty != 1.0:
-            is_seen = is_in_output | self._prompt_mask(vocab_size, logits.device)          # [N, V]
-            penalized = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
-            logits = torch.where(is_seen, penalized, logits)
+            is_seen = is_in_output | torch.isin(columns, prompt)                          # [N, S]
+            penalized = torch.where(scores > 0, scores / self.repetition_penalty, scores * self.repetition_penalty)
+            scores = torch.where(is_seen, penalized, scores)
         if self.frequency_penalty:
-            logits = logits - self.frequency_penalty * counts.to(logits.dtype)
+            scores = scores - self.frequency_penalty * counts.to(scores.dtype)
         if self.presence_penalty:
-            logits = logits - self.presence_penalty * is_in_output.to(logits.dtype)
-        return logits
+            scores = scores - self.presence_penalty * is_in_output.to(scores.dtype)
+        return logits.index_copy(1, columns, scores)
 
-    def _prompt_mask(self, vocab_size: int, device: torch.device) -> Tensor:
-        key = (vocab_size, device)
-        if key not in self._prompt_masks:
-            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = _as_ids(self.prompt_ids, device)
-            mask[ids[ids < vocab_size]] = True
-            self._prompt_masks[key] = mask
-        return self._prompt_masks[key]
+    def _prompt_ids_on(self, device: torch.device) -> Tensor:
+        if device not in self._prompt_id_tensors:
+            self._prompt_id_tensors[device] = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
+        return self._prompt_id_tensors[device]
 
 
 class LazyGrammarFactory:

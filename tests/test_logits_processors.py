@@ -20,8 +20,8 @@ from engine.token_chooser import DRAFT_STREAM, VERIFY_STREAM, TokenChooser
 
 VOCAB = 12
 PROMPT = [1, 1, 4, 9]
-OUTPUT = [3, 4, 3, 7]
-PROPOSAL = [3, 8, 11, 4]          # repeats output tokens and itself
+OUTPUT = [3, 4, 3, 7, 40]
+PROPOSAL = [3, 40, 8, 11, 4]      # repeats output tokens and itself; 40 >= VOCAB (a padded verify's id)
 STOP_IDS = [0, 7]
 ALL_ON = dict(presence_penalty=0.7, frequency_penalty=0.3, repetition_penalty=1.6,
               logit_bias={2: 5.0, 3: -1.5, 40: 9.0}, min_tokens=6)   # 40 >= VOCAB: ignored
@@ -84,10 +84,9 @@ def test_logit_bias_ignores_ids_past_a_smaller_vocabulary():
     assert small.shape == (1, VOCAB // 2) and wide[0, VOCAB + 3] == 4.0 and wide[0, 2] == 1.0
 
 
-def test_token_counts_are_cumulative_per_row_and_skip_large_ids():
-    counts = token_counts([3, 3, 50], [3, 50, 5], num_rows=4, vocab_size=8, device=torch.device("cpu"))
-    assert counts[:, 3].tolist() == [2, 3, 3, 3] and counts[:, 5].tolist() == [0, 0, 0, 1]
-    assert counts.sum(dim=1).tolist() == [2, 3, 3, 4]
+def test_token_counts_are_cumulative_per_row():
+    counts = token_counts([3, 3, 50, 9], [3, 50, 7, 5, 9], num_rows=5, columns=torch.tensor([3, 5, 50]))
+    assert counts.tolist() == [[2, 0, 1], [3, 0, 1], [3, 0, 2], [3, 0, 2], [3, 1, 2]]   # row i: output + proposal[:i]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
