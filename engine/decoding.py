@@ -4,7 +4,8 @@ The verify step (gpt-fast's speculative_decode, generalised to "0..K draft token
 
     input   [t_{c-1}, d_c, ..., d_{c+K-1}]            pending token + K draft tokens     [K+1]
     logits  verify model over that input               one row per position c..c+K        [K+1, V]
-    y_i     choose_tokens(logits)                       target token at each position      [K+1]
+    y_i     TokenChooser.verify(logits)                 target token at each position      [K+1]
+            (row i processed with its own context: committed output + d_c..d_{c+i-1})
     m       longest prefix with d_i == y_i              accepted draft tokens, 0 <= m <= K
     commit  y_c .. y_{c+m}                              m accepted + 1 correction/bonus token
 
