@@ -128,12 +128,13 @@ def make_stand_in_grammar(spec: GrammarSpec, stop_ids: list[int]) -> AllowedAfte
 
 
 def test_the_grammar_factory_is_wired_first_and_gets_the_stop_ids():
-    params = SamplingParams(grammar=GrammarSpec("regex", "x"), logit_bias={1: 3.0}, stop_token_ids=[5], ignore_eos=True)
+    params = SamplingParams(grammar=GrammarSpec("regex", "x"), logit_bias={1: 3.0}, stop_token_ids=[5], ignore_eos=True,
+                            presence_penalty=0.5, min_tokens=2)
     stop_ids = stop_token_ids(params, eos_token_ids=[0])
     assert stop_ids == {5}
     processors = build_logits_processors(params, PROMPT, stop_ids, make_stand_in_grammar)
     assert isinstance(processors[0], AllowedAfter) and processors[0].stop_ids == [5]
-    assert isinstance(processors[1], LogitBias)
+    assert [type(p) for p in processors[1:]] == [MinTokens, LogitBias, Penalties]      # vLLM's order
     with pytest.raises(ValueError, match="grammar"):
         build_logits_processors(params, PROMPT, stop_ids, make_grammar=None)
     assert build_logits_processors(SamplingParams(), PROMPT, stop_ids) == []
