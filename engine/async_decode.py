@@ -47,6 +47,7 @@ import time
 import numpy as np
 
 from engine.decoding import Sequence, Verifier, sync_cache
+from engine.logits_processors import MakeGrammar, build_logits_processors, stop_token_ids
 from engine.messages import StartRequest
 from engine.models import ModelRunner
 from engine.ngram import LookupBudget, propose_from_ngrams
@@ -122,8 +123,11 @@ class Drafter:
 
     def __init__(self, runner: ModelRunner, state: SharedState, channel: HostDraftChannel,
                  max_draft_lead: int, max_model_len: int, wait_timeout_s: float, lookup_ngram: int = 0,
-                 vocab_size: int = 0, scheme: str = "coupled"):
+                 vocab_size: int = 0, scheme: str = "coupled", eos_token_ids: list[int] = (),
+                 make_grammar: MakeGrammar | None = None):
         self.runner = runner
+        self.eos_token_ids = list(eos_token_ids)    # the draft model's own: min_tokens masks them like the verify's
+        self.make_grammar = make_grammar
         self.scheme = scheme
         self.vocab_size = vocab_size
         self.lookup_ngram = lookup_ngram
@@ -143,7 +147,9 @@ class Drafter:
             return
         prompt = req.prompt_token_ids
         n_prompt = len(prompt)
-        chooser = TokenChooser(req.params, self.scheme, DRAFT_STREAM)
+        processors = build_logits_processors(req.params, prompt, stop_token_ids(req.params, self.eos_token_ids),
+                                             self.make_grammar)
+        chooser = TokenChooser(req.params, self.scheme, DRAFT_STREAM, processors)
         budget = LookupBudget()
         max_len = min(n_prompt + req.params.max_tokens, self.max_model_len)
         busy_s = 0.0
@@ -191,14 +197,18 @@ class Drafter:
 
         Same accept rule as the verify step, applied by the draft to its own guesses, so its output
         is what one-token-at-a-time drafting would give. Returns (new token ids, pending tensor).
+        Logits processors see the draft's own output so far, draft_tokens[n_prompt:length] (a CUDA
+        draft then waits for its last token to reach the host: only requests that have processors).
         """
         tokens = self.state.draft_tokens
+        if chooser.processors:
+            self.channel.sync_host()
         guesses = []
         if self.lookup_ngram and pending is None and not chooser.is_rejection:
             guesses = propose_from_ngrams(tokens[:length], self.lookup_ngram, budget.num_guesses(room - 1))
         last = pending.view(1) if pending is not None else [int(tokens[length - 1])]
         logits = self.runner.forward(last if not guesses else last + guesses, last_only=not guesses)
-        chosen, q = chooser.draft(logits, length - n_prompt)                   # [1 + len(guesses)]
+        chosen, q = chooser.draft(logits, tokens[n_prompt:length], guesses)    # [1 + len(guesses)]
         num_accepted = 0
         if guesses:
             chosen_ids = chosen.tolist()

@@ -4,7 +4,8 @@ The verify step (gpt-fast's speculative_decode, generalised to "0..K draft token
 
     input   [t_{c-1}, d_c, ..., d_{c+K-1}]            pending token + K draft tokens     [K+1]
     logits  verify model over that input               one row per position c..c+K        [K+1, V]
-    y_i     choose_tokens(logits)                       target token at each position      [K+1]
+    y_i     TokenChooser.verify(logits)                 target token at each position      [K+1]
+            (row i processed with its own context: committed output + d_c..d_{c+i-1})
     m       longest prefix with d_i == y_i              accepted draft tokens, 0 <= m <= K
     commit  y_c .. y_{c+m}                              m accepted + 1 correction/bonus token
 
@@ -21,10 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.cost_model import SpeculationBudget
-from engine.messages import RequestStats, SamplingParams, StartRequest, TokensOut
+from engine.logits_processors import MakeGrammar, build_logits_processors, stop_token_ids
+from engine.messages import RequestStats, SamplingParams, StartRequest, TokenLogprob, TokensOut
 from engine.models import ModelRunner
 from engine.sampling import top_logprobs
 from engine.token_chooser import VERIFY_STREAM, TokenChooser
+
+PROMPT_LOGPROB_ROWS = 64    # prompt positions per output-layer call when scoring the prompt (echo)
 
 
 @dataclass
@@ -39,19 +43,25 @@ class Sequence:
     chooser: TokenChooser
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # echo: computed at prefill, sent once
 
     @property
     def num_committed(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def output_ids(self) -> list[int]:
+        """The committed output (after the prompt): the context of the logits processors."""
+        return self.token_ids[self.num_prompt_tokens:]
 
-def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int, scheme: str) -> Sequence:
-    stop_ids = set(req.params.stop_token_ids)
-    if not req.params.ignore_eos:
-        stop_ids.update(eos_token_ids)
+
+def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int, scheme: str,
+                 make_grammar: MakeGrammar | None = None) -> Sequence:
+    stop_ids = stop_token_ids(req.params, eos_token_ids)
+    processors = build_logits_processors(req.params, req.prompt_token_ids, stop_ids, make_grammar)
     max_len = min(len(req.prompt_token_ids) + req.params.max_tokens, max_model_len)
     seq = Sequence(req.request_id, list(req.prompt_token_ids), len(req.prompt_token_ids), req.params,
-                   frozenset(stop_ids), max_len, TokenChooser(req.params, scheme, VERIFY_STREAM))
+                   stop_ids, max_len, TokenChooser(req.params, scheme, VERIFY_STREAM, processors))
     seq.stats.num_prompt_tokens = len(req.prompt_token_ids)
     return seq
 
@@ -68,11 +78,29 @@ class Verifier:
         self.budget = budget
 
     def prefill(self, seq: Sequence) -> None:
+        """Fill the KV cache with the prompt; with num_prompt_logprobs, also score every prompt token
+        (the prefix cache is bypassed then: each position's logits are computed)."""
         self.budget.start_request()
         start = time.perf_counter()
-        seq.stats.num_cached_prompt_tokens = self.runner.prefill(seq.token_ids)
+        num_top = seq.params.num_prompt_logprobs
+        if num_top is None:
+            seq.stats.num_cached_prompt_tokens = self.runner.prefill(seq.token_ids)
+        else:
+            hidden: list[torch.Tensor] = []
+            self.runner.prefill(seq.token_ids, hidden_out=hidden)
+            seq.prompt_logprobs = [None] + self._prompt_logprobs(hidden, seq.token_ids[1:], num_top)
         seq.stats.prefill_s = time.perf_counter() - start
         seq.stats.verify_busy_s += seq.stats.prefill_s
+
+    def _prompt_logprobs(self, hidden: list[torch.Tensor], next_ids: list[int], num_top: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob (and top-N) from the hidden state of the position before it,
+        through the output layer a few rows at a time (a [prompt, V] logits matrix can be GBs)."""
+        logprobs: list[TokenLogprob] = []
+        rows = torch.cat(hidden) if hidden else None                           # [n_prompt - 1, H]
+        for start in range(0, len(next_ids), PROMPT_LOGPROB_ROWS):
+            logits = self.runner.logits(rows[start:start + PROMPT_LOGPROB_ROWS])  # [rows, V]
+            logprobs += top_logprobs(logits, torch.tensor(next_ids[start:start + PROMPT_LOGPROB_ROWS]), num_top)
+        return logprobs
 
     def step(self, seq: Sequence, draft_ids: list[int], guess_ids: list[int] = (),
              draft_probs: torch.Tensor | None = None) -> TokensOut:
@@ -86,7 +114,7 @@ class Verifier:
         c = seq.num_committed
         proposal = (list(draft_ids) + list(guess_ids))[: max(0, seq.max_len - c - 1)]   # never past the end
         logits = self.runner.forward([seq.token_ids[-1]] + proposal)     # [K+1, V]
-        num_accepted, new_ids = seq.chooser.verify(logits, proposal, draft_probs, c - seq.num_prompt_tokens)
+        num_accepted, new_ids = seq.chooser.verify(logits, seq.output_ids, proposal, draft_probs)
         new_ids = self._truncate_at_stop(seq, new_ids)
         self.runner.crop(c + num_accepted)
         self.budget.record(len(proposal), num_accepted)
@@ -106,7 +134,8 @@ class Verifier:
         stats.num_lookup_accepted += max(0, num_committed_from_proposal - num_draft)
         stats.num_drafts += bool(num_draft)
         stats.verify_busy_s += time.perf_counter() - start
-        return TokensOut(seq.request_id, new_ids, logprobs)
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None       # sent with the first tokens only
+        return TokensOut(seq.request_id, new_ids, logprobs, prompt_logprobs)
 
     @staticmethod
     def _truncate_at_stop(seq: Sequence, new_ids: list[int]) -> list[int]:
@@ -157,11 +186,11 @@ def _draft_round(seq: Sequence, drafter: ModelRunner, num_draft: int) -> tuple[l
     draft_ids: list[int] = []
     q_rows = []
     pending = seq.token_ids[-1]
+    output_ids = seq.output_ids
     for _ in range(max(0, num_draft)):
         seq.stats.num_draft_forwards += 1
         logits = drafter.forward([pending], last_only=True)
-        pos = seq.num_committed + len(draft_ids) - seq.num_prompt_tokens
-        token, q = seq.chooser.draft(logits, pos)
+        token, q = seq.chooser.draft(logits, output_ids + draft_ids)
         pending = int(token[0])
         draft_ids.append(pending)
         if q is not None:

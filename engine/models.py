@@ -210,9 +210,14 @@ class ModelRunner:
             self._cached_ids.extend(ids[0].tolist())
         if last_only:
             hidden = hidden[:, -1:]
+        return self.logits(hidden[0])
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output layer: last-layer hidden states [n, H] -> logits [n, V]."""
         if self.head_ids is None:
-            return self.lm_head(hidden)[0]
-        sub_logits = torch.nn.functional.linear(hidden[0], self.head_weight)          # [n, len(head_ids)]
+            return self.lm_head(hidden)
+        sub_logits = torch.nn.functional.linear(hidden, self.head_weight)             # [n, len(head_ids)]
         logits = sub_logits.new_full((sub_logits.shape[0], self.vocab_size), float("-inf"))
         return logits.index_copy_(1, self.head_ids, sub_logits)
 
@@ -224,15 +229,17 @@ class ModelRunner:
         return ids.masked_fill(ids >= self.num_input_rows, 0)
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int]) -> int:
+    def prefill(self, token_ids: list[int], hidden_out: list[torch.Tensor] | None = None) -> int:
         """Fill the cache with all but the last token (the pending one); return how many were reused.
 
         Prefix cache: the KV of the longest common prefix with what the cache already holds (the
         previous request's prompt and output) is kept, so a shared system prompt or a follow-up
         turn is not computed again. The rest is fed in chunks of `prefill_chunk_tokens`.
+        hidden_out: a list that receives each chunk's last-layer hidden states [chunk, H], for the
+        logits of every prompt position (prompt logprobs); the prefix cache is bypassed then.
         """
         target = list(token_ids[:-1])
-        if not self.is_prefix_cached:
+        if not self.is_prefix_cached or hidden_out is not None:
             self.reset()
         num_reused = 0
         for cached, wanted in zip(self.cached_ids, target):
@@ -246,6 +253,8 @@ class ModelRunner:
             for start in range(num_reused, len(target), self.prefill_chunk_tokens):
                 chunk = target[start:start + self.prefill_chunk_tokens]
                 ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device).view(1, -1)
-                self.model.model(input_ids=self._input_ids(ids), past_key_values=self.cache, use_cache=True)
+                out = self.model.model(input_ids=self._input_ids(ids), past_key_values=self.cache, use_cache=True)
                 self._cached_ids.extend(chunk)
+                if hidden_out is not None:
+                    hidden_out.append(out.last_hidden_state[0])                 # [chunk, H]
         return num_reused

