@@ -87,6 +87,7 @@ class OpenAIServing:
         self._byte_decoder = _byte_decoder(tokenizer)
         self.chat_renderer = ChatRenderer(tokenizer, settings.trust_request_chat_template)
         self.tool_parser_cls = get_tool_parser(settings.tool_call_parser)
+        self.added_tokens = frozenset(tokenizer.get_added_vocab())
         self.fim = FimPrompter(tokenizer)
         # what decides the output besides the request: the server build, the model and the decoding
         backend = [server_version(), model_root, settings.mode, settings.dtype, settings.verify_quantization,
@@ -215,7 +216,7 @@ class OpenAIServing:
         self.params.check_request(req, self.model_name)
         if req.top_logprobs is not None and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
-        tool_plan = plan_tools(req, self.tool_parser_cls)   # server/tool_choice.py
+        tool_plan = plan_tools(req, self.tool_parser_cls, self.added_tokens)   # server/tool_choice.py
         ids = self._chat_prompt(req, tool_plan.tools)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self.params.max_tokens(req, requested, requested is not None)

@@ -35,7 +35,9 @@ class ToolPlan:
         return self.parser_cls(self.is_parallel) if self.parser_cls is not None else None
 
 
-def plan_tools(req: P.ChatCompletionRequest, parser_cls: type[ToolParser]) -> ToolPlan:
+def plan_tools(req: P.ChatCompletionRequest, parser_cls: type[ToolParser],
+               special_tokens: frozenset[str] = frozenset()) -> ToolPlan:
+    """special_tokens: the tokenizer's added tokens (tags among them are forced as those tokens)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice if req.tool_choice is not None else "auto"
     if not tools:
@@ -59,7 +61,8 @@ def plan_tools(req: P.ChatCompletionRequest, parser_cls: type[ToolParser]) -> To
         if not functions:
             raise OpenAIError(f"tool_choice names the function {wanted!r}, which is not among the tools",
                               param="tool_choice")
-    grammar = parser_cls.tool_call_grammar(functions, allow_multiple=choice == "required" and is_parallel)
+    grammar = parser_cls.tool_call_grammar(functions, allow_multiple=choice == "required" and is_parallel,
+                                           special_tokens=special_tokens)
     error = llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", grammar))
     if error:
         raise OpenAIError(f"the tools' parameters schemas cannot be enforced: {error.strip()}", param="tools")

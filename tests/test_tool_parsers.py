@@ -160,3 +160,27 @@ def test_grammar_keeps_schema_refs(tokenizers):
     grammar = HermesToolParser.tool_call_grammar([fn], allow_multiple=False)
     assert accepts(tokenizers, grammar, call_text("add_user", {"user": {"age": 3}}))
     assert not accepts(tokenizers, grammar, call_text("add_user", {"user": {"age": "three"}}))
+
+
+def test_grammar_forces_added_tag_tokens(tmp_path):
+    """Qwen2.5's <tool_call> / </tool_call> are added tokens: the grammar must ask for those tokens (the
+    model's trained format), not the tag spelled out in bytes -- with the text literal, llguidance
+    offered the added token but could not consume it, and the call ended right after the tag."""
+    from transformers import PreTrainedTokenizerFast
+    from tests.fakes import build_byte_tokenizer
+    tags = (HermesToolParser.START, HermesToolParser.END)
+    hf = PreTrainedTokenizerFast.from_pretrained(build_byte_tokenizer(str(tmp_path), extra_specials=tags))
+    ll = llguidance.hf.from_tokenizer(hf)
+    grammar = HermesToolParser.tool_call_grammar([WEATHER], allow_multiple=False,
+                                                 special_tokens=frozenset(hf.get_added_vocab()))
+    good = call_text("get_weather", {"city": "Paris"})
+    as_tokens = hf.encode(good, add_special_tokens=False)                 # the tags become one token each
+    assert as_tokens[0] == hf.convert_tokens_to_ids(tags[0]) and as_tokens[-1] == hf.convert_tokens_to_ids(tags[1])
+    spelled = [b for t in as_tokens for b in (hf.encode(hf.decode([t]), add_special_tokens=False, split_special_tokens=True)
+                                              if t in (as_tokens[0], as_tokens[-1]) else [t])]
+    assert len(spelled) > len(as_tokens)
+    for ids, expected in ((as_tokens, True), (spelled, False)):
+        matcher = llguidance.LLMatcher(ll, llguidance.grammar_from("lark", grammar))
+        is_accepted = matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+        assert is_accepted == expected, (ids, expected)
+    assert parse_whole(hf.decode(as_tokens))[1] == [("get_weather", {"city": "Paris"})]

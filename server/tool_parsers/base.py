@@ -51,9 +51,15 @@ class ToolParser(ABC):
 
     @classmethod
     @abstractmethod
-    def tool_call_grammar(cls, functions: list[dict[str, Any]], allow_multiple: bool) -> str:
+    def tool_call_grammar(cls, functions: list[dict[str, Any]], allow_multiple: bool,
+                          special_tokens: frozenset[str] = frozenset()) -> str:
         """A Lark grammar whose sentences are calls, in this family's format, of the given
-        OpenAI function definitions ({"name", "parameters"}): one call, or one or more."""
+        OpenAI function definitions ({"name", "parameters"}): one call, or one or more.
+
+        special_tokens: the tokenizer's added tokens. A tag that is one of them (Qwen2.5's
+        `<tool_call>` is token 151657) must be referenced as that token (`<tool_call>` in Lark):
+        the text literal "<tool_call>" only matches the tag spelled out in ordinary tokens,
+        which is not what the model was trained to emit."""
 
     # ---- shared ------------------------------------------------------------------------------
     def _add_call(self, name: str, arguments: str) -> list[ToolCall]:

@@ -120,10 +120,13 @@ class HermesToolParser(ToolParser):
         return obj["name"], json.dumps(arguments, ensure_ascii=False)
 
     @classmethod
-    def tool_call_grammar(cls, functions: list[dict[str, Any]], allow_multiple: bool) -> str:
-        open_tag, close_tag, newline = (json.dumps(t) for t in (cls.START + "\n", "\n" + cls.END, "\n"))
+    def tool_call_grammar(cls, functions: list[dict[str, Any]], allow_multiple: bool,
+                          special_tokens: frozenset[str] = frozenset()) -> str:
+        def tag(name: str) -> str:       # an added token by reference, else its text
+            return name if name in special_tokens else json.dumps(name)
+        newline = json.dumps("\n")
         lines = ["start: call" + (f" ({newline} call)*" if allow_multiple else ""),
-                 f"call: {open_tag} body {close_tag}",
+                 f"call: {tag(cls.START)} {newline} body {newline} {tag(cls.END)}",
                  "body: " + " | ".join(f"fn_{i}" for i in range(len(functions)))]
         lines += [f"fn_{i}: %json {json.dumps(_call_schema(fn), ensure_ascii=False)}" for i, fn in enumerate(functions)]
         return "\n".join(lines) + "\n"
