@@ -92,10 +92,15 @@ class RequestResult:
         return record
 
 
+# The bare model on every server: amusd (like vLLM) applies the model's generation_config defaults,
+# which for Qwen2.5 include repetition_penalty 1.1; llama-server calls it repeat_penalty (default 1.0).
+NO_PENALTY = {"repetition_penalty": 1.0, "repeat_penalty": 1.0}
+
+
 def build_payload(options: RequestOptions, prompt: Prompt) -> dict:
     payload: dict = {"model": options.model, "max_tokens": options.max_tokens,
                      "temperature": options.temperature, "stream": True,
-                     "stream_options": {"include_usage": True}}
+                     "stream_options": {"include_usage": True}, **NO_PENALTY}
     if options.ignore_eos:
         payload["ignore_eos"] = True
     if options.endpoint == "chat":

@@ -16,6 +16,8 @@ import time
 
 import httpx
 
+from loadtest.client import NO_PENALTY
+
 
 def first_model_id(client: httpx.Client) -> str:
     try:
@@ -38,7 +40,7 @@ def measure_completions(base_url: str, prompts: list[str], max_tokens: int, temp
 
 def _one_completion(client: httpx.Client, model: str, prompt: str, max_tokens: int, temperature: float) -> dict:
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-               "stream": True, "stream_options": {"include_usage": True}}
+               "stream": True, "stream_options": {"include_usage": True}, **NO_PENALTY}
     texts, chunk_times, usage_tokens = [], [], None
     start = time.perf_counter()
     with client.stream("POST", "/v1/completions", json=payload) as response:
