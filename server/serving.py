@@ -17,7 +17,6 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from engine.messages import SamplingParams
 from server import protocol as P
 from server.chat_rendering import ChatRenderer
 from server.choice_runner import ChoiceRunner, Run

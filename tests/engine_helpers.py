@@ -1,6 +1,7 @@
 """Helpers for engine tests: start a supervisor on tiny float64 models and run requests."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import random
@@ -23,6 +24,20 @@ def start_engine(config: EngineConfig) -> EngineSupervisor:
     sup = EngineSupervisor(config)
     sup.start()
     return sup
+
+
+@contextlib.contextmanager
+def running_engines(cache_dir: str, engines: dict[str, dict]):
+    """Start one engine per name (`tiny_config` keywords, e.g. {"ar": dict(mode="ar")}), yield
+    {name: supervisor}, shut them all down (also when one fails to start)."""
+    started = {}
+    try:
+        for name, kw in engines.items():
+            started[name] = start_engine(tiny_config(cache_dir, **kw))
+        yield started
+    finally:
+        for sup in started.values():
+            sup.shutdown()
 
 
 def run(sup: EngineSupervisor, prompt: list[int], timeout_s: float = 60, **params):

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from engine.messages import GrammarSpec
 from engine.tiny_models import ensure_tiny_model
-from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+from tests.engine_helpers import running_engines, random_prompts, run
 
 PROMPTS = random_prompts(2, seed=5)
 REGEX = r"(yes|no), [a-z]{1,6}\."
@@ -56,14 +56,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(cache_dir):
-    started = {"ar": start_engine(tiny_config(cache_dir, "ar"))}
-    try:
-        for name, kw in SPEC_ENGINES.items():
-            started[name] = start_engine(tiny_config(cache_dir, **kw))
+    with running_engines(cache_dir, {"ar": dict(mode="ar"), **SPEC_ENGINES}) as started:
         yield started
-    finally:
-        for sup in started.values():
-            sup.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine.messages import GenerationRequest, SamplingParams
-from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+from tests.engine_helpers import running_engines, random_prompts, run
 
 PROMPTS = random_prompts(10)
 MAX_TOKENS = 48
@@ -30,14 +30,8 @@ USES_GUESSES = ("async", "async-wrong", "async-lead1")      # verify_lookup_ngra
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
-    started = {"ar": start_engine(tiny_config(cache, "ar"))}
-    try:
-        for name, kw in SPEC_ENGINES.items():
-            started[name] = start_engine(tiny_config(cache, **kw))
+    with running_engines(cache, {"ar": dict(mode="ar"), **SPEC_ENGINES}) as started:
         yield started
-    finally:
-        for sup in started.values():
-            sup.shutdown()
 
 
 @pytest.fixture(scope="module")

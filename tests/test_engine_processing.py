@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.tiny_models import ensure_tiny_model
-from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+from tests.engine_helpers import running_engines, random_prompts, run, start_engine, tiny_config
 
 PROMPTS = random_prompts(3, seed=21)
 BANNED = 66                       # logit_bias -100: never emitted
@@ -42,14 +42,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(cache_dir):
-    started = {"ar": start_engine(tiny_config(cache_dir, "ar", prefill_chunk_tokens=PREFILL_CHUNK))}
-    try:
-        for name, kw in SPEC_ENGINES.items():
-            started[name] = start_engine(tiny_config(cache_dir, **kw))
+    with running_engines(cache_dir, {"ar": dict(mode="ar", prefill_chunk_tokens=PREFILL_CHUNK), **SPEC_ENGINES}) as started:
         yield started
-    finally:
-        for sup in started.values():
-            sup.shutdown()
 
 
 @pytest.fixture(scope="module")
