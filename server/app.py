@@ -2,6 +2,7 @@
 
     app = create_app(settings)                 # builds the real EngineSupervisor in the lifespan
     app = create_app(settings, supervisor)     # any object with EngineSupervisor's interface
+    app = create_app(settings, replica={"id": "a1b2", "pid": 123})   # /health names its replica
 
 Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. Validation errors
 are 400 (not FastAPI's 422). A client disconnect (ASGI `http.disconnect`) cancels the request.
@@ -130,7 +131,8 @@ def begin_drain(app: FastAPI) -> None:
         loop.call_soon_threadsafe(client.begin_drain, app.state.amusd["settings"].shutdown_grace_s)
 
 
-def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
+def create_app(settings: Settings, supervisor: Any = None, replica: dict | None = None) -> FastAPI:
+    """`replica`: who serves (one replica of several, server/ray_serve.py); /health includes it."""
     state: dict[str, Any] = {"supervisor": supervisor, "settings": settings}
 
     def health() -> dict:
@@ -138,6 +140,7 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
         return sup.health() if sup is not None and getattr(state.get("client"), "started", False) else {}
 
     metrics = ServerMetrics(health=health, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+    state["metrics"] = metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -201,6 +204,8 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
         client = state.get("client")
         ok = client is not None and client.is_ready()
         body = {"status": "ok" if ok else "unavailable", **(health() or {})}
+        if replica is not None:
+            body["replica"] = replica
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

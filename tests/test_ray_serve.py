@@ -1,0 +1,236 @@
+"""The server as Ray Serve replicas on a local Ray cluster (CPU, tiny random models).
+
+One module-scoped cluster: `ray.init(num_cpus=4)` (logical CPUs: one per replica, room for the
+proxy and the controller) and configs/ray-tiny.yaml: two replicas, each a whole engine (supervisor
++ draft and verify workers, mode async), behind Serve's HTTP proxy on a free port. The tests run
+in file order and share it: spread of 16 streams, per-replica metrics, kill -9 of a verify worker,
+kill -9 of a replica actor, then autoscaling down and up.
+
+    .venv/bin/python -m pytest -q -p no:cacheprovider -m ray tests/test_ray_serve.py
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install -e .[ray]")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from server import ray_serve  # noqa: E402
+from server.ray_config import load_ray_config  # noqa: E402
+from server.replica import REPLICA_HEADER  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+pytestmark = pytest.mark.ray
+TINY_RAY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ray-tiny.yaml"
+STREAM_TIMEOUT_S = 60.0      # a stream silent this long counts as hung
+LONG_STREAM_TOKENS = 400     # ~1-2 s of tiny-model decoding: still running when the kill comes
+
+
+@dataclass
+class Stream:
+    """One streaming completion, read in a thread: what the client saw."""
+    replica: str | None = None
+    status: int | None = None
+    events: list = field(default_factory=list)     # parsed `data:` payloads; "[DONE]" as is
+    transport_error: str | None = None
+    is_hung: bool = False
+    has_tokens: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def error_events(self) -> list:
+        return [e for e in self.events if isinstance(e, dict) and "error" in e]
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200 and self.events[-1:] == ["[DONE]"] and not self.error_events
+
+    @property
+    def ended_with_error_event(self) -> bool:
+        return self.events[-1:] == ["[DONE]"] and bool(self.error_events)
+
+
+def read_stream(base_url: str, stream: Stream, max_tokens: int) -> None:
+    body = {"model": "tiny", "prompt": "hello there", "max_tokens": max_tokens, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", base_url + "/v1/completions", json=body,
+                          timeout=httpx.Timeout(STREAM_TIMEOUT_S, connect=10)) as resp:
+            stream.status, stream.replica = resp.status_code, resp.headers.get(REPLICA_HEADER)
+            if resp.status_code != 200:
+                stream.events.append(json.loads(resp.read() or b"{}"))
+                return
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    payload = line[len("data: "):]
+                    stream.events.append(payload if payload == "[DONE]" else json.loads(payload))
+                    stream.has_tokens.set()
+    except httpx.ReadTimeout as exc:
+        stream.is_hung, stream.transport_error = True, repr(exc)
+    except httpx.HTTPError as exc:        # e.g. the replica died and the proxy cut the connection
+        stream.transport_error = repr(exc)
+    finally:
+        stream.has_tokens.set()
+        stream.done.set()
+
+
+def start_streams(base_url: str, num_streams: int, max_tokens: int) -> list[Stream]:
+    streams = [Stream() for _ in range(num_streams)]
+    for stream in streams:
+        threading.Thread(target=read_stream, args=(base_url, stream, max_tokens), daemon=True).start()
+    return streams
+
+
+def wait_all(streams: list[Stream], timeout_s: float = 150.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for stream in streams:
+        assert stream.done.wait(max(0.0, deadline - time.monotonic())), "a stream hung"
+        assert not stream.is_hung, f"a stream hung: {stream.transport_error}"
+
+
+def num_running_replicas(config) -> int:
+    app = serve.status().applications.get(config.app_name)
+    if app is None or config.deployment_name not in app.deployments:
+        return 0
+    return app.deployments[config.deployment_name].replica_states.get("RUNNING", 0)
+
+
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def poll_health(base_url: str, until, timeout_s: float, what: str) -> dict[str, dict]:
+    """Poll /health (the router picks a replica per call) until `until(seen)`; seen: the latest
+    200 body of each replica, by replica id."""
+    seen: dict[str, dict] = {}
+
+    def poll():
+        try:
+            resp = httpx.get(base_url + "/health", timeout=5)
+        except httpx.HTTPError:
+            return None
+        if resp.status_code == 200:
+            seen[resp.headers[REPLICA_HEADER]] = resp.json()
+        return until(seen)
+    wait_until(poll, timeout_s, what, poll_s=0.05)
+    return seen
+
+
+def replicas_health(base_url: str, num_replicas: int, timeout_s: float = 60.0) -> dict[str, dict]:
+    return poll_health(base_url, lambda seen: len(seen) >= num_replicas, timeout_s,
+                       f"{num_replicas} healthy replicas on /health")
+
+
+@pytest.fixture(scope="module")
+def cluster(session_cache_dir):
+    """A local Ray cluster running configs/ray-tiny.yaml (two replicas)."""
+    metrics_port = free_port()
+    saved_env = dict(os.environ)
+    os.environ.update(ray_serve.local_cluster_env())   # before ray.init: the raylet passes it on
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
+    config = load_ray_config(str(TINY_RAY_CONFIG), http_port=free_port())
+    try:
+        ray_serve.deploy(config)
+        yield config, f"http://127.0.0.1:{config.http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def test_sixteen_streams_spread_over_both_replicas(cluster):
+    config, base_url, _ = cluster
+    assert num_running_replicas(config) == 2
+    streams = start_streams(base_url, 16, max_tokens=16)
+    wait_all(streams)
+    assert all(s.completed for s in streams), [(s.status, s.events[-2:], s.transport_error) for s in streams]
+    per_replica = collections.Counter(s.replica for s in streams)
+    print(f"\nstreams per replica: {dict(per_replica)}")
+    assert len(per_replica) == 2 and None not in per_replica, per_replica
+    assert max(per_replica.values()) <= config.max_ongoing_requests, per_replica
+
+
+def test_each_replica_exports_its_metrics_labelled_by_replica(cluster):
+    """Ray's metrics agent exports every replica's amusd metrics with a `replica` label."""
+    _, base_url, metrics_url = cluster
+    replica_ids = set(replicas_health(base_url, 2))
+
+    def successes_by_replica() -> dict[str, float] | None:
+        found: dict[str, float] = {}
+        for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+            if line.startswith("ray_amusd_request_success_total{") and 'finished_reason="length"' in line:
+                replica = line.split('replica="', 1)[1].split('"', 1)[0]
+                found[replica] = float(line.rsplit(" ", 1)[1])
+        return found if replica_ids <= set(found) and all(found[r] > 0 for r in replica_ids) else None
+    found = wait_until(successes_by_replica, 30, "per-replica ray_amusd_request_success_total")
+    print(f"\nray_amusd_request_success_total by replica: {found}")
+
+
+def test_kill_verify_worker_mid_stream_loses_nothing_and_the_engine_heals(cluster):
+    _, base_url, _ = cluster
+    health = replicas_health(base_url, 2)
+    streams = start_streams(base_url, 4, max_tokens=LONG_STREAM_TOKENS)
+    assert streams[0].has_tokens.wait(STREAM_TIMEOUT_S)
+    victim = streams[0].replica
+    old_verify_pid = health[victim]["workers"]["verify"]["pid"]
+    os.kill(old_verify_pid, signal.SIGKILL)
+    wait_all(streams)
+    assert streams[0].ended_with_error_event, streams[0].events[-2:]   # it was mid-stream
+    on_victim = [s for s in streams if s.replica == victim]
+    assert all(s.completed or s.ended_with_error_event for s in on_victim), \
+        [(s.events[-2:], s.transport_error) for s in on_victim]
+    assert any(s.ended_with_error_event for s in on_victim), "the running stream should end with an error"
+    assert all(s.completed for s in streams if s.replica != victim)
+    # the replica's supervisor restarted the worker: same replica, new verify pid, healthy again
+    def verify_pid(seen: dict) -> int | None:
+        return seen.get(victim, {}).get("workers", {}).get("verify", {}).get("pid")
+    healed = poll_health(base_url, lambda seen: verify_pid(seen) not in (None, old_verify_pid), 90,
+                         "the verify worker's restart")
+    assert healed[victim]["status"] == "ok"
+    again = start_streams(base_url, 4, max_tokens=8)
+    wait_all(again)
+    assert all(s.completed for s in again)
+
+
+def test_kill_replica_actor_mid_stream_loses_nothing_and_ray_replaces_it(cluster):
+    config, base_url, _ = cluster
+    health = replicas_health(base_url, 2)
+    streams = start_streams(base_url, 4, max_tokens=LONG_STREAM_TOKENS)
+    assert streams[0].has_tokens.wait(STREAM_TIMEOUT_S)
+    victim = streams[0].replica
+    os.kill(health[victim]["replica"]["pid"], signal.SIGKILL)
+    # new requests go to the survivor while Ray replaces the dead replica
+    fresh = start_streams(base_url, 4, max_tokens=8)
+    wait_all(streams + fresh)
+    for s in streams:
+        if s.replica == victim:   # ended by the proxy with an error event (server/ray_proxy.py), or a 503
+            assert s.completed or s.ended_with_error_event or s.status == 503, (s.events[-2:], s.transport_error)
+        else:
+            assert s.completed, (s.events[-2:], s.transport_error)
+    print(f"\nstreams on the killed replica: {[(s.status, len(s.events), s.events[-2:], s.transport_error) for s in streams if s.replica == victim]}")
+    assert streams[0].ended_with_error_event, "the victim's first stream was mid-stream"
+    assert streams[0].error_events[-1]["error"]["code"] == "replica_died"
+    assert all(s.completed and s.replica != victim for s in fresh), \
+        [(s.replica, s.status, s.events[-1:], s.transport_error) for s in fresh]
+    ids = set(replicas_health(base_url, 2, timeout_s=120))
+    assert victim not in ids and len(ids) == 2
+    assert num_running_replicas(config) == 2
