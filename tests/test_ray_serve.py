@@ -32,7 +32,8 @@ from server.ray_config import load_ray_config  # noqa: E402
 from server.replica import REPLICA_HEADER  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray,   # autoscaling_config.metrics_interval_s: deprecated, still the one knob
+              pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")]
 TINY_RAY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ray-tiny.yaml"
 STREAM_TIMEOUT_S = 60.0      # a stream silent this long counts as hung
 LONG_STREAM_TOKENS = 400     # ~1-2 s of tiny-model decoding: still running when the kill comes
@@ -234,3 +235,27 @@ def test_kill_replica_actor_mid_stream_loses_nothing_and_ray_replaces_it(cluster
     ids = set(replicas_health(base_url, 2, timeout_s=120))
     assert victim not in ids and len(ids) == 2
     assert num_running_replicas(config) == 2
+
+
+def test_autoscaling_scales_down_when_idle_and_up_under_load(cluster):
+    config, base_url, _ = cluster
+    quick = config.model_copy(update={"autoscaling": config.autoscaling.model_copy(update={"downscale_delay_s": 1.0})})
+    serve.run(ray_serve.build_app(quick), name=config.app_name, route_prefix=config.route_prefix)  # config-only update
+    wait_until(lambda: num_running_replicas(config) == 1, 90, "scale-down to min_replicas when idle")
+    assert len(replicas_health(base_url, 1)) == 1
+    is_loaded, finished = threading.Event(), []
+
+    def keep_busy() -> None:      # 12 streams at a time on one replica: 8 ongoing there, 4 at the proxy
+        while not is_loaded.is_set():
+            batch = start_streams(base_url, 12, max_tokens=LONG_STREAM_TOKENS)
+            wait_all(batch)
+            finished.extend(batch)
+    load = threading.Thread(target=keep_busy, daemon=True)
+    load.start()
+    try:
+        wait_until(lambda: num_running_replicas(config) == 2, 120, "scale-up under load")
+    finally:
+        is_loaded.set()
+        load.join(150)
+    assert finished and all(s.completed for s in finished), \
+        [(s.status, s.events[-1:], s.transport_error) for s in finished if not s.completed]
