@@ -145,9 +145,12 @@ def build_app(config: RayServeConfig) -> Any:
                            config.metrics_push_interval_s)
 
 
-def app_builder(args: dict[str, str]) -> Any:
-    """For `serve run server.ray_serve:app_builder config=PATH` and a RayService's import_path."""
-    return build_app(load_ray_config(args.get("config", os.path.join(PROJECT_ROOT, "configs", "ray.yaml"))))
+def app_builder(args: dict[str, Any]) -> Any:
+    """For `serve run server.ray_serve:app_builder config=PATH` and a RayService's import_path;
+    other args override top-level keys of the config (e.g. num_gpus: 2)."""
+    args = dict(args)
+    path = args.pop("config", os.path.join(PROJECT_ROOT, "configs", "ray.yaml"))
+    return build_app(load_ray_config(path, **args))
 
 
 def local_cluster_env() -> dict[str, str]:

@@ -206,3 +206,22 @@ def test_cli_dispatches_serve_ray_without_importing_ray():
             "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY', rc)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "amusd serve-ray" in out.stdout and "NO_RAY 0" in out.stdout, out.stdout + out.stderr
+
+
+# --- KubeRay manifest (not run: no Kubernetes here) ------------------------------------------------------
+
+def test_rayservice_manifest_deploys_app_builder_with_a_valid_config():
+    manifest = yaml.safe_load((REPO / "docker" / "kuberay" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    [app] = serve_config["applications"]
+    assert app["import_path"] == "server.ray_serve:app_builder"
+    args = dict(app["args"])
+    assert args.pop("config") == "/app/configs/ray.yaml"          # the image's WORKDIR is /app
+    config = load_ray_config(str(CONFIGS / "ray.yaml"), **args)   # what app_builder does in the pod
+    assert config.num_gpus == 2 and config.autoscaling.max_replicas == 4
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    limits = workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 2
+    schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve is an optional extra")
+    schema.ServeDeploySchema(**serve_config)
