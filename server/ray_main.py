@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update(ray_serve.local_cluster_env())
         ray.init(address=config.address)
         ray_serve.deploy(config)
-        logger.info("serving on http://%s:%d%s (Ray dashboard: `ray status`, `serve status`); Ctrl-C stops",
+        logger.info("serving on http://%s:%d%s (`serve status` lists the replicas); Ctrl-C stops",
                     config.http_host, config.http_port, config.route_prefix)
         stop.wait()
         return 0

@@ -71,6 +71,7 @@ def test_missing_config_file(tmp_path):
         load_ray_config(str(tmp_path / "nope.yaml"))
 
 
+@pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 def test_autoscaling_and_actor_options_are_what_ray_serve_accepts():
     serve_config = pytest.importorskip("ray.serve.config", reason="Ray Serve is an optional extra")
     config = load_ray_config(str(CONFIGS / "ray-tiny.yaml"))

@@ -237,6 +237,33 @@ def test_kill_replica_actor_mid_stream_loses_nothing_and_ray_replaces_it(cluster
     assert num_running_replicas(config) == 2
 
 
+def test_engine_that_cannot_heal_fails_the_health_check_and_ray_replaces_the_replica(cluster, session_cache_dir):
+    """The verify model breaks on disk, then its worker is killed: the supervisor's restarts fail
+    (max_restarts), the engine gives up, check_health raises, and Ray starts a new replica."""
+    config, base_url, _ = cluster
+    victim, health = next(iter(replicas_health(base_url, 2).items()))
+    [model_config] = Path(session_cache_dir).glob("tiny-random/verify*/config.json")
+    original = model_config.read_bytes()
+    model_config.write_text("{ not json")
+
+    def engine_failed() -> bool:
+        try:
+            resp = httpx.get(base_url + "/health", timeout=5)
+        except httpx.HTTPError:
+            return False
+        if resp.headers.get(REPLICA_HEADER) == victim and resp.json().get("fatal_error"):
+            return True
+        return num_running_replicas(config) < 2      # Ray already took it out
+    try:
+        os.kill(health["workers"]["verify"]["pid"], signal.SIGKILL)
+        wait_until(engine_failed, 120, "the engine to give up", poll_s=0.05)
+    finally:
+        model_config.write_bytes(original)            # so that the replacement can start
+    ids = set(poll_health(base_url, lambda seen: len(set(seen) - {victim}) >= 2, 120, "a replacement replica"))
+    assert victim not in ids
+    wait_until(lambda: num_running_replicas(config) == 2, 60, "two running replicas")
+
+
 def test_autoscaling_scales_down_when_idle_and_up_under_load(cluster):
     config, base_url, _ = cluster
     quick = config.model_copy(update={"autoscaling": config.autoscaling.model_copy(update={"downscale_delay_s": 1.0})})
