@@ -20,7 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.testclient import TestClient
 
 from server.ray_config import RayConfigError, load_ray_config
-from server.ray_proxy import REPLICA_DIED, STREAM_END, StreamEndGuard, proxy_middlewares
+from server.ray_proxy import REPLICA_DIED, STREAM_END, ProxyResponseGuard, proxy_middlewares
 from server.replica import REPLICA_HEADER, EngineHealthCheck, ReplicaHeader, place_on_devices
 from server.settings import Settings
 
@@ -155,7 +155,7 @@ def test_replica_header_on_plain_and_streaming_responses():
 
 
 def run_guarded(messages: list[dict]) -> list[dict]:
-    """What StreamEndGuard sends when the app below it sends `messages` and returns."""
+    """What ProxyResponseGuard sends when the proxy below it sends `messages` and returns."""
     sent: list[dict] = []
 
     async def app(scope, receive, send):
@@ -164,12 +164,26 @@ def run_guarded(messages: list[dict]) -> list[dict]:
 
     async def send(message):
         sent.append(message)
-    asyncio.run(StreamEndGuard(app)({"type": "http"}, None, send))
+    asyncio.run(ProxyResponseGuard(app)({"type": "http"}, None, send))
     return sent
 
 
-def sse_start(content_type: bytes = b"text/event-stream; charset=utf-8") -> dict:
-    return {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]}
+def sse_start(content_type: bytes = b"text/event-stream; charset=utf-8", status: int = 200) -> dict:
+    """A response start as a replica sends it (with its x-amusd-replica header)."""
+    return {"type": "http.response.start", "status": status,
+            "headers": [(b"content-type", content_type), (REPLICA_HEADER.encode(), b"r1")]}
+
+
+def proxy_error(status: int, text: bytes) -> list[dict]:
+    """An error response Serve's proxy makes itself (no replica header)."""
+    return [{"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]},
+            {"type": "http.response.body", "body": text, "more_body": False}]
+
+
+def json_answer(sent: list[dict]) -> tuple[int, dict]:
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"], sent
+    assert (b"content-type", b"application/json") in sent[0]["headers"]
+    return sent[0]["status"], json.loads(sent[1]["body"])
 
 
 def test_stream_cut_by_a_dead_replica_ends_with_an_error_event_and_done():
@@ -184,7 +198,23 @@ def test_finished_streams_and_other_responses_are_left_alone():
     assert run_guarded(done) == done
     cut_json = [sse_start(b"application/json"), {"type": "http.response.body", "body": b"{", "more_body": True}]
     assert run_guarded(cut_json) == cut_json
-    assert [m.cls for m in proxy_middlewares()] == [StreamEndGuard]
+    own_error = [sse_start(b"application/json", status=500),            # the app's own 500 stays as it is
+                 {"type": "http.response.body", "body": b'{"error": {}}', "more_body": False}]
+    assert run_guarded(own_error) == own_error
+    assert [m.cls for m in proxy_middlewares()] == [ProxyResponseGuard]
+
+
+def test_request_without_any_response_gets_an_openai_503():
+    """The replica died before answering: the proxy returns without a response (uvicorn's bare 500)."""
+    assert json_answer(run_guarded([])) == (503, REPLICA_DIED)
+
+
+def test_proxy_made_errors_become_openai_errors():
+    status, body = json_answer(run_guarded(proxy_error(500, b"Internal Server Error")))
+    assert status == 503 and body["error"]["code"] == "replica_died"
+    status, body = json_answer(run_guarded(proxy_error(429, b"Request dropped due to backpressure")))
+    assert status == 429 and body["error"]["type"] == "rate_limit_exceeded"
+    assert body["error"]["message"] == "Request dropped due to backpressure"
 
 
 # --- amusd serve-ray ---------------------------------------------------------------------------------------
