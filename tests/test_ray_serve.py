@@ -252,17 +252,24 @@ def test_engine_that_cannot_heal_fails_the_health_check_and_ray_replaces_the_rep
     original = model_config.read_bytes()
     model_config.write_text("{ not json")
 
+    last_seen: dict = {}
+
     def engine_failed() -> bool:
         try:
             resp = httpx.get(base_url + "/health", timeout=5)
         except httpx.HTTPError:
             return False
-        if resp.headers.get(REPLICA_HEADER) == victim and resp.json().get("fatal_error"):
-            return True
+        if resp.headers.get(REPLICA_HEADER) == victim:
+            last_seen.update(status=resp.status_code, body=resp.json())
+            if resp.json().get("fatal_error"):
+                return True
         return num_running_replicas(config) < 2      # Ray already took it out
     try:
         os.kill(health["workers"]["verify"]["pid"], signal.SIGKILL)
-        wait_until(engine_failed, 120, "the engine to give up", poll_s=0.05)
+        try:
+            wait_until(engine_failed, 180, "the engine to give up", poll_s=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the victim's last /health: {last_seen}; {serve.status()}") from None
     finally:
         model_config.write_bytes(original)            # so that the replacement can start
     ids = set(poll_health(base_url, lambda seen: len(set(seen) - {victim}) >= 2, 120, "a replacement replica"))
