@@ -23,6 +23,8 @@ ENV AMUSD_DEFAULT_TORCH_SPEC="torch" \
 
 FROM base-${VARIANT} AS final
 ARG AMUSD_TORCH_SPEC=""
+# "ray" for an image that runs `amusd serve-ray` / a KubeRay RayService (docker/kuberay)
+ARG AMUSD_EXTRAS=""
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     AMUSD_VENV=/opt/venv \
@@ -39,7 +41,7 @@ RUN groupadd --gid 10001 amusd \
 WORKDIR /app
 COPY . /app
 RUN --mount=type=cache,target=/root/.cache/pip \
-    AMUSD_TORCH_SPEC="${AMUSD_TORCH_SPEC:-$AMUSD_DEFAULT_TORCH_SPEC}" ./setup.sh \
+    AMUSD_TORCH_SPEC="${AMUSD_TORCH_SPEC:-$AMUSD_DEFAULT_TORCH_SPEC}" AMUSD_EXTRAS="${AMUSD_EXTRAS}" ./setup.sh \
  && amusd --help
 
 # Numeric, so that runtimes enforcing runAsNonRoot can verify it (uid 10001 = amusd).

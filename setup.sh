@@ -4,11 +4,13 @@
 #   ./setup.sh --test     ... plus the test dependencies
 # Env: AMUSD_VENV (default .venv; "system" installs into the current Python),
 #      AMUSD_TORCH_SPEC (default "torch==2.13.0", the CPU wheel; GPU users set e.g. "torch" or
-#      their own CUDA build, or "skip" if torch is already installed).
+#      their own CUDA build, or "skip" if torch is already installed),
+#      AMUSD_EXTRAS (more extras, e.g. "ray" for `amusd serve-ray`).
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="models,bench"
 [[ "${1:-}" == "--test" ]] && extras="models,bench,test"
+[[ -n "${AMUSD_EXTRAS:-}" ]] && extras="$extras,$AMUSD_EXTRAS"
 venv="${AMUSD_VENV:-.venv}"
 if [[ "$venv" == "system" ]]; then
   py=python3

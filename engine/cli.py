@@ -1,9 +1,10 @@
-"""`amusd` console script: one entry, four subcommands.
+"""`amusd` console script: one entry, five subcommands.
 
     amusd fetch-models [--cache-dir DIR]     download, verify and convert the default model pair
     amusd bench --methods ar:1,sync:1,async ...   the paper's experiment on this machine
     amusd humaneval --num-problems 164            greedy pass@1 of the verify model as served
     amusd serve [--config configs/default.yaml]   the OpenAI-compatible HTTP server
+    amusd serve-ray [--config configs/ray.yaml]   the same server as Ray Serve replicas (extra: .[ray])
 
 Each subcommand's module owns its own flags (`amusd SUB --help`); this file only dispatches,
 importing lazily so that `amusd serve --help` does not load torch.
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
     "bench": ("engine.bench", "benchmark ar / sync / async / hf decoding (and a peer server)"),
     "humaneval": ("engine.humaneval", "greedy HumanEval pass@1 of the verify model (quantization's quality cost)"),
     "serve": ("server.main", "run the OpenAI-compatible HTTP server"),
+    "serve-ray": ("server.ray_main", "run the server as autoscaled Ray Serve replicas (pip install -e .[ray])"),
 }
 
 

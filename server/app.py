@@ -2,6 +2,7 @@
 
     app = create_app(settings)                 # builds the real EngineSupervisor in the lifespan
     app = create_app(settings, supervisor)     # any object with EngineSupervisor's interface
+    app = create_app(settings, replica={"id": "a1b2", "pid": 123})   # /health names its replica
 
 Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. Validation errors
 are 400 (not FastAPI's 422); an unknown request field is a 400 naming it. 429 and 503 carry a
@@ -136,7 +137,8 @@ def begin_drain(app: FastAPI) -> None:
         loop.call_soon_threadsafe(client.begin_drain, app.state.amusd["settings"].shutdown_grace_s)
 
 
-def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
+def create_app(settings: Settings, supervisor: Any = None, replica: dict | None = None) -> FastAPI:
+    """`replica`: who serves (one replica of several, server/ray_serve.py); /health includes it."""
     state: dict[str, Any] = {"supervisor": supervisor, "settings": settings}
 
     def health() -> dict:
@@ -145,6 +147,7 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
 
     metrics = ServerMetrics(health=health, heartbeat_timeout_s=settings.heartbeat_timeout_s,
                             names=settings.metrics_names)
+    state["metrics"] = metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -222,6 +225,8 @@ def create_app(settings: Settings, supervisor: Any = None) -> FastAPI:
         client = state.get("client")
         ok = client is not None and client.is_ready()
         body = {"status": "ok" if ok else "unavailable", **(health() or {})}
+        if replica is not None:
+            body["replica"] = replica
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -179,10 +179,25 @@ def test_prometheus_scrapes_server_metrics_on_port_8000():
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = config["scrape_configs"]
     targets = [t for job in jobs if job.get("metrics_path", "/metrics") == "/metrics"
-               for static in job["static_configs"] for t in static["targets"]]
+               for static in job.get("static_configs", []) for t in static["targets"]]
     assert "server:8000" in targets
     prometheus = load_compose()["services"]["prometheus"]
     assert "./docker/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+
+
+def test_prometheus_names_ray_replica_metrics_back_to_the_exported_names():
+    """Ray exports a replica's `amusd:x` as `ray_amusd_x` (server/ray_serve.ray_metric_name); the
+    amusd-ray job's relabeling must give every exported series its name back, so the dashboard
+    serves `amusd serve` and `amusd serve-ray` alike."""
+    jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    [rule] = jobs["amusd-ray"]["metric_relabel_configs"]
+    assert rule["source_labels"] == ["__name__"] and rule["target_label"] == "__name__"
+    replacement = rule["replacement"].replace("${1}", r"\1")
+    for name in series_names(load_exported_metrics()):
+        ray_name = "ray_" + name.replace(":", "_")
+        assert re.fullmatch(rule["regex"], ray_name), ray_name       # Prometheus anchors its regexes
+        assert re.sub(rule["regex"], replacement, ray_name) == name
+    assert not re.fullmatch(rule["regex"], "ray_serve_num_ongoing_requests_at_replicas")
 
 
 def test_grafana_datasource_points_at_prometheus():
