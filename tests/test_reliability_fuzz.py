@@ -77,7 +77,8 @@ def assert_still_serving(live: LiveServer) -> None:
 _UNSUPPORTED = ("n", "best_of", "suffix", "logit_bias", "presence_penalty", "frequency_penalty",
                 "repetition_penalty", "repeat_penalty", "response_format", "stream_options", "echo",
                 "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                "stop_token_ids", "min_tokens", "n_predict")
+                "stop_token_ids", "min_tokens", "n_predict", "tools", "tool_choice", "parallel_tool_calls",
+                "chat_template", "chat_template_kwargs", "continue_final_message")
 
 
 def _is_int(value) -> bool:
@@ -102,7 +103,8 @@ def steer(body: dict, model: str) -> None:
         body["prompt"] = prompt or "fuzz"
     messages = body.get("messages")
     if isinstance(messages, list):
-        messages = [m for m in messages if isinstance(m, dict)] or [{"content": "fuzz"}]
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages if isinstance(m, dict)]
+        messages = messages or [{"content": "fuzz"}]              # role + content only (no tool-call history)
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant"):
                 m["role"] = "user"
