@@ -159,12 +159,13 @@ class Penalties:
     def __call__(self, logits: Tensor, output_ids: Sequence[int], proposal: Sequence[int]) -> Tensor:
         num_rows, vocab_size = logits.shape
         device = logits.device
-        prompt = self._prompt_ids_on(device)
-        seen = torch.cat([prompt, _as_ids(output_ids, device), _as_ids(proposal[: num_rows - 1], device)])
+        prompt, output = self._prompt_ids_on(device), _as_ids(output_ids, device)
+        proposal = _as_ids(proposal[: num_rows - 1], device)
+        seen = torch.cat([prompt, output, proposal])
         columns = torch.unique(seen[seen < vocab_size])                                  # [S], sorted
         if columns.numel() == 0:
             return logits
-        counts = token_counts(output_ids, proposal, num_rows, columns)                    # [N, S]
+        counts = token_counts(output, proposal, num_rows, columns)                        # [N, S]
         is_in_output = counts > 0                                                         # [N, S]
         scores = logits[:, columns]                                                       # [N, S]
         if self.repetition_penalty != 1.0:

@@ -60,12 +60,6 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
-    def has_context_processing(self) -> bool:
-        """True when a token's scores depend on the tokens before it (penalties, grammar, min_tokens)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens or self.grammar is not None)
-
 
 @dataclass(frozen=True)
 class GrammarSpec:

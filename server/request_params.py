@@ -45,6 +45,13 @@ def load_sampling_defaults(setting: str, model_dir: str) -> dict[str, float]:
     return defaults
 
 
+def check_in_vocab(token_ids: Any, vocab_size: int, param: str, label: str = "") -> None:
+    """400 naming `param` when a token id is outside [0, vocab_size); `label` prefixes the message."""
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise OpenAIError(f"{label}token id {bad} is out of vocabulary (size {vocab_size})", param=param)
+
+
 def check_unicode(text: str, param: str) -> None:
     """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a 400, not a 500."""
     try:
@@ -90,10 +97,7 @@ class SamplingParamsFactory:
             raise OpenAIError(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters", param="stop")
         for stop in stops:
             check_unicode(stop, "stop")
-        bad = next((t for t in req.stop_token_ids or [] if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise OpenAIError(f"stop_token_ids: token id {bad} is out of vocabulary (size {self.vocab_size})",
-                              param="stop_token_ids")
+        check_in_vocab(req.stop_token_ids or [], self.vocab_size, "stop_token_ids", "stop_token_ids: ")
 
     def max_tokens(self, req: P._SamplingRequest, requested: int | None, is_set: bool) -> int | None:
         """`requested` (max_tokens / max_completion_tokens, `is_set` if the client sent it) or n_predict."""
@@ -112,9 +116,7 @@ class SamplingParamsFactory:
                 tid = int(key)
             except ValueError:
                 raise OpenAIError(f"logit_bias: key {key!r} is not a token id", param="logit_bias") from None
-            if not 0 <= tid < self.vocab_size:
-                raise OpenAIError(f"logit_bias: token id {tid} is out of vocabulary (size {self.vocab_size})",
-                                  param="logit_bias")
+            check_in_vocab([tid], self.vocab_size, "logit_bias", "logit_bias: ")
             out[tid] = value
         return out
 

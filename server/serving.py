@@ -23,7 +23,7 @@ from server.choice_runner import ChoiceRunner, Run
 from server.engine_client import EngineClient, EngineClientError
 from server.errors import OpenAIError, error_body   # noqa: F401  (re-exported for server/app.py)
 from server.fim import FimPrompter
-from server.request_params import SamplingParamsFactory, check_unicode
+from server.request_params import SamplingParamsFactory, check_in_vocab, check_unicode
 from server.responses import chat_events, completion_events
 from server.settings import Settings
 from server.tool_choice import plan_tools
@@ -109,9 +109,7 @@ class OpenAIServing:
                 check_unicode(one, param)
                 out.append((self.tokenizer.encode(one, add_special_tokens=True) if one else [], one))
                 continue
-            bad = next((t for t in one if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise OpenAIError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param=param)
+            check_in_vocab(one, self.vocab_size, param)
             out.append((list(one), self.tokenizer.decode(list(one))))
         return out
 
@@ -247,7 +245,5 @@ class OpenAIServing:
 
     def detokenize(self, req: P.DetokenizeRequest) -> P.DetokenizeResponse:
         self._check_model(req.model)
-        bad = next((t for t in req.tokens if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise OpenAIError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param="tokens")
+        check_in_vocab(req.tokens, self.vocab_size, "tokens")
         return P.DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import llguidance
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
+from engine.grammar_spec import validate_grammar_spec
 from engine.messages import GrammarSpec
 from server.errors import OpenAIError
 
@@ -107,21 +107,14 @@ def _from_structured_outputs(so: dict[str, Any]) -> list[tuple[str, GrammarSpec]
     return found
 
 
-def llguidance_grammar(spec: GrammarSpec) -> str:
-    """The llguidance grammar definition of a spec (what LLMatcher compiles)."""
-    if spec.kind == "json_object":
-        return llguidance.grammar_from("json_schema", '{"type": "object"}')
-    return llguidance.grammar_from({"json_schema": "json_schema", "regex": "regex", "choice": "choice",
-                                    "lark": "lark"}[spec.kind], spec.value)
-
-
 def check_grammar(spec: GrammarSpec, param: str) -> None:
-    """400 naming `param` unless llguidance compiles the constraint."""
+    """400 naming `param` unless the constraint compiles exactly as the workers will compile it."""
     if spec.kind == "regex" and not spec.value:
         raise OpenAIError(f"{param} must be a non-empty regular expression", param=param)
-    error = llguidance.LLMatcher.validate_grammar(llguidance_grammar(spec))
-    if error:
-        raise OpenAIError(f"{param}: invalid constraint: {error.strip()}", param=param)
+    try:
+        validate_grammar_spec(spec)
+    except ValueError as exc:
+        raise OpenAIError(f"{param}: invalid constraint: {exc}", param=param) from None
 
 
 def grammar_spec(req: Any) -> GrammarSpec | None:

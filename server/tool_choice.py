@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance
-
+from engine.grammar_spec import validate_grammar_spec
 from engine.messages import GrammarSpec
 from server import protocol as P
 from server.errors import OpenAIError
@@ -63,7 +62,9 @@ def plan_tools(req: P.ChatCompletionRequest, parser_cls: type[ToolParser],
                               param="tool_choice")
     grammar = parser_cls.tool_call_grammar(functions, allow_multiple=choice == "required" and is_parallel,
                                            special_tokens=special_tokens)
-    error = llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", grammar))
-    if error:
-        raise OpenAIError(f"the tools' parameters schemas cannot be enforced: {error.strip()}", param="tools")
-    return ToolPlan(tools, GrammarSpec(kind="lark", value=grammar), parser_cls, is_parallel)
+    spec = GrammarSpec(kind="lark", value=grammar)
+    try:
+        validate_grammar_spec(spec)
+    except ValueError as exc:
+        raise OpenAIError(f"the tools' parameters schemas cannot be enforced: {exc}", param="tools") from None
+    return ToolPlan(tools, spec, parser_cls, is_parallel)
