@@ -276,6 +276,7 @@ class EngineSupervisor:
                 continue
             reason = "stopped answering (heartbeat timeout)" if worker.is_alive else \
                 f"died (exit code {worker.process.exitcode if worker.process else None})"
+            logger.warning("%s worker %s during request %s: restarting it", worker.role, reason, rid)
             if on_output is not None:
                 on_output(EngineOutput(rid, finished=True, finish_reason="error", error=f"{worker.role} worker {reason}"))
             self._recover(worker, wid)
@@ -330,9 +331,11 @@ class EngineSupervisor:
                 self._spawn(dead)
                 try:
                     self._await_ready(dead)
+                    logger.info("restarted the %s worker(s)", " and ".join(w.role for w in dead))
                     return True
                 except EngineStartError as exc:
                     last_error = str(exc)
+                    logger.warning("restart failed: %s", last_error)
                     dead = self._workers_to_restart(also_unready=True)
             self.fatal_error = f"workers failed to restart {self.config.max_restarts} times: {last_error}"
             return False

@@ -212,7 +212,8 @@ def test_kill_worker_mid_stream(live, role):
     down_at = poller.first(lambda s: s == 503)
     assert down_at is not None, f"/health never reported 503: {poller.samples[:5]}"
     up_at = poller.first(lambda s: s == 200, after=down_at)
-    assert up_at is not None, "/health not 200 again within 60 s"
+    assert up_at is not None, f"/health not 200 again within 60 s: {httpx.get(live.url('/health')).text}\n" \
+                              f"server log (end):\n{live.log()[-3000:]}"
     restart_s = up_at - killed_at
     health = httpx.get(live.url("/health")).json()
     assert health["workers"][role]["pid"] != old_pid and health["workers"][role]["num_restarts"] >= 1
