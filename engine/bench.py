@@ -43,7 +43,7 @@ def parse_method(method: str) -> tuple[str, int]:
 def engine_config(args, name: str, num_cores: int) -> EngineConfig:
     common = dict(verify_model=args.verify_model, draft_model=args.draft_model, dtype=args.dtype,
                   verify_quantization=args.verify_quantization, draft_quantization=args.draft_quantization,
-                  max_model_len=args.max_model_len, num_speculative_tokens=args.k,
+                  decoder=args.decoder, max_model_len=args.max_model_len, num_speculative_tokens=args.k,
                   max_draft_lead=args.max_draft_lead, max_verify_tokens=args.max_verify_tokens,
                   draft_lookup_ngram=args.draft_lookup_ngram, verify_lookup_ngram=args.verify_lookup_ngram,
                   draft_vocab_size=args.draft_vocab_size,
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 | float64")
     p.add_argument("--verify-quantization", default="auto", help="auto | none | int8 | int8-fast | int4")
     p.add_argument("--draft-quantization", default="auto", help="auto | none | int8 | int8-fast | int4")
+    p.add_argument("--decoder", default="auto", help="auto | lean | hf (engine/decoder.py)")
     p.add_argument("--k", type=int, default=0, help="tokens proposed per verify (0 = the cost model decides)")
     p.add_argument("--max-draft-lead", type=int, default=8)
     p.add_argument("--max-verify-tokens", type=int, default=8)

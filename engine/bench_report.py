@@ -83,7 +83,7 @@ def first_difference_gaps(report: dict, raw: dict, reference: str, prompts, veri
     todo = [(m, d) for m, e in report["methods"].items() for d in e.get("differences", [])]
     if not todo:
         return
-    concrete_dtype = resolve_dtype(dtype, "cpu")[0]
+    concrete_dtype = resolve_dtype(dtype, "cpu", quantization)[0]
     model = load_causal_lm(verify_dir, None, "cpu", concrete_dtype,
                            resolve_quantization(quantization, "cpu", concrete_dtype, "verify")[0])
     with torch.inference_mode():

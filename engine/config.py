@@ -16,6 +16,7 @@ MODES = ("auto", "ar", "sync", "async")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
 QUANTIZATIONS = ("auto", "none", "int8", "int8-fast", "int4")   # engine/quantization.py
 SAMPLING_SCHEMES = ("coupled", "rejection")
+DECODERS = ("auto", "lean", "hf")   # engine/decoder.py
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -52,6 +53,7 @@ class EngineConfig:
     dtype: str = "auto"                  # auto: bf16 where the device runs it natively, else fp32
     verify_quantization: str = "auto"    # auto | none | int8 | int8-fast | int4 (engine/quantization.py)
     draft_quantization: str = "auto"
+    decoder: str = "auto"                # auto (lean layers on CPU where supported) | lean | hf (engine/decoder.py)
     # CPU placement. None = no pinning. Defaults suit a 2-core machine.
     verify_cores: str | None = "0"
     draft_cores: str | None = "1"
@@ -93,6 +95,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be one of {QUANTIZATIONS}, got {getattr(self, name)!r}")
         if not 0.0 < float(self.acceptance_prior) < 1.0:
             raise ConfigError(f"acceptance_prior must be in (0, 1), got {self.acceptance_prior}")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.sampling_scheme not in SAMPLING_SCHEMES:
             raise ConfigError(f"sampling_scheme must be one of {SAMPLING_SCHEMES}, got {self.sampling_scheme!r}")
         for name in ("verify_device", "draft_device"):

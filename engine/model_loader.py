@@ -2,7 +2,7 @@
 
     loaded = load_model("verify", config, device="cpu")
     loaded.runner       ModelRunner (model + KV cache)
-    loaded.runtime      {"dtype", "dtype_reason", "quantization", "quantization_reason",
+    loaded.runtime      {"dtype", "dtype_reason", "quantization", "quantization_reason", "decoder",
                          "forward_costs_s": [c(1), ..., c(K)], "threads", "device"}
 
 Resolves `dtype: auto` and `*_quantization: auto` (engine/hardware.py), loads and quantizes
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.cost_model import ForwardCosts
 from engine.hardware import resolve_dtype, resolve_quantization
 
@@ -40,20 +40,26 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     spec, gguf_file = (config.verify_model, config.gguf_file) if role == "verify" else \
         (config.draft_model, config.draft_gguf_file)
     configured_quantization = config.verify_quantization if role == "verify" else config.draft_quantization
-    dtype, dtype_reason = resolve_dtype(config.dtype, device)
+    dtype, dtype_reason = resolve_dtype(config.dtype, device, configured_quantization)
     quantization, quantization_reason = resolve_quantization(configured_quantization, device, dtype, role)
     path, gguf = resolve_model_spec(spec, config.cache_dir, gguf_file)
     model = load_causal_lm(path, gguf, device, dtype, quantization)
-    runner = ModelRunner(model, device, config.prefill_chunk_tokens, config.prefix_caching)
+    try:
+        runner = ModelRunner(model, device, config.prefill_chunk_tokens, config.prefix_caching, config.decoder)
+    except ValueError as exc:
+        raise ConfigError(f"{role} model {path}: {exc}") from exc
     runner.is_mapping_unknown_ids = role == "draft"     # the verify may commit ids past the draft's rows
     import torch
     threads = torch.get_num_threads()
-    key = cost_key(path, role=role, gguf=gguf, dtype=dtype, quantization=quantization, device=device,
+    key = cost_key(path, role=role, gguf=gguf, dtype=dtype, quantization=quantization, decoder=runner.decoder.name,
+                   device=device,
                    threads=threads, cores=config.cores_of(worker_role or role))
     costs = load_or_measure(runner, key, config.cache_dir, num_cost_tokens)
     runtime = {"device": device, "threads": threads, "dtype": dtype, "dtype_reason": dtype_reason,
                "quantization": quantization, "quantization_reason": quantization_reason,
+               "decoder": runner.decoder.name,
                "forward_costs_s": list(costs.seconds)}
-    logger.info("%s model %s: %s (%s); quantization %s (%s); forward ms by tokens: %s", role, path, dtype,
-                dtype_reason, quantization, quantization_reason, [round(s * 1e3, 1) for s in costs.seconds])
+    logger.info("%s model %s: %s (%s); quantization %s (%s); %s decoder; forward ms by tokens: %s", role, path,
+                dtype, dtype_reason, quantization, quantization_reason, runner.decoder.name,
+                [round(s * 1e3, 1) for s in costs.seconds])
     return LoadedModel(runner, path, costs, runtime)

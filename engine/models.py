@@ -135,18 +135,18 @@ class PrefillPlacement:
 
 
 class ModelRunner:
-    """One causal LM with a DynamicCache holding KV for a prefix of one sequence.
+    """One causal LM with a KV cache (engine/decoder.py) holding KV for a prefix of one sequence.
 
     Invariant kept by callers: the cache holds every token of the sequence except the
     last one, which is the next forward's first input ("pending token").
     """
 
-    def __init__(self, model, device: str, prefill_chunk_tokens: int = 512, is_prefix_cached: bool = True):
-        from transformers import DynamicCache
+    def __init__(self, model, device: str, prefill_chunk_tokens: int = 512, is_prefix_cached: bool = True,
+                 decoder_impl: str = "auto"):
+        from engine.decoder import make_decoder
         self.model = model
         self.device = torch.device(device)
-        self._cache_cls = DynamicCache
-        self.cache = DynamicCache(config=model.config)
+        self.decoder = make_decoder(model, device, decoder_impl)         # the layers and their KV cache
         self.lm_head = model.get_output_embeddings()
         self.vocab_size = num_output_rows(model)
         self.num_input_rows = int(model.get_input_embeddings().num_embeddings)
@@ -177,7 +177,7 @@ class ModelRunner:
         self.head_weight = full_head.index_select(0, self.head_ids).contiguous()
 
     def reset(self) -> None:
-        self.cache = self._cache_cls(config=self.model.config)
+        self.decoder.reset()
         self._cached_ids, self._unsynced_ids = [], []
 
     @property
@@ -190,27 +190,26 @@ class ModelRunner:
 
     @property
     def num_cached(self) -> int:
-        return int(self.cache.get_seq_length())
+        return self.decoder.num_cached
 
     def crop(self, num_tokens: int) -> None:
         """Keep KV for the first `num_tokens` positions only."""
-        num_remove = self.num_cached - num_tokens
-        if num_remove > 0:
-            self.cache.crop(-num_remove)
+        if self.num_cached > num_tokens:
+            self.decoder.crop(num_tokens)
             del self.cached_ids[num_tokens:]
 
     @torch.inference_mode()
     def forward(self, token_ids, last_only: bool = False) -> torch.Tensor:
         """Append `token_ids` (list or 1-D tensor) to the cache; return logits [n, V] (or [1, V])."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(1, -1)
-        hidden = self.model.model(input_ids=self._input_ids(ids), past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.decoder.forward(self._input_ids(ids))                               # [n, H]
         if isinstance(token_ids, torch.Tensor) and token_ids.device.type != "cpu":
             self._unsynced_ids.append(ids[0])            # no device sync on the draft's hot path
         else:
             self._cached_ids.extend(ids[0].tolist())
         if last_only:
-            hidden = hidden[:, -1:]
-        return self.logits(hidden[0])
+            hidden = hidden[-1:]
+        return self.logits(hidden)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -253,8 +252,8 @@ class ModelRunner:
             for start in range(num_reused, len(target), self.prefill_chunk_tokens):
                 chunk = target[start:start + self.prefill_chunk_tokens]
                 ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device).view(1, -1)
-                out = self.model.model(input_ids=self._input_ids(ids), past_key_values=self.cache, use_cache=True)
+                hidden = self.decoder.forward(self._input_ids(ids))                   # [chunk, H]
                 self._cached_ids.extend(chunk)
                 if hidden_out is not None:
-                    hidden_out.append(out.last_hidden_state[0])                 # [chunk, H]
+                    hidden_out.append(hidden)
         return num_reused

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4")
-KERNELS_VERSION = 2                 # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 3                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 _INT4_INNER_K_TILES = 2
 _DIGIT_MAX = 63                     # 7-bit signed digit

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
                                      "int4 (auto: int8 on CPU, none on CUDA)")
     draft_quantization: str = Field(_E["draft_quantization"], description="auto | none | int8 | int8-fast | "
                                     "int4 (auto: int8-fast on CPU, none on CUDA)")
+    decoder: str = Field(_E["decoder"], description="auto | lean | hf: the layers that run the model (auto: "
+                         "amusd's lean Qwen2/Llama layers on CPU where supported, else transformers'; same logits)")
     verify_device: str = Field(_E["verify_device"], description="cpu or cuda:N")
     draft_device: str = Field(_E["draft_device"], description="cpu or cuda:N")
     verify_cores: str | None = Field(_E["verify_cores"], description="CPU cores for the verify "

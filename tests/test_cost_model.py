@@ -74,6 +74,16 @@ def test_dtype_auto_follows_native_bf16(monkeypatch, flags, expected):
     assert dtype == expected and reason
     assert hardware.resolve_dtype("auto", "cuda:1")[0] == "bfloat16"
     assert hardware.resolve_dtype("float64", "cpu") == ("float64", "set in the configuration")
+    assert hardware.resolve_dtype("auto", "cpu", "int4")[0] == expected         # int4's kernel takes bf16 input
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx512f", "avx512_bf16"}, {"amx_bf16", "avx512f"}])
+@pytest.mark.parametrize("quantization", ["auto", "int8", "int8-fast"])
+def test_dtype_auto_is_fp32_under_cpu_int8_layers(monkeypatch, flags, quantization):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert hardware.resolve_dtype("auto", "cpu", quantization)[0] == "float32"
+    assert hardware.resolve_dtype("auto", "cuda:0", quantization)[0] == "bfloat16"
+    assert hardware.resolve_dtype("bfloat16", "cpu", quantization)[0] == "bfloat16"
 
 
 def test_quantization_auto():
