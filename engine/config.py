@@ -54,11 +54,12 @@ class EngineConfig:
     verify_quantization: str = "auto"    # auto | none | int8 | int8-fast | int4 (engine/quantization.py)
     draft_quantization: str = "auto"
     decoder: str = "auto"                # auto (lean layers on CPU where supported) | lean | hf (engine/decoder.py)
-    # CPU placement. None = no pinning. Defaults suit a 2-core machine.
+    # CPU placement. None = no pinning. Defaults suit a 2-core machine. Without a draft worker (ar,
+    # sync) the verify worker also takes the draft's cores, which would sit idle otherwise.
     verify_cores: str | None = "0"
     draft_cores: str | None = "1"
-    verify_threads: int = 1
-    draft_threads: int = 1
+    verify_threads: int = 0               # 0 = one per core the worker runs on
+    draft_threads: int = 0
     # Speculation.
     num_speculative_tokens: int = 0       # tokens proposed per verify (sync: drafted; async: checked); 0 = cost model
     max_draft_lead: int = 8               # async: draft may run this far past the committed prefix
@@ -111,12 +112,12 @@ class EngineConfig:
                 _parse_cores(getattr(self, name))
             except ValueError as exc:
                 raise ConfigError(f"{name}: cannot parse core list {getattr(self, name)!r}") from exc
-        positive = ("verify_threads", "draft_threads", "max_draft_lead", "max_verify_tokens", "max_model_len",
-                    "prefill_chunk_tokens")
+        positive = ("max_draft_lead", "max_verify_tokens", "max_model_len", "prefill_chunk_tokens")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("draft_lookup_ngram", "verify_lookup_ngram", "draft_vocab_size", "num_speculative_tokens"):
+        for name in ("draft_lookup_ngram", "verify_lookup_ngram", "draft_vocab_size", "num_speculative_tokens",
+                     "verify_threads", "draft_threads"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
@@ -149,7 +150,22 @@ class EngineConfig:
         return self.uses_draft_worker and self.sampling_scheme == "rejection"
 
     def cores_of(self, role: str) -> tuple[int, ...] | None:
-        return _parse_cores(self.verify_cores if role == "verify" else self.draft_cores)
+        """The cores a worker runs on. Without a draft worker the CPU verify takes the draft's cores too."""
+        if role != "verify":
+            return _parse_cores(self.draft_cores)
+        cores = _parse_cores(self.verify_cores)
+        draft_cores = _parse_cores(self.draft_cores)
+        if self.uses_draft_worker or self.verify_device != "cpu" or cores is None or draft_cores is None:
+            return cores
+        return tuple(sorted(set(cores) | set(draft_cores)))
+
+    def threads_of(self, role: str) -> int | None:
+        """torch threads of a worker: as set, else one per core it runs on (None: unpinned, torch's default)."""
+        threads = self.verify_threads if role == "verify" else self.draft_threads
+        if threads:
+            return int(threads)
+        cores = self.cores_of(role)
+        return len(cores) if cores else None
 
     @property
     def verify_prefill_cores(self) -> tuple[int, ...] | None:

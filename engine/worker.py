@@ -44,7 +44,9 @@ def _place(config: EngineConfig, role: str) -> None:
         available = os.sched_getaffinity(0)
         wanted = {c for c in cores if c in available} or available
         os.sched_setaffinity(0, wanted)
-    torch.set_num_threads(config.verify_threads if role == "verify" else config.draft_threads)
+    threads = config.threads_of(role)
+    if threads:
+        torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
 

@@ -88,8 +88,10 @@ class Settings(BaseSettings):
     verify_cores: str | None = Field(_E["verify_cores"], description="CPU cores for the verify "
                                      "worker, e.g. '0' or '0-1' (none = no pinning)")
     draft_cores: str | None = Field(_E["draft_cores"], description="CPU cores for the draft worker")
-    verify_threads: int = Field(_E["verify_threads"], description="torch threads in the verify worker")
-    draft_threads: int = Field(_E["draft_threads"], description="torch threads in the draft worker")
+    verify_threads: int = Field(_E["verify_threads"], description="torch threads in the verify worker (0 = one "
+                                "per core it runs on; without a draft worker it also takes draft_cores)")
+    draft_threads: int = Field(_E["draft_threads"], description="torch threads in the draft worker (0 = one per "
+                               "core it runs on)")
     num_speculative_tokens: int = Field(_E["num_speculative_tokens"], description="tokens proposed per verify "
                                         "(sync: drafted, async: checked); 0 = chosen per step by the cost model")
     acceptance_prior: float = Field(_E["acceptance_prior"], description="cost model: acceptance rate assumed "

@@ -97,3 +97,21 @@ def test_quantization_auto():
 def test_cpu_summary_names_the_simd_flags():
     summary = hardware.cpu_summary()
     assert set(summary) >= {"model_name", "arch", "simd", "has_native_bf16"}
+
+
+def test_without_a_draft_worker_the_cpu_verify_takes_both_cores():
+    from engine.config import ConfigError, EngineConfig
+    for mode in ("ar", "sync"):
+        config = EngineConfig(verify_model="v", draft_model="d", mode=mode)
+        assert config.cores_of("verify") == (0, 1) and config.threads_of("verify") == 2
+    ar_alone = EngineConfig(verify_model="v", mode="ar")
+    assert ar_alone.cores_of("verify") == (0, 1)
+    for mode in ("async", "auto"):            # auto measures in the async layout, then settles
+        config = EngineConfig(verify_model="v", draft_model="d", mode=mode)
+        assert config.cores_of("verify") == (0,) and config.cores_of("draft") == (1,)
+        assert config.threads_of("verify") == config.threads_of("draft") == 1
+    assert EngineConfig(verify_model="v", mode="ar", verify_threads=1).threads_of("verify") == 1   # a setting wins
+    assert EngineConfig(verify_model="v", mode="ar", verify_cores=None).threads_of("verify") is None
+    assert EngineConfig(verify_model="v", mode="ar", verify_device="cuda:0").cores_of("verify") == (0,)
+    with pytest.raises(ConfigError):
+        EngineConfig(verify_model="v", verify_threads=-1)
