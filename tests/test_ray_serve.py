@@ -248,7 +248,8 @@ def test_engine_that_cannot_heal_fails_the_health_check_and_ray_replaces_the_rep
     config, base_url, _ = cluster
     wait_until(lambda: num_running_replicas(config) == 2, 120, "two running replicas to start with")
     victim, health = next(iter(replicas_health(base_url, 2).items()))
-    [model_config] = Path(session_cache_dir).glob("tiny-random/verify*/config.json")
+    from engine.tiny_models import ensure_tiny_model
+    model_config = Path(ensure_tiny_model("tiny-random/verify", session_cache_dir)) / "config.json"   # not -padded
     original = model_config.read_bytes()
     model_config.write_text("{ not json")
 
