@@ -50,7 +50,7 @@ class EngineConfig:
     mode: str = "auto"                   # auto | ar | sync | async (auto: fastest predicted, see cost_model)
     verify_device: str = "cpu"
     draft_device: str = "cpu"
-    dtype: str = "auto"                  # auto: bf16 where the device runs it natively, else fp32
+    dtype: str = "auto"                  # auto: fp32 under CPU int8 layers, else bf16 where native, else fp32
     verify_quantization: str = "auto"    # auto | none | int8 | int8-fast | int4 (engine/quantization.py)
     draft_quantization: str = "auto"
     decoder: str = "auto"                # auto (lean layers on CPU where supported) | lean | hf (engine/decoder.py)

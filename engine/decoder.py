@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.config import DECODERS
 from engine.quantization import SliceOfGroup
 
 LEAN_MODEL_TYPES = ("qwen2", "llama", "mistral")
 LEAN_ROPE_TYPES = ("default", "linear", "llama3")      # position-independent tables (not "dynamic")
 MIN_KV_CAPACITY = 256
-DECODER_IMPLS = ("auto", "lean", "hf")
 
 
 def lean_unsupported_reason(model) -> str | None:
@@ -49,8 +49,8 @@ def lean_unsupported_reason(model) -> str | None:
 
 def make_decoder(model, device: str, impl: str = "auto"):
     """The decoder for `model`: lean where supported (on CPU for "auto"), else transformers'."""
-    if impl not in DECODER_IMPLS:
-        raise ValueError(f"decoder must be one of {DECODER_IMPLS}, got {impl!r}")
+    if impl not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {impl!r}")
     reason = lean_unsupported_reason(model)
     if impl == "lean" and reason:
         raise ValueError(f"decoder lean cannot run this model: {reason}")

@@ -52,8 +52,7 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     import torch
     threads = torch.get_num_threads()
     key = cost_key(path, role=role, gguf=gguf, dtype=dtype, quantization=quantization, decoder=runner.decoder.name,
-                   device=device,
-                   threads=threads, cores=config.cores_of(worker_role or role))
+                   device=device, threads=threads, cores=config.cores_of(worker_role or role))
     costs = load_or_measure(runner, key, config.cache_dir, num_cost_tokens)
     runtime = {"device": device, "threads": threads, "dtype": dtype, "dtype_reason": dtype_reason,
                "quantization": quantization, "quantization_reason": quantization_reason,
