@@ -186,12 +186,17 @@ def test_each_replica_exports_its_metrics_labelled_by_replica(cluster):
     print(f"\nray_amusd_request_success_total by replica: {found}")
 
 
-def test_kill_verify_worker_mid_stream_loses_nothing_and_the_engine_heals(cluster):
-    _, base_url, _ = cluster
+def streams_under_way(base_url: str) -> tuple[dict, list, str]:
+    """Both replicas' health, four long streams, and the replica serving the first (once it streams)."""
     health = replicas_health(base_url, 2)
     streams = start_streams(base_url, 4, max_tokens=LONG_STREAM_TOKENS)
     assert streams[0].has_tokens.wait(STREAM_TIMEOUT_S)
-    victim = streams[0].replica
+    return health, streams, streams[0].replica
+
+
+def test_kill_verify_worker_mid_stream_loses_nothing_and_the_engine_heals(cluster):
+    _, base_url, _ = cluster
+    health, streams, victim = streams_under_way(base_url)
     old_verify_pid = health[victim]["workers"]["verify"]["pid"]
     os.kill(old_verify_pid, signal.SIGKILL)
     wait_all(streams)
@@ -214,10 +219,7 @@ def test_kill_verify_worker_mid_stream_loses_nothing_and_the_engine_heals(cluste
 
 def test_kill_replica_actor_mid_stream_loses_nothing_and_ray_replaces_it(cluster):
     config, base_url, _ = cluster
-    health = replicas_health(base_url, 2)
-    streams = start_streams(base_url, 4, max_tokens=LONG_STREAM_TOKENS)
-    assert streams[0].has_tokens.wait(STREAM_TIMEOUT_S)
-    victim = streams[0].replica
+    health, streams, victim = streams_under_way(base_url)
     os.kill(health[victim]["replica"]["pid"], signal.SIGKILL)
     wait_all(streams)
     # the victim's requests: ended by Serve's proxy through server/ray_proxy.py, never cut or a bare
