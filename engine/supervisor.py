@@ -7,8 +7,8 @@ Process topology (the supervisor lives in the frontend process; torch is importe
     FastAPI / bench --submit()--> FIFO        |  Drafter: drafts continuously on draft_device
                     scheduler thread          |      ^  draft_tokens, NUM_DRAFTED, DRAFT_EPOCH
         cmd queues --StartRequest/Shutdown--> |      |
-        out queue  <--TokensOut/RequestDone/  |  SharedState (POSIX shm, random name,
-                      WorkerFailed/WorkerReady|      |   created + unlinked here)
+        out pipes  <--TokensOut/RequestDone/  |  SharedState (POSIX shm, random name,
+        (one each)    WorkerFailed/WorkerReady|      |   created + unlinked here)
         CANCEL_REQUEST_ID, heartbeats ------> |      v  committed_tokens, NUM_COMMITTED, EPOCH
                                               | verify worker process: ar / sync / async verify
 
@@ -38,7 +38,7 @@ from engine.hardware import check_memory_ordering, has_ordered_stores
 from engine.messages import (EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut, WorkerFailed,
                              WorkerReady)
 from engine.shared_state import Clock, SharedState, cancel_request, release_draft
-from engine.worker_handle import WorkerHandle
+from engine.worker_handle import WorkerHandle, receive_any
 
 POLL_S = 0.02
 logger = logging.getLogger("amusd.engine")
@@ -59,7 +59,6 @@ class EngineSupervisor:
         self._ctx = mp.get_context("spawn")
         self._workers = self._make_workers()
         self._state: SharedState | None = None
-        self._out_queue = None
         self._fifo: queue.Queue = queue.Queue()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
@@ -81,7 +80,6 @@ class EngineSupervisor:
         for warning in self.config.warnings():
             logger.warning(warning)
         self._state = SharedState.create(self.config.max_model_len)
-        self._out_queue = self._ctx.Queue()
         try:
             self._spawn(list(self._workers.values()))
             self._await_ready(list(self._workers.values()))
@@ -116,10 +114,9 @@ class EngineSupervisor:
             self._state = None
         is_thread_alive = self._thread is not None and self._thread.is_alive() \
             and self._thread is not threading.current_thread()
-        if self._out_queue is not None and not is_thread_alive:
-            self._out_queue.close()
-            self._out_queue.cancel_join_thread()
-            self._out_queue = None
+        if not is_thread_alive:            # the scheduler thread is the pipes' only other reader
+            for worker in self._workers.values():
+                worker.close_outputs()
 
     def _make_workers(self) -> dict[str, "WorkerHandle"]:
         roles = ["verify", "draft"] if self.config.uses_draft_worker else ["verify"]
@@ -137,6 +134,7 @@ class EngineSupervisor:
             return
         for worker in self._workers.values():
             worker.stop(10.0)
+            worker.close_outputs()
         self.config = self.config.replace(mode=plan.mode)
         self._workers = self._make_workers()
         self._spawn(list(self._workers.values()))
@@ -244,10 +242,7 @@ class EngineSupervisor:
                 if not is_cancel_sent and (rid in self._cancelled or self._is_stopping):
                     cancel_request(self._state, wid)
                     is_cancel_sent = True
-                try:
-                    msg = self._out_queue.get(timeout=POLL_S)
-                except queue.Empty:
-                    msg = None
+                msg = self._next_message(POLL_S)
                 if isinstance(msg, TokensOut) and msg.request_id == wid:
                     on_output(EngineOutput(rid, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
                 elif isinstance(msg, RequestDone) and msg.request_id == wid:
@@ -301,9 +296,8 @@ class EngineSupervisor:
     def _drain_until_done(self, wid: int) -> None:
         deadline = time.monotonic() + self.config.step_timeout_s
         while time.monotonic() < deadline:
-            try:
-                msg = self._out_queue.get(timeout=POLL_S)
-            except queue.Empty:
+            msg = self._next_message(POLL_S)
+            if msg is None:
                 if not self._workers["verify"].is_alive:
                     return
                 continue
@@ -360,8 +354,8 @@ class EngineSupervisor:
         try:
             for worker in workers:
                 self._state.clock[_heartbeat_of(worker.role)] = time.monotonic()
-                worker.spawn(self._ctx, self.config, self._state.name, self._out_queue,
-                             verify_end if worker.role == "verify" else draft_end)
+                peer_end = verify_end if worker.role == "verify" else draft_end
+                worker.spawn(self._ctx, self.config, self._state.name, peer_end)
         finally:
             verify_end.close()     # the children hold their own copies now
             draft_end.close()
@@ -373,9 +367,8 @@ class EngineSupervisor:
                 raise EngineStartError("engine is shutting down")
             if time.monotonic() > deadline:
                 raise EngineStartError(f"workers not ready after {self.config.worker_start_timeout_s:.0f}s")
-            try:
-                msg = self._out_queue.get(timeout=0.1)
-            except queue.Empty:
+            msg = self._next_message(0.1)
+            if msg is None:
                 for w in workers:
                     if w.ready is None and not w.is_alive:
                         raise EngineStartError(f"{w.role} worker exited during start-up (exit code {w.process.exitcode})")
@@ -384,6 +377,9 @@ class EngineSupervisor:
                 self._workers[msg.role].ready = msg
             elif isinstance(msg, WorkerFailed):
                 raise EngineStartError(f"{msg.role} worker failed to start: {msg.error}")
+
+    def _next_message(self, timeout_s: float):
+        return receive_any(list(self._workers.values()), timeout_s)
 
     def _heartbeat_age(self, worker: WorkerHandle) -> float:
         if self._state is None or worker.ready is None:

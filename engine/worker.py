@@ -1,7 +1,7 @@
 """Worker process entry: one process per role ("verify" or "draft"), models loaded once.
 
     supervisor --cmd_queue (StartRequest | Shutdown)--> worker
-    worker --out_queue (WorkerReady | TokensOut | RequestDone | WorkerFailed)--> supervisor
+    worker --out_conn, a pipe of its own (WorkerReady | TokensOut | RequestDone | WorkerFailed)--> supervisor
     worker <--SharedState (shared memory)--> other worker
 
 The verify worker runs every mode (`ar`, `sync` with the draft model loaded beside the verify
@@ -51,7 +51,7 @@ def _place(config: EngineConfig, role: str) -> None:
         torch.cuda.set_device(torch.device(device))
 
 
-def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_queue, peer_conn,
+def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_conn, peer_conn,
                 parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor decides when we stop
@@ -61,7 +61,7 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_q
         _place(config, role)
         state = SharedState.attach(shm_name, config.max_model_len)
         worker = VerifyWorker(config, state, peer_conn) if role == "verify" else DraftWorker(config, state, peer_conn)
-        out_queue.put(worker.ready_message())
+        out_conn.send(worker.ready_message())
         while True:
             state.beat(Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT)
             try:
@@ -72,12 +72,14 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_q
                 break
             if isinstance(msg, StartRequest):
                 request_id = msg.request_id
-                worker.run(msg, out_queue)
+                worker.run(msg, out_conn.send)
                 request_id = None
     except BaseException as exc:  # noqa: BLE001 - report everything, then exit non-zero
-        out_queue.put(WorkerFailed(role, request_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-        out_queue.close()
-        out_queue.join_thread()
+        try:
+            out_conn.send(WorkerFailed(role, request_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except OSError:
+            pass                  # the supervisor is gone: nobody to tell
+        out_conn.close()
         sys.exit(1)
 
 
@@ -123,7 +125,7 @@ class VerifyWorker:
         return WorkerReady("verify", os.getpid(), self.verifier.runner.vocab_size, self.eos_token_ids,
                            self.load_seconds, self.model_dir, self.runtime)
 
-    def run(self, req: StartRequest, out_queue) -> None:
+    def run(self, req: StartRequest, emit) -> None:
         from engine.async_decode import run_async_verify
         from engine.decoding import new_sequence, run_ar_or_sync
         state, config = self.state, self.config
@@ -137,13 +139,13 @@ class VerifyWorker:
             return side.is_cancelled(req.request_id)
 
         if config.mode == "async":
-            run_async_verify(seq, self.verifier, state, self.channel, out_queue.put, should_stop,
+            run_async_verify(seq, self.verifier, state, self.channel, emit, should_stop,
                              config.verify_lookup_ngram)
         else:
-            run_ar_or_sync(seq, self.verifier, self.drafter, out_queue.put, should_stop)
+            run_ar_or_sync(seq, self.verifier, self.drafter, emit, should_stop)
             side.finish_request(req.request_id)
         seq.stats.total_s = time.perf_counter() - start
-        out_queue.put(RequestDone(req.request_id, seq.finish_reason or "stop", seq.stats))
+        emit(RequestDone(req.request_id, seq.finish_reason or "stop", seq.stats))
 
 
 class DraftWorker:
@@ -168,7 +170,7 @@ class DraftWorker:
         return WorkerReady("draft", os.getpid(), self.drafter.runner.vocab_size, [], self.load_seconds, self.model_dir,
                            self.runtime)
 
-    def run(self, req: StartRequest, out_queue) -> None:
+    def run(self, req: StartRequest, emit) -> None:
         self.drafter.run(req)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -69,6 +70,36 @@ def test_killed_mid_request_reports_error(cache_dir):
         assert outputs[-1].finish_reason == "error" and "verify worker died" in outputs[-1].error
         assert _wait(sup.is_healthy, 60)
     finally:
+        sup.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["ar", "async"])
+def test_worker_killed_while_blocked_sending_does_not_silence_its_successor(cache_dir, expected, mode):
+    """The supervisor stops reading (a slow consumer), the verify blocks mid-send, then dies. With one
+    multiprocessing.Queue for all workers the dead writer kept the queue's write lock, and the restarted
+    worker's WorkerReady never arrived: /health stayed 503 forever. Each worker has its own pipe now."""
+    sup = start_engine(tiny_config(cache_dir, mode, max_model_len=4096))
+    gate = threading.Event()
+    try:
+        outputs = []
+
+        def slow_consumer(out):             # runs on the scheduler thread: while it waits, nobody reads
+            outputs.append(out)
+            if len(outputs) == 1:
+                gate.wait(60)
+
+        sup.submit(GenerationRequest(1, PROMPT, SamplingParams(**LONG)), slow_consumer)
+        assert _wait(lambda: len(outputs) == 1, 30), "request never started"
+        # the verify fills its output pipe and blocks in send: its heartbeat stops
+        assert _wait(lambda: sup.health()["workers"]["verify"]["heartbeat_age_s"] > 1.0, 60), sup.health()
+        os.kill(sup.worker_pids()["verify"], signal.SIGKILL)
+        gate.set()
+        assert _wait(lambda: any(o.finished for o in outputs), 30), "the killed request hung"
+        assert outputs[-1].finish_reason == "error", outputs[-1]
+        assert _wait(sup.is_healthy, 60), f"never healthy again after the restart: {sup.health()}"
+        assert run(sup, PROMPT, max_tokens=40, ignore_eos=True)[0] == expected
+    finally:
+        gate.set()
         sup.shutdown()
 
 
