@@ -4,6 +4,9 @@
     hidden = decoder.forward(ids)        # ids [1, T] appended after decoder.num_cached tokens -> [T, H]
     decoder.crop(n)                      # keep KV of the first n positions (rollback)
 
+    slot = decoder.new_slot()            # LeanDecoder only: more sequences, one pass for all
+    hidden = decoder.forward_batch([(decoder.kv, ids_a), (slot, ids_b)])    # [T_a + T_b, H]
+
 Two implementations with that interface:
 
     LeanDecoder   the Llama-family layer (Qwen2, Llama, Mistral without a sliding window) written out
@@ -17,7 +20,7 @@ Two implementations with that interface:
     HFDecoder     transformers' own `model.model(...)` with a DynamicCache: every other architecture,
                   and CUDA (where launch overhead is the GPU's, and the lean path was never run).
 
-Shapes: T new tokens, n cached, S = n + T; Hq query heads, Hkv KV heads, D head dim, G = Hq / Hkv.
+Shapes: T new tokens, n cached, S = n + T, N new tokens of all sequences in a batch; Hq query heads, Hkv KV heads, D head dim, G = Hq / Hkv.
 """
 from __future__ import annotations
 
@@ -95,8 +98,40 @@ def _fused_call(members: list):
     return lambda x: torch.cat([m(x) for m in members], dim=-1)
 
 
+class KVSlot:
+    """One sequence's KV cache in a LeanDecoder: per-layer [Hkv, capacity, D] buffers and a length.
+
+    Append = a slice copy, rollback = a smaller length; the buffers double when they fill up.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device):
+        self.num_layers, self.shape = num_layers, (num_kv_heads, 0, head_dim)
+        self.dtype, self.device = dtype, device
+        self.capacity, self.num_cached = 0, 0
+        self.keys: list[torch.Tensor] = []           # per layer [Hkv, capacity, D]
+        self.values: list[torch.Tensor] = []
+        self.ensure_capacity(MIN_KV_CAPACITY)
+
+    def ensure_capacity(self, num_tokens: int) -> None:
+        if num_tokens <= self.capacity:
+            return
+        capacity = max(num_tokens, 2 * self.capacity, MIN_KV_CAPACITY)
+        shape = (self.shape[0], capacity, self.shape[2])
+        new_keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        for old, new in zip(self.keys + self.values, new_keys + new_values):
+            new[:, :self.num_cached] = old[:, :self.num_cached]
+        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+
+
 class LeanDecoder:
-    """Llama-family decoder layers over the HF module's weights, KV in preallocated buffers."""
+    """Llama-family decoder layers over the HF module's weights, KV in preallocated per-sequence slots.
+
+    `forward(ids)` runs the decoder's own slot (`self.kv`: the one-sequence interface above);
+    `forward_batch` runs several sequences in one pass: their new tokens are packed into one row
+    dimension for every linear layer (weights are read once for all of them) and only attention
+    runs per sequence, against that sequence's slot.
+    """
 
     name = "lean"
 
@@ -112,67 +147,89 @@ class LeanDecoder:
                                 _fused_call([mlp.gate_proj, mlp.up_proj]), mlp.down_proj, attn.scaling))
         weight = self.stack.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
-        self.capacity, self.num_cached = 0, 0
-        self.keys: list[torch.Tensor] = []           # per layer [Hkv, capacity, D]
-        self.values: list[torch.Tensor] = []
-        self.cos = self.sin = None                   # [capacity, D] rotary tables
-        self._ensure_capacity(MIN_KV_CAPACITY)
+        self.rotary_capacity = 0
+        self.cos = self.sin = None                   # [rotary_capacity, D] rotary tables
+        self.kv = self.new_slot()
+
+    def new_slot(self) -> KVSlot:
+        return KVSlot(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
+
+    @property
+    def num_cached(self) -> int:
+        return self.kv.num_cached
 
     def reset(self) -> None:
-        self.num_cached = 0
+        self.kv.num_cached = 0
 
     def crop(self, num_tokens: int) -> None:
-        self.num_cached = min(self.num_cached, num_tokens)
+        self.kv.num_cached = min(self.kv.num_cached, num_tokens)
 
-    def _ensure_capacity(self, num_tokens: int) -> None:
-        """Grow the KV buffers (doubling) and the rotary tables to hold `num_tokens` positions."""
-        if num_tokens <= self.capacity:
+    def _ensure_rotary(self, num_tokens: int) -> None:
+        """Rotary tables for positions [0, num_tokens), grown as slots grow."""
+        if num_tokens <= self.rotary_capacity:
             return
-        capacity = max(num_tokens, 2 * self.capacity, MIN_KV_CAPACITY)
-        shape = (self.num_kv_heads, capacity, self.head_dim)
-        new_keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        new_values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        for old, new in zip(self.keys + self.values, new_keys + new_values):
-            new[:, :self.num_cached] = old[:, :self.num_cached]
-        self.keys, self.values = new_keys, new_values
+        capacity = max(num_tokens, 2 * self.rotary_capacity, MIN_KV_CAPACITY)
         positions = torch.arange(capacity, device=self.device).view(1, -1)
         cos, sin = self.stack.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]          # each entry is HF's own for that position
-        self.capacity = capacity
+        self.rotary_capacity = capacity
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, T] -> hidden [T, H], appending T positions to the decoder's own slot."""
+        return self.forward_batch([(self.kv, ids[0])])
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [1, T] -> hidden [T, H], appending T positions to the cache."""
-        num_new, start = ids.shape[1], self.num_cached
-        end = start + num_new
-        self._ensure_capacity(end)
-        hidden = self.stack.embed_tokens(ids)                                    # [1, T, H]
-        cos, sin = self.cos[None, None, start:end], self.sin[None, None, start:end]   # [1, 1, T, D]
-        # Causal: new token t sees positions <= start + t. One token sees all: no mask (as HF).
-        mask = None if num_new == 1 else torch.ones(num_new, end, dtype=torch.bool, device=self.device).tril(start)
-        is_causal = num_new > 1 and start == 0
+    def forward_batch(self, rows: list[tuple[KVSlot, torch.Tensor]]) -> torch.Tensor:
+        """rows: (slot, ids [T_i]) per sequence, distinct slots -> hidden [N, H], N = sum T_i, rows in order.
+
+        Sequence i's new tokens take positions n_i .. n_i + T_i - 1 of its slot (n_i = slot.num_cached).
+        """
+        lengths = [len(ids) for _, ids in rows]
+        starts = [slot.num_cached for slot, _ in rows]
+        for (slot, _), start, num_new in zip(rows, starts, lengths):
+            slot.ensure_capacity(start + num_new)
+            self._ensure_rotary(start + num_new)
+        ids = rows[0][1] if len(rows) == 1 else torch.cat([ids for _, ids in rows])
+        num_rows = ids.shape[0]
+        hidden = self.stack.embed_tokens(ids.view(1, -1))                        # [1, N, H]
+        cos = _packed([self.cos[start:start + n] for start, n in zip(starts, lengths)])[None, None]  # [1, 1, N, D]
+        sin = _packed([self.sin[start:start + n] for start, n in zip(starts, lengths)])[None, None]
+        # Causal within each sequence: its new token t sees positions <= n_i + t. One token sees all: no mask (as HF).
+        masks = [None if n == 1 or start == 0 else
+                 torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
+                 for start, n in zip(starts, lengths)]
+        offsets = [sum(lengths[:i]) for i in range(len(rows))]
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj, scaling) in enumerate(self.layers):
             residual = hidden
-            qkv = qkv_proj(norm1(hidden))                                         # [1, T, Hq*D + 2*Hkv*D]
-            q = qkv[..., :q_width].view(1, num_new, -1, self.head_dim).transpose(1, 2)           # [1, Hq, T, D]
-            k = qkv[..., q_width:q_width + kv_width].view(1, num_new, -1, self.head_dim).transpose(1, 2)
-            v = qkv[..., q_width + kv_width:].view(1, num_new, -1, self.head_dim).transpose(1, 2)
+            qkv = qkv_proj(norm1(hidden))                                         # [1, N, Hq*D + 2*Hkv*D]
+            q = qkv[..., :q_width].view(1, num_rows, -1, self.head_dim).transpose(1, 2)          # [1, Hq, N, D]
+            k = qkv[..., q_width:q_width + kv_width].view(1, num_rows, -1, self.head_dim).transpose(1, 2)
+            v = qkv[..., q_width + kv_width:].view(1, num_rows, -1, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.keys[i][:, start:end] = k[0]
-            self.values[i][:, start:end] = v[0]
-            attn = F.scaled_dot_product_attention(
-                q, self.keys[i][None, :, :end], self.values[i][None, :, :end],
-                attn_mask=None if is_causal else mask, is_causal=is_causal, scale=scaling,
-                enable_gqa=self.num_heads != self.num_kv_heads)                    # [1, Hq, T, D]
-            hidden = residual + o_proj(attn.transpose(1, 2).reshape(1, num_new, q_width))
+            attn = []
+            for (slot, _), start, num_new, offset, mask in zip(rows, starts, lengths, offsets, masks):
+                end, new = start + num_new, slice(offset, offset + num_new)
+                slot.keys[i][:, start:end] = k[0, :, new]
+                slot.values[i][:, start:end] = v[0, :, new]
+                attn.append(F.scaled_dot_product_attention(
+                    q[:, :, new], slot.keys[i][None, :, :end], slot.values[i][None, :, :end],
+                    attn_mask=mask, is_causal=num_new > 1 and start == 0, scale=scaling,
+                    enable_gqa=self.num_heads != self.num_kv_heads))              # [1, Hq, T_i, D]
+            attn = _packed(attn, dim=2)                                           # [1, Hq, N, D]
+            hidden = residual + o_proj(attn.transpose(1, 2).reshape(1, num_rows, q_width))
             residual = hidden
-            gate_up = gate_up_proj(norm2(hidden))                                  # [1, T, 2I]
+            gate_up = gate_up_proj(norm2(hidden))                                  # [1, N, 2I]
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = residual + down_proj(F.silu(gate) * up)
-        self.num_cached = end
+        for (slot, _), num_new in zip(rows, lengths):
+            slot.num_cached += num_new
         return self.stack.norm(hidden)[0]
+
+
+def _packed(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _assert_same_logits(model, chunk: int) -> None:
     for i, (a, b) in enumerate(zip(_logits_trace(lean, prompt, steps), _logits_trace(hf, prompt, steps))):
         assert torch.equal(a, b), f"forward {i}: lean and transformers differ by {(a - b).abs().max().item()}"
     assert lean.cached_ids == hf.cached_ids and lean.num_cached == hf.num_cached
-    assert lean.decoder.capacity > MIN_KV_CAPACITY, "the prompt must have grown the KV buffers"
+    assert lean.decoder.kv.capacity > MIN_KV_CAPACITY, "the prompt must have grown the KV buffers"
 
 
 @pytest.mark.parametrize("dtype, quantization", [("float64", "none"), ("float32", "none"), ("bfloat16", "none"),
