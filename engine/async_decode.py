@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
-from engine.decoding import Sequence, Verifier, sync_cache
+from engine.cost_model import SpeculationBudget
+from engine.decoding import Sequence, sync_cache
 from engine.logits_processors import MakeGrammar, build_logits_processors, stop_token_ids
-from engine.messages import StartRequest
+from engine.messages import StartRequest, TokensOut
 from engine.models import ModelRunner
 from engine.ngram import LookupBudget, propose_from_ngrams
+from engine.proposers import NoProposer, Proposal
 from engine.shared_state import Clock, DraftSide, SharedState, VerifySide
 from engine.token_channel import HostDraftChannel
 from engine.token_chooser import DRAFT_STREAM, TokenChooser
@@ -58,54 +58,49 @@ from engine.token_chooser import DRAFT_STREAM, TokenChooser
 IDLE_SLEEP_S = 0.0002
 
 
-def run_async_verify(seq: Sequence, verifier: Verifier, state: SharedState, channel: HostDraftChannel,
-                     emit, should_stop, lookup_ngram: int = 0) -> None:
-    """Verify-worker side of one async request.
+class SharedDraftProposer(NoProposer):
+    """The verify half of the protocol: propose what the draft worker has drafted, commit, invalidate.
 
     Rejection sampling: the draft's q rows come from the channel's [R, V] ring (row = position % R).
     The draft writes row p before publishing token p and never runs R positions past NUM_COMMITTED,
     so a row the verify reads cannot be overwritten during the read.
     """
-    is_rejection = seq.chooser.is_rejection
-    if is_rejection:
-        lookup_ngram = 0                # n-gram guesses are not drawn from q: keep rejection sampling pure
-    side = VerifySide(state)
-    side.start_request(seq.request_id, seq.token_ids)          # the draft may start now
-    verifier.prefill(seq)
-    stats = seq.stats
-    budget = LookupBudget()
-    while seq.finish_reason is None:
-        if should_stop():
-            seq.finish_reason = "cancelled"
-            break
-        c = seq.num_committed
-        num_to_check = verifier.budget.num_to_check()            # cost model: worth checking now
-        num_drafted = side.num_consistent_drafted()
-        stats.sum_draft_lead += max(0, num_drafted - c)
-        draft_ids = channel.read_for_verify(c, min(num_drafted, c + num_to_check)) if num_drafted > c else []
-        guess_ids: list[int] = []
-        if lookup_ngram and len(draft_ids) < num_to_check:
-            context = np.asarray(seq.token_ids + draft_ids)
-            guess_ids = propose_from_ngrams(context, lookup_ngram, budget.num_guesses(num_to_check - len(draft_ids)))
-        num_lookup_accepted = stats.num_lookup_accepted
-        q_rows = channel.q_rows_for_verify(c, c + len(draft_ids)) if is_rejection and draft_ids else None
-        out = verifier.step(seq, draft_ids, guess_ids, q_rows)
-        budget.record(len(guess_ids), stats.num_lookup_accepted - num_lookup_accepted)
-        new_ids = out.token_ids
+
+    def __init__(self, side: VerifySide, channel: HostDraftChannel):
+        self.side, self.channel = side, channel
+        self.position = 0                  # NUM_COMMITTED when the step's proposal was read
+
+    def start(self, seq: Sequence) -> None:
+        self.side.start_request(seq.request_id, seq.token_ids)          # the draft may start now
+
+    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
+        c = self.position = seq.num_committed
+        num_to_check = budget.num_to_check()                             # cost model: worth checking now
+        num_drafted = self.side.num_consistent_drafted()
+        seq.stats.sum_draft_lead += max(0, num_drafted - c)
+        draft_ids = self.channel.read_for_verify(c, min(num_drafted, c + num_to_check)) if num_drafted > c else []
+        q_rows = self.channel.q_rows_for_verify(c, c + len(draft_ids)) if seq.chooser.is_rejection and draft_ids \
+            else None
+        return Proposal(num_to_check, draft_ids, draft_probs=q_rows)
+
+    def observe(self, seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
+        side, channel, c = self.side, self.channel, self.position
+        num_draft, new_ids = len(proposal.draft_ids), out.token_ids
         side.commit(c, new_ids)
         # Does the draft hold every committed token it was not checked against: the n-gram guesses
-        # accepted past its tokens (c + len(draft_ids) .. last_pos - 1) and the correction/bonus?
+        # accepted past its tokens (c + num_draft .. last_pos - 1) and the correction/bonus?
         last_pos = c + len(new_ids) - 1
-        is_rejected = len(new_ids) - 1 < len(draft_ids)
+        is_rejected = len(new_ids) - 1 < num_draft
         is_confirmed = (not is_rejected and side.num_consistent_drafted() > last_pos
-                        and channel.read_for_verify(c + len(draft_ids), last_pos + 1) == new_ids[len(draft_ids):])
+                        and channel.read_for_verify(c + num_draft, last_pos + 1) == new_ids[num_draft:])
         if not is_confirmed:
             side.invalidate_draft()
             # A real rollback: the draft had already produced a different token there.
-            stats.num_rollbacks += is_rejected or side.num_drafted() > last_pos
-        emit(out)
-    side.finish_request(seq.request_id)
-    _collect_draft_stats(seq, side)
+            seq.stats.num_rollbacks += is_rejected or side.num_drafted() > last_pos
+
+    def finish(self, seq: Sequence) -> None:
+        self.side.finish_request(seq.request_id)
+        _collect_draft_stats(seq, self.side)
 
 
 def _collect_draft_stats(seq: Sequence, side: VerifySide) -> None:

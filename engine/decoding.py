@@ -1,4 +1,4 @@
-"""Verify-side decoding shared by all three modes, and the `ar` and `sync` loops.
+"""Verify-side decoding shared by all three modes: the verify step and the one decode loop.
 
 The verify step (gpt-fast's speculative_decode, generalised to "0..K draft tokens"):
 
@@ -150,52 +150,20 @@ class Verifier:
         return new_ids
 
 
-def run_ar_or_sync(seq: Sequence, verifier: Verifier, drafter: ModelRunner | None, emit, should_stop) -> None:
-    """`ar` (drafter None) or classic synchronous speculation with the draft model in this process.
-
-    sync round: the draft proposes k tokens (k from the cost model, or the fixed setting) one
-    forward each, then one verify forward.
-    The draft cache is brought back to the committed prefix after every round (crop, plus the
-    one accepted-but-unfed token when all drafts were accepted).
-    """
+def run_decode(seq: Sequence, verifier: Verifier, proposer, emit, should_stop) -> None:
+    """One request on the verify worker, in every mode: the proposer (engine/proposers.py) says what
+    each verify step checks; the step commits 1..K+1 tokens; `emit` streams them."""
+    proposer.start(seq)
     verifier.prefill(seq)
-    if drafter is not None:
-        drafter.prefill(seq.token_ids)
     while seq.finish_reason is None:
         if should_stop():
             seq.finish_reason = "cancelled"
             break
-        draft_ids, draft_probs = [], None
-        if drafter is not None:
-            start = time.perf_counter()
-            draft_ids, draft_probs = _draft_round(seq, drafter, verifier.budget.num_to_draft())
-            seq.stats.draft_busy_s += time.perf_counter() - start
-        out = verifier.step(seq, draft_ids, draft_probs=draft_probs)
-        if drafter is not None:
-            sync_cache(drafter, seq.token_ids)
-            is_rejected = len(out.token_ids) <= len(draft_ids) and seq.finish_reason is None
-            seq.stats.num_rollbacks += is_rejected
+        proposal = proposer.propose(seq, verifier.budget)
+        out = verifier.step(seq, proposal.draft_ids, proposal.guess_ids, proposal.draft_probs)
+        proposer.observe(seq, proposal, out)
         emit(out)
-    seq.stats.num_draft_tokens_wasted = seq.stats.num_draft_tokens - seq.stats.num_accepted_tokens
-    seq.stats.num_draft_tokens_produced = seq.stats.num_draft_tokens
-
-
-def _draft_round(seq: Sequence, drafter: ModelRunner, num_draft: int) -> tuple[list[int], torch.Tensor | None]:
-    """Up to num_draft draft tokens, one forward each; plus their q rows when rejection sampling."""
-    num_draft = min(num_draft, seq.max_len - seq.num_committed - 1)
-    draft_ids: list[int] = []
-    q_rows = []
-    pending = seq.token_ids[-1]
-    output_ids = seq.output_ids
-    for _ in range(max(0, num_draft)):
-        seq.stats.num_draft_forwards += 1
-        logits = drafter.forward([pending], last_only=True)
-        token, q = seq.chooser.draft(logits, output_ids + draft_ids)
-        pending = int(token[0])
-        draft_ids.append(pending)
-        if q is not None:
-            q_rows.append(q)
-    return draft_ids, (torch.cat(q_rows) if q_rows else None)
+    proposer.finish(seq)
 
 
 def sync_cache(runner: ModelRunner, token_ids, num_consistent: int | None = None) -> None:

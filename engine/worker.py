@@ -126,26 +126,30 @@ class VerifyWorker:
                            self.load_seconds, self.model_dir, self.runtime)
 
     def run(self, req: StartRequest, emit) -> None:
-        from engine.async_decode import run_async_verify
-        from engine.decoding import new_sequence, run_ar_or_sync
+        from engine.decoding import new_sequence, run_decode
         state, config = self.state, self.config
         start = time.perf_counter()
         seq = new_sequence(req, self.eos_token_ids, config.max_model_len, config.sampling_scheme, self.make_grammar)
-
         side = VerifySide(state)
 
         def should_stop() -> bool:
             state.beat(Clock.VERIFY_HEARTBEAT)
             return side.is_cancelled(req.request_id)
 
-        if config.mode == "async":
-            run_async_verify(seq, self.verifier, state, self.channel, emit, should_stop,
-                             config.verify_lookup_ngram)
-        else:
-            run_ar_or_sync(seq, self.verifier, self.drafter, emit, should_stop)
-            side.finish_request(req.request_id)
+        run_decode(seq, self.verifier, self._proposer(side), emit, should_stop)
         seq.stats.total_s = time.perf_counter() - start
         emit(RequestDone(req.request_id, seq.finish_reason or "stop", seq.stats))
+
+    def _proposer(self, side: VerifySide):
+        """What each verify step checks: nothing (ar), the local draft (sync), the draft worker's tokens (async)."""
+        from engine.async_decode import SharedDraftProposer
+        from engine.proposers import LocalDraftProposer, NgramGuesses, NoProposer
+        if self.config.mode == "ar":
+            return NoProposer()
+        if self.config.mode == "sync":
+            return LocalDraftProposer(self.drafter)
+        proposer = SharedDraftProposer(side, self.channel)
+        return NgramGuesses(proposer, self.config.verify_lookup_ngram) if self.config.verify_lookup_ngram else proposer
 
 
 class DraftWorker:

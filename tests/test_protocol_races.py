@@ -48,7 +48,7 @@ class SwitchAfterRequestCheck(SharedState):
         super().set(field, value)
 
     def _verify_switches_to_b(self):
-        # The verify's own write order (engine/async_decode.py, run_async_verify): finish A ...
+        # The verify's own write order (engine/async_decode.py, SharedDraftProposer.finish): finish A ...
         super().set(Ctrl.REQUEST_ID, 0)
         super().set(Ctrl.LAST_FINISHED_REQUEST_ID, REQUEST_A)
         # ... then start B: prompt, NUM_COMMITTED, EPOCH + 1, REQUEST_ID.
@@ -76,7 +76,7 @@ def test_draft_of_a_never_adopts_the_epoch_of_b(draft_runner, switch_on_read):
     prompt_a, prompt_b = [10, 20, 30, 40], [7, 8, 9, 11, 12, 13]
     state = _owned_state(switch_on_read, prompt_b)
     try:
-        # The verify has published request A (what run_async_verify does before its prefill).
+        # The verify has published request A (what SharedDraftProposer.start does before the prefill).
         state.committed_tokens[:len(prompt_a)] = prompt_a
         SharedState.set(state, Ctrl.NUM_COMMITTED, len(prompt_a))
         SharedState.set(state, Ctrl.EPOCH, 3)
@@ -131,16 +131,18 @@ class ConcurrentDraftVerifier:
 
 
 def test_accepted_guesses_the_draft_disagrees_with_invalidate_its_tokens():
-    from engine.async_decode import run_async_verify
-    from engine.decoding import new_sequence
+    from engine.async_decode import SharedDraftProposer
+    from engine.decoding import new_sequence, run_decode
+    from engine.proposers import NgramGuesses
+    from engine.shared_state import VerifySide
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]                     # the n-gram lookup guesses 1, 2 after "... 2, 3"
     state = SharedState.create(MAX_LEN)
     try:
         seq = new_sequence(StartRequest(REQUEST_A, prompt, SamplingParams(max_tokens=32)), [], MAX_LEN, "coupled")
         verifier = ConcurrentDraftVerifier(state, num_to_check=4)
         num_checks = iter([False, True])
-        run_async_verify(seq, verifier, state, HostDraftChannel(state), lambda out: None,
-                         lambda: next(num_checks), lookup_ngram=3)
+        proposer = NgramGuesses(SharedDraftProposer(VerifySide(state), HostDraftChannel(state)), max_ngram=3)
+        run_decode(seq, verifier, proposer, lambda out: None, lambda: next(num_checks))
         assert verifier.num_guesses_seen > 0, "the step must have checked n-gram guesses"
         committed = state.committed_tokens[:state.get(Ctrl.NUM_COMMITTED)].tolist()
         drafted = state.draft_tokens[:state.get(Ctrl.NUM_DRAFTED)].tolist()

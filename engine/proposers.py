@@ -1,0 +1,123 @@
+"""Where a verify step's proposed tokens come from: the one decode loop's pluggable proposers.
+
+    mode    proposer                                  proposes
+    ar      NoProposer                                nothing: each step checks the pending token only
+    sync    LocalDraftProposer                        k draft-model tokens, drafted in this process first
+    async   SharedDraftProposer (engine/async_decode) whatever the draft worker has drafted by now
+    any     NgramGuesses(proposer)                    + n-gram lookup guesses continuing those tokens
+
+A proposer's life for one request (engine/decoding.py, run_decode):
+
+    start(seq)                       before the verify's prefill
+    propose(seq, budget) -> Proposal before every verify step
+    observe(seq, proposal, out)      after the step committed out.token_ids
+    finish(seq)                      after the last step (stats)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.cost_model import SpeculationBudget
+from engine.decoding import Sequence, sync_cache
+from engine.messages import TokensOut
+from engine.models import ModelRunner
+from engine.ngram import LookupBudget, propose_from_ngrams
+
+
+@dataclass
+class Proposal:
+    """What the next verify step checks after the pending token: draft_ids, then guess_ids."""
+    num_to_check: int                                   # the budget's choice for this step
+    draft_ids: list[int] = field(default_factory=list)
+    guess_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None             # [len(draft_ids), V] the draft's q (rejection sampling)
+
+
+class NoProposer:
+    """`ar`: the verify model alone, one token per step."""
+
+    def start(self, seq: Sequence) -> None:
+        pass
+
+    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
+        return Proposal(num_to_check=0)
+
+    def observe(self, seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
+        pass
+
+    def finish(self, seq: Sequence) -> None:
+        pass
+
+
+class LocalDraftProposer(NoProposer):
+    """`sync`: the draft model in this process drafts k tokens (k from the cost model, or fixed),
+    one forward each; after the step its cache is brought back to the committed prefix (crop, plus
+    the one accepted-but-unfed token when all drafts were accepted)."""
+
+    def __init__(self, drafter: ModelRunner):
+        self.drafter = drafter
+
+    def start(self, seq: Sequence) -> None:
+        self.drafter.prefill(seq.token_ids)
+
+    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
+        start = time.perf_counter()
+        num_draft = min(budget.num_to_draft(), seq.max_len - seq.num_committed - 1)
+        draft_ids: list[int] = []
+        q_rows = []
+        pending, output_ids = seq.token_ids[-1], seq.output_ids
+        for _ in range(max(0, num_draft)):
+            seq.stats.num_draft_forwards += 1
+            logits = self.drafter.forward([pending], last_only=True)                 # [1, V]
+            token, q = seq.chooser.draft(logits, output_ids + draft_ids)
+            pending = int(token[0])
+            draft_ids.append(pending)
+            if q is not None:
+                q_rows.append(q)
+        seq.stats.draft_busy_s += time.perf_counter() - start
+        return Proposal(num_draft, draft_ids, draft_probs=torch.cat(q_rows) if q_rows else None)
+
+    def observe(self, seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
+        sync_cache(self.drafter, seq.token_ids)
+        is_rejected = len(out.token_ids) <= len(proposal.draft_ids) and seq.finish_reason is None
+        seq.stats.num_rollbacks += is_rejected
+
+    def finish(self, seq: Sequence) -> None:
+        seq.stats.num_draft_tokens_wasted = seq.stats.num_draft_tokens - seq.stats.num_accepted_tokens
+        seq.stats.num_draft_tokens_produced = seq.stats.num_draft_tokens
+
+
+class NgramGuesses:
+    """Wraps a proposer: where its tokens fall short of the step's budget, n-gram lookup guesses
+    (the tokens that followed the last earlier occurrence of the context's suffix) continue them.
+    A LookupBudget per request cuts the guesses to one probe once they stop hitting. Not with
+    rejection sampling (its proposals must be drawn from the draft's q)."""
+
+    def __init__(self, inner, max_ngram: int):
+        self.inner, self.max_ngram = inner, max_ngram
+        self.lookup = LookupBudget()
+        self._num_accepted_before = 0
+
+    def start(self, seq: Sequence) -> None:
+        self.lookup = LookupBudget()
+        self.inner.start(seq)
+
+    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
+        proposal = self.inner.propose(seq, budget)
+        room = proposal.num_to_check - len(proposal.draft_ids)
+        if room > 0 and not seq.chooser.is_rejection:    # guesses are not drawn from q: keep rejection sampling pure
+            context = np.asarray(seq.token_ids + proposal.draft_ids)
+            proposal.guess_ids = propose_from_ngrams(context, self.max_ngram, self.lookup.num_guesses(room))
+        self._num_accepted_before = seq.stats.num_lookup_accepted
+        return proposal
+
+    def observe(self, seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
+        self.lookup.record(len(proposal.guess_ids), seq.stats.num_lookup_accepted - self._num_accepted_before)
+        self.inner.observe(seq, proposal, out)
+
+    def finish(self, seq: Sequence) -> None:
+        self.inner.finish(seq)
