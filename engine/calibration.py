@@ -66,9 +66,29 @@ def measure_forward_costs(runner: ModelRunner, max_tokens: int) -> ForwardCosts:
     return ForwardCosts(tuple(seconds))
 
 
+def measure_one_token_until(runner: ModelRunner, should_stop, max_seconds: float) -> ForwardCosts:
+    """c(1) as the median of one-token forwards repeated until should_stop() (or max_seconds): the
+    load under which another worker measures, and this worker's cost under its load."""
+    generator = torch.Generator().manual_seed(1)
+    runner.prefill(torch.randint(0, runner.vocab_size, (CONTEXT_TOKENS + 1,), generator=generator).tolist())
+    deadline, times = time.perf_counter() + max_seconds, []
+    while not times or (not should_stop() and time.perf_counter() < deadline):
+        start = time.perf_counter()
+        runner.forward(torch.randint(0, runner.vocab_size, (1,), generator=generator).tolist())
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        times.append(time.perf_counter() - start)
+        runner.crop(CONTEXT_TOKENS)
+    runner.reset()
+    return ForwardCosts((statistics.median(times),))
+
+
+def cost_digest(key: dict, max_tokens: int) -> str:
+    return hashlib.sha1(json.dumps({**key, "max_tokens": max_tokens}, sort_keys=True).encode()).hexdigest()
+
+
 def load_or_measure(runner: ModelRunner, key: dict, cache_dir: str, max_tokens: int) -> ForwardCosts:
-    digest = hashlib.sha1(json.dumps({**key, "max_tokens": max_tokens}, sort_keys=True).encode()).hexdigest()
-    path = os.path.join(cache_dir, "costs", f"{digest}.json")
+    path = os.path.join(cache_dir, "costs", f"{cost_digest(key, max_tokens)}.json")
     try:
         with open(path) as f:
             return ForwardCosts(tuple(json.load(f)["seconds"]))

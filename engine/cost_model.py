@@ -78,21 +78,47 @@ def predict_tokens_per_s(mode: str, verify: ForwardCosts, draft: ForwardCosts | 
 
 
 @dataclass(frozen=True)
+class ModeCosts:
+    """Forward costs as each mode meets them (`mode: auto`, engine/mode_auto.py).
+
+    verify, draft                  each alone on its own cores (every worker's start-up measurement)
+    verify_together, draft_together  each while the other runs: async's two workers share the
+                                   machine's memory system (on one CPU socket a second core adds
+                                   ~1.2x bandwidth, not 2x), so each runs slower than alone
+    verify_wide, draft_wide        alone on the cores of both workers: ar and sync run in one worker there
+    A missing measurement falls back to the alone one.
+    """
+    verify: ForwardCosts
+    draft: ForwardCosts | None = None
+    verify_together: ForwardCosts | None = None
+    draft_together: ForwardCosts | None = None
+    verify_wide: ForwardCosts | None = None
+    draft_wide: ForwardCosts | None = None
+
+    def for_mode(self, mode: str) -> tuple[ForwardCosts, ForwardCosts | None]:
+        """(verify, draft) costs that `mode` runs at."""
+        if mode == "async":
+            return self.verify_together or self.verify, self.draft_together or self.draft
+        return self.verify_wide or self.verify, (self.draft_wide or self.draft) if mode == "sync" else None
+
+
+@dataclass(frozen=True)
 class ModePlan:
     mode: str
     tokens_per_s: dict[str, float]
     reason: str
 
 
-def choose_mode(verify: ForwardCosts, draft: ForwardCosts | None, acceptance: float, max_proposed: int) -> ModePlan:
+def choose_mode(costs: ModeCosts, acceptance: float, max_proposed: int) -> ModePlan:
     """`mode: auto`: the mode with the highest predicted speed, and why."""
-    modes = ("ar",) if draft is None else ("ar", "sync", "async")
-    speeds = {mode: predict_tokens_per_s(mode, verify, draft, acceptance, max_proposed) for mode in modes}
+    modes = ("ar",) if costs.draft is None else ("ar", "sync", "async")
+    speeds = {mode: predict_tokens_per_s(mode, *costs.for_mode(mode), acceptance, max_proposed) for mode in modes}
     best = max(speeds, key=speeds.get)
     shown = ", ".join(f"{mode} {speed:.1f} tok/s" for mode, speed in speeds.items())
-    reason = (f"predicted from measured forward costs (verify c(1) = {verify.cost(1) * 1e3:.1f} ms"
-              + (f", draft c(1) = {draft.cost(1) * 1e3:.1f} ms" if draft else "")
-              + f") at acceptance {acceptance:.2f}: {shown}")
+    used = {mode: costs.for_mode(mode) for mode in modes}
+    measured = "; ".join(f"{mode}: verify c(1) {v.cost(1) * 1e3:.1f} ms" + (f", draft {d.cost(1) * 1e3:.1f} ms" if d else "")
+                         for mode, (v, d) in used.items())
+    reason = f"predicted from measured forward costs ({measured}) at acceptance {acceptance:.2f}: {shown}"
     return ModePlan(best, speeds, reason)
 
 

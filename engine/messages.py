@@ -100,7 +100,26 @@ class Shutdown:
     pass
 
 
+@dataclass
+class Measure:
+    """`mode: auto` (engine/mode_auto.py): time this worker's forward again, `placement`:
+    "together" (while the other worker does the same; the draft repeats one-token forwards until
+    MeasureStop) or "wide" (alone, on the cores ar and sync would run on). Answered by Measured."""
+    placement: str
+
+
+@dataclass
+class MeasureStop:
+    pass
+
+
 # ---- workers -> supervisor -------------------------------------------------------
+
+@dataclass
+class Measured:
+    role: str
+    placement: str
+    seconds: list[float]           # c(1..K)
 
 @dataclass
 class WorkerReady:

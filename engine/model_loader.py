@@ -3,7 +3,8 @@
     loaded = load_model("verify", config, device="cpu")
     loaded.runner       ModelRunner (model + KV cache)
     loaded.runtime      {"dtype", "dtype_reason", "quantization", "quantization_reason", "decoder",
-                         "forward_costs_s": [c(1), ..., c(K)], "threads", "device"}
+                         "forward_costs_s": [c(1), ..., c(K)], "costs_id" (what they depend on, hashed),
+                         "threads", "device"}
 
 Resolves `dtype: auto` and `*_quantization: auto` (engine/hardware.py), loads and quantizes
 (engine/quantization.py), then times the forward for k = 1..K tokens or reads it from the cache
@@ -35,7 +36,7 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
 
     worker_role: the worker process it runs in (sync loads the draft in the verify worker).
     """
-    from engine.calibration import cost_key, load_or_measure
+    from engine.calibration import cost_digest, cost_key, load_or_measure
     from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
     spec, gguf_file = (config.verify_model, config.gguf_file) if role == "verify" else \
         (config.draft_model, config.draft_gguf_file)
@@ -57,7 +58,7 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     runtime = {"device": device, "threads": threads, "dtype": dtype, "dtype_reason": dtype_reason,
                "quantization": quantization, "quantization_reason": quantization_reason,
                "decoder": runner.decoder.name,
-               "forward_costs_s": list(costs.seconds)}
+               "forward_costs_s": list(costs.seconds), "costs_id": cost_digest(key, num_cost_tokens)}
     logger.info("%s model %s: %s (%s); quantization %s (%s); %s decoder; forward ms by tokens: %s", role, path,
                 dtype, dtype_reason, quantization, quantization_reason, runner.decoder.name,
                 [round(s * 1e3, 1) for s in costs.seconds])

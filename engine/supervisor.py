@@ -123,11 +123,15 @@ class EngineSupervisor:
         return {role: WorkerHandle(role) for role in roles}
 
     def _settle_mode(self) -> None:
-        """`mode: auto`: both workers measured their forward costs; keep async or restart as ar / sync."""
-        from engine.cost_model import ForwardCosts, choose_mode
-        verify, draft = (ForwardCosts(tuple(self._workers[role].ready.runtime["forward_costs_s"]))
-                         for role in ("verify", "draft"))
-        plan = choose_mode(verify, draft, self.config.acceptance_prior, self.config.max_verify_tokens)
+        """`mode: auto`: measure the pair as each mode would run (engine/mode_auto.py); keep async or
+        restart as ar / sync."""
+        from engine.cost_model import choose_mode
+        from engine.mode_auto import MeasureError, measure_mode_costs
+        try:
+            costs = measure_mode_costs(self._workers, self.config, self._next_message)
+        except MeasureError as exc:
+            raise EngineStartError(str(exc)) from exc
+        plan = choose_mode(costs, self.config.acceptance_prior, self.config.max_verify_tokens)
         self.mode_reason = f"mode auto chose {plan.mode}: {plan.reason}"
         logger.info(self.mode_reason)
         if plan.mode == "async":

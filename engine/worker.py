@@ -21,7 +21,7 @@ import time
 import traceback
 
 from engine.config import EngineConfig
-from engine.messages import RequestDone, Shutdown, StartRequest, WorkerFailed, WorkerReady
+from engine.messages import Measure, Measured, MeasureStop, RequestDone, Shutdown, StartRequest, WorkerFailed, WorkerReady
 from engine.shared_state import Clock, SharedState, VerifySide
 
 PR_SET_PDEATHSIG = 1
@@ -74,6 +74,10 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_c
                 request_id = msg.request_id
                 worker.run(msg, out_conn.send)
                 request_id = None
+            elif isinstance(msg, Measure):
+                with _placement(config, msg.placement):
+                    seconds = worker.measure(msg.placement, lambda: _is_stop_sent(cmd_queue))
+                out_conn.send(Measured(role, msg.placement, list(seconds)))
     except BaseException as exc:  # noqa: BLE001 - report everything, then exit non-zero
         try:
             out_conn.send(WorkerFailed(role, request_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -121,6 +125,11 @@ class VerifyWorker:
         self.channel = HostDraftChannel(state, _share_draft_probs(config, peer_conn, "verify", 0))
         self.load_seconds = time.perf_counter() - start
 
+    def measure(self, placement: str, should_stop) -> tuple[float, ...]:
+        """c(1..K) again (`mode: auto`, engine/mode_auto.py); the draft keeps running meanwhile when "together"."""
+        from engine.calibration import measure_forward_costs
+        return measure_forward_costs(self.verifier.runner, self.config.max_verify_tokens + 1).seconds
+
     def ready_message(self) -> WorkerReady:
         return WorkerReady("verify", os.getpid(), self.verifier.runner.vocab_size, self.eos_token_ids,
                            self.load_seconds, self.model_dir, self.runtime)
@@ -159,6 +168,7 @@ class DraftWorker:
         from engine.model_loader import load_model
         from engine.models import eos_token_ids_of
         start = time.perf_counter()
+        self.config = config
         draft = load_model("draft", config, config.draft_device, 1 + min(config.max_draft_lead, 4))
         self.model_dir, self.runtime, runner = draft.model_dir, draft.runtime, draft.runner
         channel = _draft_channel(config, state, _share_draft_probs(config, peer_conn, "draft", runner.vocab_size))
@@ -170,12 +180,41 @@ class DraftWorker:
                                make_grammar=LazyGrammarFactory(draft.model_dir, runner.vocab_size))
         self.load_seconds = time.perf_counter() - start
 
+    def measure(self, placement: str, should_stop) -> tuple[float, ...]:
+        """c(1) again (`mode: auto`); "together": one-token forwards until the supervisor says stop,
+        so that the verify measures under this worker's load for as long as it takes."""
+        from engine.calibration import measure_forward_costs, measure_one_token_until
+        if placement == "wide":
+            return measure_forward_costs(self.drafter.runner, 1).seconds
+        return measure_one_token_until(self.drafter.runner, should_stop, self.config.step_timeout_s).seconds
+
     def ready_message(self) -> WorkerReady:
         return WorkerReady("draft", os.getpid(), self.drafter.runner.vocab_size, [], self.load_seconds, self.model_dir,
                            self.runtime)
 
     def run(self, req: StartRequest, emit) -> None:
         self.drafter.run(req)
+
+
+def _placement(config: EngineConfig, placement: str):
+    """"wide": this thread on the cores `ar` would give the verify worker (both workers' cores on CPU)."""
+    import contextlib
+    cores = config.replace(mode="ar").cores_of("verify")
+    if placement != "wide" or not cores or not hasattr(os, "sched_setaffinity"):
+        return contextlib.nullcontext()
+    from engine.models import PrefillPlacement
+    return PrefillPlacement(cores).widened()
+
+
+def _is_stop_sent(cmd_queue) -> bool:
+    """A MeasureStop (or anything else: a Shutdown is put back for the main loop) is waiting."""
+    try:
+        msg = cmd_queue.get_nowait()
+    except queue.Empty:
+        return False
+    if not isinstance(msg, MeasureStop):
+        cmd_queue.put(msg)
+    return True
 
 
 def _meta_shape_model(path: str, gguf: str | None):

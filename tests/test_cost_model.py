@@ -5,7 +5,8 @@ import pytest
 
 from engine import hardware
 from engine.cost_model import (AcceptanceEstimator, ForwardCosts, SpeculationBudget, best_sync_length,
-                               best_verify_budget, choose_mode, expected_committed, predict_tokens_per_s)
+                               best_verify_budget, choose_mode, expected_committed, predict_tokens_per_s,
+                               ModeCosts)
 
 FLAT = ForwardCosts((0.10, 0.105, 0.11, 0.115, 0.12, 0.125, 0.13, 0.135, 0.14))       # native-bf16 / int8 CPU
 LINEAR = ForwardCosts(tuple(0.10 * k for k in range(1, 10)))                           # AVX2 bf16: k tokens = k steps
@@ -38,12 +39,34 @@ def test_sync_length_grows_with_acceptance_and_shrinks_with_draft_cost():
 
 def test_choose_mode():
     draft = ForwardCosts((0.03, 0.032))
-    plan = choose_mode(FLAT, draft, 0.8, 8)
+    plan = choose_mode(ModeCosts(FLAT, draft), 0.8, 8)
     assert plan.mode == "async" and "async" in plan.reason and set(plan.tokens_per_s) == {"ar", "sync", "async"}
-    assert choose_mode(LINEAR, ForwardCosts((0.2,)), 0.8, 8).mode == "ar"       # slow draft, linear verify
-    assert choose_mode(FLAT, None, 0.8, 8).mode == "ar"
+    assert choose_mode(ModeCosts(LINEAR, ForwardCosts((0.2,))), 0.8, 8).mode == "ar"   # slow draft, linear verify
+    assert choose_mode(ModeCosts(FLAT), 0.8, 8).mode == "ar"
     # async is never predicted slower than ar: it can always check nothing
     assert predict_tokens_per_s("async", LINEAR, draft, 0.3, 8) >= predict_tokens_per_s("ar", LINEAR, draft, 0.3, 8)
+
+
+def test_choose_mode_uses_the_costs_each_mode_runs_at():
+    """Measured on one AVX512_BF16 EPYC (2 cores), 1.5B int8 verify + 0.5B int8-fast draft: alone on one
+    core c_v(1) 93 ms, c_d(1) 40 ms; on both cores 70 / 38 ms. Together the two workers share the memory
+    system, so each runs slower than alone; ar on both cores gets the second core's bandwidth."""
+    verify = ForwardCosts((0.093, 0.11, 0.12, 0.13, 0.154))
+    draft = ForwardCosts((0.040, 0.042))
+    alone = ModeCosts(verify, draft)
+    assert choose_mode(alone, 0.7, 4).mode == "async"                     # one worker at a time: async looks best
+    slowed = ModeCosts(verify, draft, verify_together=ForwardCosts(tuple(1.6 * s for s in verify.seconds)),
+                       draft_together=ForwardCosts((0.064, 0.067)),
+                       verify_wide=ForwardCosts((0.070, 0.082, 0.09, 0.095, 0.09)), draft_wide=ForwardCosts((0.038,)))
+    plan = choose_mode(slowed, 0.7, 4)
+    assert plan.mode == "ar", plan.reason
+    assert "ar: verify c(1) 70.0 ms" in plan.reason and "async: verify c(1) 148.8 ms, draft 64.0 ms" in plan.reason
+    assert plan.tokens_per_s["ar"] == pytest.approx(1 / 0.070)
+    # with little contention (two devices) async wins again
+    mild = ModeCosts(verify, draft, verify_together=ForwardCosts(tuple(1.05 * s for s in verify.seconds)),
+                     draft_together=draft, verify_wide=verify, draft_wide=draft)
+    assert choose_mode(mild, 0.7, 4).mode == "async"
+    assert slowed.for_mode("sync") == (slowed.verify_wide, slowed.draft_wide)
 
 
 def test_acceptance_estimator_learns_the_geometric_rate():

@@ -3,6 +3,7 @@ prefix cache, and what /health and /metrics tell about them."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import httpx
@@ -60,6 +61,14 @@ def test_mode_auto_settles_on_a_mode_and_caches_costs(cache_dir):
         assert len(tokens) == 8 and final.finish_reason == "length"
     finally:
         sup.shutdown()
+    # each mode is predicted from the costs it runs at: the workers together (async), alone on all cores (ar, sync)
+    assert "ar: verify c(1)" in health["mode_reason"] and "async: verify c(1)" in health["mode_reason"]
+    [mode_file] = glob.glob(os.path.join(cache_dir, "costs", "mode-*.json"))
+    with open(mode_file) as f:
+        measured = json.load(f)["seconds"]
+    assert set(measured) == {"verify_together", "draft_together", "verify_wide", "draft_wide"}
+    assert len(measured["verify_together"]) == len(measured["verify_wide"]) == sup.config.max_verify_tokens + 1
+    assert all(s > 0 for values in measured.values() for s in values)
     cost_files = sorted(glob.glob(os.path.join(cache_dir, "costs", "*.json")))
     assert cost_files, "forward costs must be cached"
     mtimes = [os.path.getmtime(f) for f in cost_files]
