@@ -133,6 +133,8 @@ class Verifier:
         stats.num_lookup_tokens += len(proposal) - num_draft
         stats.num_lookup_accepted += max(0, num_committed_from_proposal - num_draft)
         stats.num_drafts += bool(num_draft)
+        _count_per_position(stats.num_draft_tokens_per_pos, num_draft)
+        _count_per_position(stats.num_accepted_tokens_per_pos, min(num_committed_from_proposal, num_draft))
         stats.verify_busy_s += time.perf_counter() - start
         prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None       # sent with the first tokens only
         return TokensOut(seq.request_id, new_ids, logprobs, prompt_logprobs)
@@ -148,6 +150,13 @@ class Verifier:
             seq.finish_reason = "length"
             return new_ids[:room]
         return new_ids
+
+
+def _count_per_position(counts: list[int], num_positions: int) -> None:
+    """counts[i] += 1 for i < num_positions (growing the list as needed)."""
+    counts.extend([0] * (num_positions - len(counts)))
+    for i in range(num_positions):
+        counts[i] += 1
 
 
 def run_decode(seq: Sequence, verifier: Verifier, proposer, emit, should_stop) -> None:

@@ -8,8 +8,9 @@ Prometheus: the engine never touches metrics.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -166,10 +167,20 @@ class RequestStats:
     num_lookup_accepted: int = 0        # of those, accepted
     num_draft_forwards: int = 0         # draft-model forwards (async: < drafted tokens when n-gram guesses hit)
     sum_draft_lead: int = 0             # sum over verify steps of (drafted - committed) when read
+    num_draft_tokens_per_pos: list[int] = field(default_factory=list)     # [i]: steps that checked a draft token at position i
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [i]: of those, accepted (vLLM's _per_pos)
     verify_busy_s: float = 0.0
     draft_busy_s: float = 0.0
     prefill_s: float = 0.0
     total_s: float = 0.0
+
+    def plus(self, other: "RequestStats") -> "RequestStats":
+        """Field-wise sum (per-position lists element-wise): the stats of several choices of a request."""
+        def add(a, b):
+            if isinstance(a, list):
+                return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
+            return a + b
+        return RequestStats(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
 
     @property
     def acceptance_rate(self) -> float:

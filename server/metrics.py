@@ -107,6 +107,10 @@ class ServerMetrics:
         self._num_drafts = make(Counter, "spec_decode_num_drafts", "Verify steps that checked at least one draft token")
         self._draft_tokens = make(Counter, "spec_decode_num_draft_tokens", "Draft tokens verified")
         self._accepted_tokens = make(Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        self._draft_tokens_per_pos = make(Counter, "spec_decode_num_draft_tokens_per_pos",
+                                          "Draft tokens verified, by position in the draft", ("position",))
+        self._accepted_per_pos = make(Counter, "spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft", ("position",))
         self._rollbacks = make(Counter, "spec_decode_num_rollbacks", "Draft rollbacks")
         self._wasted_tokens = make(Counter, "spec_decode_num_draft_tokens_wasted",
                                    "Draft tokens computed but never accepted")
@@ -170,6 +174,10 @@ class ServerMetrics:
                               (self._rollbacks, stats.num_rollbacks),
                               (self._wasted_tokens, stats.num_draft_tokens_wasted)):
             self._one(metric).inc(max(0, value))
+        for metric, counts in ((self._draft_tokens_per_pos, stats.num_draft_tokens_per_pos),
+                               (self._accepted_per_pos, stats.num_accepted_tokens_per_pos)):
+            for position, count in enumerate(counts):
+                self._one(metric, position=str(position)).inc(max(0, count))
         self._one(self._busy, worker="verify").inc(max(0.0, stats.verify_busy_s))
         self._one(self._busy, worker="draft").inc(max(0.0, stats.draft_busy_s))
         if stats.num_verify_steps > 0 and stats.num_draft_tokens > 0:

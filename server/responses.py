@@ -10,7 +10,6 @@ carries the AMUSD `spec_decode` extension. Completions with `echo` prepend the p
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -50,9 +49,7 @@ class UsageTotal:
         self.num_prompt_tokens += len(run.prompt_ids) if run.is_first_sample else 0
         self.num_completion_tokens += step.num_tokens
         if step.stats is not None:
-            self.stats = step.stats if self.stats is None else RequestStats(**{
-                f.name: getattr(self.stats, f.name) + getattr(step.stats, f.name)
-                for f in dataclasses.fields(RequestStats)})
+            self.stats = step.stats if self.stats is None else self.stats.plus(step.stats)
 
     def info(self) -> P.UsageInfo:
         spec, s = None, self.stats

@@ -133,8 +133,10 @@ def test_metric_names_match_the_deploy_list():
                                   for r in ("verify", "draft")}}
     m = ServerMetrics(health=health)
     m.record_finished("stop", 1.0, RequestStats(num_prompt_tokens=3, num_generated_tokens=5, num_verify_steps=2,
-                                                num_draft_tokens=4, sum_draft_lead=6))
+                                                num_draft_tokens=4, sum_draft_lead=6, num_draft_tokens_per_pos=[2, 2],
+                                                num_accepted_tokens_per_pos=[2, 1]))
     text = m.render().decode()
+    assert 'amusd:spec_decode_num_accepted_tokens_per_pos_total{position="1"} 1.0' in text
     listed = REPO / "docker" / "prometheus" / "exported-metrics.txt"
     if not listed.exists():
         pytest.skip("no exported-metrics list")
@@ -170,3 +172,11 @@ def test_server_never_imports_torch(byte_tokenizer_dir):
         "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_request_stats_of_several_choices_add_up_per_position():
+    a = RequestStats(num_draft_tokens=5, num_draft_tokens_per_pos=[3, 2], num_accepted_tokens_per_pos=[2, 1])
+    b = RequestStats(num_draft_tokens=6, num_draft_tokens_per_pos=[2, 2, 2], num_accepted_tokens_per_pos=[2])
+    total = a.plus(b)
+    assert total.num_draft_tokens == 11
+    assert total.num_draft_tokens_per_pos == [5, 4, 2] and total.num_accepted_tokens_per_pos == [4, 1]

@@ -40,6 +40,10 @@ def test_quantized_speculation_equals_quantized_ar(cache_dir, quantized_ar, mode
             assert tokens == expected, f"{mode} {extra} diverged from ar on the same int8 model"
             num_accepted += final.stats.num_accepted_tokens
             assert final.stats.num_proposed_tokens >= final.stats.num_draft_tokens
+            # per draft position (vLLM's _per_pos): they add up, and position i+1 is accepted only after i
+            drafted, accepted = final.stats.num_draft_tokens_per_pos, final.stats.num_accepted_tokens_per_pos
+            assert sum(drafted) == final.stats.num_draft_tokens and sum(accepted) == final.stats.num_accepted_tokens
+            assert all(a <= d for a, d in zip(accepted, drafted)) and accepted == sorted(accepted, reverse=True)
         assert num_accepted > 0, "the draft must have contributed"
         seeded = dict(max_tokens=MAX_TOKENS, temperature=0.9, seed=7)
         assert run(sup, PROMPTS[0], **seeded)[0] == run(quantized_ar, PROMPTS[0], **seeded)[0]
