@@ -12,9 +12,15 @@ workers' cores. So, with both workers of an async start up and idle (supervisor 
 
 ~10 s on the default pair's first start; the result is cached in <cache_dir>/costs/mode-<hash>.json,
 keyed by what both workers' start-up costs depended on (their `costs_id`s) and the cores.
+
+The decision itself is kept too (costs/mode-decision-<hash of the configuration>.json, with the
+verify worker's `costs_id` in the chosen mode): a later start with the same configuration starts in
+that mode directly instead of starting async, measuring and restarting; if the verify's costs_id
+differs then (other kernels, model files, CPU or torch), it decides again.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -54,12 +60,36 @@ def measure_mode_costs(workers: dict[str, WorkerHandle], config: EngineConfig, r
     for role in ("verify", "draft"):
         workers[role].cmd_queue.put(Measure("wide"))
         measured[f"{role}_wide"] = _await(workers, role, receive, config.step_timeout_s)
+    _write_json(path, {"seconds": measured})
+    return _mode_costs(verify, draft, measured)
+
+
+def load_decision(config: EngineConfig) -> dict | None:
+    """{"mode", "reason", "verify_costs_id"} decided at an earlier start with this configuration, or None."""
+    try:
+        with open(_decision_path(config)) as f:
+            decision = json.load(f)
+        return decision if {"mode", "reason", "verify_costs_id"} <= set(decision) else None
+    except (OSError, ValueError):
+        return None
+
+
+def save_decision(config: EngineConfig, mode: str, reason: str, verify_costs_id: str | None) -> None:
+    _write_json(_decision_path(config), {"mode": mode, "reason": reason, "verify_costs_id": verify_costs_id})
+
+
+def _decision_path(config: EngineConfig) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "mode"}
+    key = json.dumps({"format": FORMAT_VERSION, "config": settings}, sort_keys=True, default=str)
+    return os.path.join(config.cache_dir, "costs", f"mode-decision-{hashlib.sha1(key.encode()).hexdigest()}.json")
+
+
+def _write_json(path: str, value: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = f"{path}.{os.getpid()}.tmp"
     with open(tmp_path, "w") as f:
-        json.dump({"seconds": measured}, f, indent=1)
+        json.dump(value, f, indent=1)
     os.replace(tmp_path, path)
-    return _mode_costs(verify, draft, measured)
 
 
 def _mode_costs(verify: ForwardCosts, draft: ForwardCosts, seconds: dict[str, list[float]]) -> ModeCosts:

@@ -35,17 +35,12 @@ from typing import Callable
 
 from engine.config import EngineConfig
 from engine.hardware import check_memory_ordering, has_ordered_stores
-from engine.messages import (EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut, WorkerFailed,
-                             WorkerReady)
+from engine.messages import EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut, WorkerFailed
 from engine.shared_state import Clock, SharedState, cancel_request, release_draft
-from engine.worker_handle import WorkerHandle, receive_any
+from engine.worker_handle import EngineStartError, WorkerHandle, await_ready, receive_any
 
 POLL_S = 0.02
 logger = logging.getLogger("amusd.engine")
-
-
-class EngineStartError(RuntimeError):
-    """The workers could not be started; the message says why."""
 
 
 class EngineSupervisor:
@@ -55,7 +50,12 @@ class EngineSupervisor:
         if config.mode == "auto" and not has_ordered_stores():
             self.requested_mode, self.mode_reason = "sync", "mode auto: async needs x86-64 store ordering"
             config = config.replace(mode="sync")
-        self.config = config.replace(mode="async") if config.mode == "auto" else config
+        self._decision = None                 # mode auto: an earlier start's choice (engine/mode_auto.py)
+        if config.mode == "auto":
+            from engine.mode_auto import load_decision
+            self._decision = load_decision(config)
+            config = config.replace(mode=self._decision["mode"] if self._decision else "async")
+        self.config = config
         self._ctx = mp.get_context("spawn")
         self._workers = self._make_workers()
         self._state: SharedState | None = None
@@ -123,10 +123,18 @@ class EngineSupervisor:
         return {role: WorkerHandle(role) for role in roles}
 
     def _settle_mode(self) -> None:
-        """`mode: auto`: measure the pair as each mode would run (engine/mode_auto.py); keep async or
-        restart as ar / sync."""
+        """`mode: auto`: reuse an earlier start's decision, or measure the async pair as each mode would
+        run it (engine/mode_auto.py) and keep async or restart as ar / sync."""
         from engine.cost_model import choose_mode
-        from engine.mode_auto import MeasureError, measure_mode_costs
+        from engine.mode_auto import MeasureError, measure_mode_costs, save_decision
+        decision, self._decision = self._decision, None
+        if decision and decision["verify_costs_id"] == self._workers["verify"].ready.runtime.get("costs_id"):
+            self.mode_reason = f"mode auto chose {decision['mode']} at an earlier start of this configuration: " \
+                               f"{decision['reason']}"
+            logger.info(self.mode_reason)
+            return
+        if self.config.mode != "async":
+            self._restart_as("async")          # that decision is stale (other kernels, files, CPU): decide again
         try:
             costs = measure_mode_costs(self._workers, self.config, self._next_message)
         except MeasureError as exc:
@@ -134,12 +142,15 @@ class EngineSupervisor:
         plan = choose_mode(costs, self.config.acceptance_prior, self.config.max_verify_tokens)
         self.mode_reason = f"mode auto chose {plan.mode}: {plan.reason}"
         logger.info(self.mode_reason)
-        if plan.mode == "async":
-            return
+        if plan.mode != "async":
+            self._restart_as(plan.mode)
+        save_decision(self.config, plan.mode, plan.reason, self._workers["verify"].ready.runtime.get("costs_id"))
+
+    def _restart_as(self, mode: str) -> None:
         for worker in self._workers.values():
             worker.stop(10.0)
             worker.close_outputs()
-        self.config = self.config.replace(mode=plan.mode)
+        self.config = self.config.replace(mode=mode)
         self._workers = self._make_workers()
         self._spawn(list(self._workers.values()))
         self._await_ready(list(self._workers.values()))
@@ -365,22 +376,8 @@ class EngineSupervisor:
             draft_end.close()
 
     def _await_ready(self, workers: list[WorkerHandle]) -> None:
-        deadline = time.monotonic() + self.config.worker_start_timeout_s
-        while any(w.ready is None for w in workers):
-            if self._is_stopping and self._thread is not None:
-                raise EngineStartError("engine is shutting down")
-            if time.monotonic() > deadline:
-                raise EngineStartError(f"workers not ready after {self.config.worker_start_timeout_s:.0f}s")
-            msg = self._next_message(0.1)
-            if msg is None:
-                for w in workers:
-                    if w.ready is None and not w.is_alive:
-                        raise EngineStartError(f"{w.role} worker exited during start-up (exit code {w.process.exitcode})")
-                continue
-            if isinstance(msg, WorkerReady):
-                self._workers[msg.role].ready = msg
-            elif isinstance(msg, WorkerFailed):
-                raise EngineStartError(f"{msg.role} worker failed to start: {msg.error}")
+        await_ready(workers, self._workers, self.config.worker_start_timeout_s,
+                    lambda: self._is_stopping and self._thread is not None)
 
     def _next_message(self, timeout_s: float):
         return receive_any(list(self._workers.values()), timeout_s)

@@ -16,7 +16,11 @@ import time
 from multiprocessing.connection import Connection
 
 from engine.config import EngineConfig
-from engine.messages import Shutdown, WorkerReady
+from engine.messages import Shutdown, WorkerFailed, WorkerReady
+
+
+class EngineStartError(RuntimeError):
+    """The workers could not be started; the message says why."""
 
 
 class WorkerHandle:
@@ -102,3 +106,24 @@ def receive_any(workers: list[WorkerHandle], timeout_s: float):
         if msg is not None:
             return msg
     return None
+
+
+def await_ready(starting: list[WorkerHandle], workers: dict[str, WorkerHandle], timeout_s: float,
+                should_abort) -> None:
+    """Wait until every worker in `starting` sent WorkerReady (`workers`: all of them, by role)."""
+    deadline = time.monotonic() + timeout_s
+    while any(w.ready is None for w in starting):
+        if should_abort():
+            raise EngineStartError("engine is shutting down")
+        if time.monotonic() > deadline:
+            raise EngineStartError(f"workers not ready after {timeout_s:.0f}s")
+        msg = receive_any(list(workers.values()), 0.1)
+        if msg is None:
+            for w in starting:
+                if w.ready is None and not w.is_alive:
+                    raise EngineStartError(f"{w.role} worker exited during start-up (exit code {w.process.exitcode})")
+            continue
+        if isinstance(msg, WorkerReady):
+            workers[msg.role].ready = msg
+        elif isinstance(msg, WorkerFailed):
+            raise EngineStartError(f"{msg.role} worker failed to start: {msg.error}")

@@ -67,7 +67,7 @@ def test_mode_auto_settles_on_a_mode_and_caches_costs(cache_dir):
         sup.shutdown()
     # each mode is predicted from the costs it runs at: the workers together (async), alone on all cores (ar, sync)
     assert "ar: verify c(1)" in health["mode_reason"] and "async: verify c(1)" in health["mode_reason"]
-    [mode_file] = glob.glob(os.path.join(cache_dir, "costs", "mode-*.json"))
+    [mode_file] = glob.glob(os.path.join(cache_dir, "costs", "mode-[!d]*.json"))
     with open(mode_file) as f:
         measured = json.load(f)["seconds"]
     assert set(measured) == {"verify_together", "draft_together", "verify_wide", "draft_wide"}
@@ -77,9 +77,31 @@ def test_mode_auto_settles_on_a_mode_and_caches_costs(cache_dir):
     assert cost_files, "forward costs must be cached"
     mtimes = [os.path.getmtime(f) for f in cost_files]
     sup = start_engine(tiny_config(cache_dir, "auto", **QUANTIZED))      # a restart reads, never re-measures
+    again = sup.health()
     sup.shutdown()
     assert sorted(glob.glob(os.path.join(cache_dir, "costs", "*.json"))) == cost_files
     assert [os.path.getmtime(f) for f in cost_files] == mtimes
+    # ... and starts in the decided mode directly (no async start, no restart)
+    assert again["mode"] == health["mode"] and "at an earlier start of this configuration" in again["mode_reason"]
+    assert all(w["num_restarts"] == 0 for w in again["workers"].values())
+
+
+def test_mode_auto_decides_again_when_the_decision_is_stale(cache_dir):
+    """A decision whose verify costs_id no longer matches (other kernels, model files, CPU) is not reused."""
+    from engine.mode_auto import load_decision, save_decision
+    config = tiny_config(cache_dir, "auto", **QUANTIZED, max_verify_tokens=5)
+    save_decision(config, "ar", "a stale decision", verify_costs_id="not-this-one")
+    sup = start_engine(config)
+    try:
+        health = sup.health()
+        assert health["mode_reason"].startswith(f"mode auto chose {health['mode']}: predicted"), health["mode_reason"]
+        tokens, final = run(sup, PROMPTS[2], max_tokens=6)
+        assert len(tokens) == 6
+        decision = load_decision(config)
+        assert decision["verify_costs_id"] == health["workers"]["verify"]["costs_id"]
+        assert decision["mode"] == health["mode"]
+    finally:
+        sup.shutdown()
 
 
 def test_prefix_cache_reuses_the_common_prefix_and_changes_nothing(cache_dir):
