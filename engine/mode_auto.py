@@ -51,15 +51,15 @@ def measure_mode_costs(workers: dict[str, WorkerHandle], config: EngineConfig, r
     except (OSError, ValueError, KeyError):
         pass
     logger.info("mode auto: measuring each worker while the other runs, then each alone on all cores (once)")
-    measured: dict[str, list[float]] = {}
+    measured: dict[str, list[float]] = {}          # "<role>_<placement>": c(1..K), as they arrive
     for role in ("verify", "draft"):
         workers[role].cmd_queue.put(Measure("together"))
-    measured["verify_together"] = _await(workers, "verify", receive, config.step_timeout_s)
+    _await(workers, "verify_together", measured, receive, config.step_timeout_s)
     workers["draft"].cmd_queue.put(MeasureStop())
-    measured["draft_together"] = _await(workers, "draft", receive, config.step_timeout_s)
+    _await(workers, "draft_together", measured, receive, config.step_timeout_s)
     for role in ("verify", "draft"):
         workers[role].cmd_queue.put(Measure("wide"))
-        measured[f"{role}_wide"] = _await(workers, role, receive, config.step_timeout_s)
+        _await(workers, f"{role}_wide", measured, receive, config.step_timeout_s)
     _write_json(path, {"seconds": measured})
     return _mode_costs(verify, draft, measured)
 
@@ -96,17 +96,19 @@ def _mode_costs(verify: ForwardCosts, draft: ForwardCosts, seconds: dict[str, li
     return ModeCosts(verify, draft, **{name: ForwardCosts(tuple(values)) for name, values in seconds.items()})
 
 
-def _await(workers: dict[str, WorkerHandle], role: str, receive, timeout_s: float) -> list[float]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def _await(workers: dict[str, WorkerHandle], name: str, measured: dict, receive, timeout_s: float) -> None:
+    """Collect Measured answers into `measured` until `name` ("<role>_<placement>") is among them."""
+    role, deadline = name.split("_")[0], time.monotonic() + timeout_s
+    while name not in measured and time.monotonic() < deadline:
         msg = receive(0.1)
-        if isinstance(msg, Measured) and msg.role == role:
-            return msg.seconds
-        if isinstance(msg, WorkerFailed):
+        if isinstance(msg, Measured):
+            measured[f"{msg.role}_{msg.placement}"] = msg.seconds
+        elif isinstance(msg, WorkerFailed):
             raise MeasureError(f"{msg.role} worker failed while measuring: {msg.error}")
-        if msg is None and not workers[role].is_alive:
+        elif msg is None and not workers[role].is_alive:
             raise MeasureError(f"{role} worker exited while measuring")
-    raise MeasureError(f"{role} worker did not answer within {timeout_s:.0f}s while measuring")
+    if name not in measured:
+        raise MeasureError(f"{role} worker did not answer within {timeout_s:.0f}s while measuring")
 
 
 def _cache_path(workers: dict[str, WorkerHandle], config: EngineConfig) -> str:
