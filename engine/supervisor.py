@@ -199,6 +199,11 @@ class EngineSupervisor:
     def num_waiting(self) -> int:
         return self._fifo.qsize()
 
+    @property
+    def max_num_running(self) -> int:
+        """Requests the workers decode at once: one (continuous batching is issue #10)."""
+        return 1
+
     def is_healthy(self) -> bool:
         if self.fatal_error or self._is_restarting or self._state is None or self._is_stopping:
             return False

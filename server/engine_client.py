@@ -1,8 +1,9 @@
 """Bridge between the engine supervisor (thread callbacks) and the asyncio server.
 
-The engine runs one request at a time. This client keeps its own bounded FIFO in front of it and
-hands the supervisor the next request only when the previous one has finished, so it knows exactly
-what is waiting (-> 429 when full, 503 after `queue_timeout_s`) and what is running. EngineOutputs
+The engine runs up to `supervisor.max_num_running` requests at once (1 until the verify worker
+batches, issue #10). This client keeps its own bounded FIFO in front of it and hands the supervisor
+the next request only when one of those places is free, so it knows exactly what is waiting (-> 429
+when full, 503 after `queue_timeout_s`) and what is running. EngineOutputs
 arrive on the supervisor's thread and are moved onto the event loop with call_soon_threadsafe.
 Latency metrics (queue time, TTFT, inter-token, e2e) and per-request stats are recorded here, and
 the recent engine time per request, from which a 429 / 503 gets its Retry-After estimate.
@@ -101,7 +102,8 @@ class EngineClient:
         self.max_queue_size, self.queue_timeout_s = max_queue_size, queue_timeout_s
         self._ids = itertools.count(1)
         self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._running: RequestHandle | None = None
+        self._running: dict[int, RequestHandle] = {}          # by request id, at most max_num_running
+        self.max_num_running = max(1, int(getattr(supervisor, "max_num_running", 1)))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recent_engine_s: collections.deque[float] = collections.deque(maxlen=NUM_RECENT_REQUESTS)
         self.started = self.closing = self.draining = False
@@ -125,18 +127,17 @@ class EngineClient:
     def cancel_all(self) -> None:
         while self._waiting:
             self._drop_waiting(self._waiting[0], failure=None, notify=True)
-        if self._running is not None:
-            self._running.abort("abort")
+        for handle in list(self._running.values()):
+            handle.abort("abort")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel everything still queued or running, then shut the supervisor down."""
         self.closing = True
-        running = self._running
+        running = list(self._running.values())
         self.cancel_all()
-        if running is not None:
-            deadline = time.monotonic() + min(timeout_s, 5.0)
-            while not running.finished and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+        deadline = time.monotonic() + min(timeout_s, 5.0)
+        while any(not handle.finished for handle in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await asyncio.to_thread(self.supervisor.shutdown, timeout_s)
 
     def is_ready(self) -> bool:
@@ -153,15 +154,15 @@ class EngineClient:
 
     @property
     def num_running(self) -> int:
-        return int(self._running is not None)
+        return len(self._running)
 
     def retry_after_s(self) -> int:
-        """Whole seconds a refused client should wait: waiting requests x recent mean engine time
-        per request (the running one counts as waiting), at least 1."""
+        """Whole seconds a refused client should wait: requests ahead (waiting and running) x recent
+        mean engine time per request / places in the engine, at least 1."""
         if not self._recent_engine_s:
             return 1
         mean = sum(self._recent_engine_s) / len(self._recent_engine_s)
-        return max(1, math.ceil((self.num_waiting + self.num_running) * mean))
+        return max(1, math.ceil((self.num_waiting + self.num_running) * mean / self.max_num_running))
 
     # ---- admission -------------------------------------------------------------------
     def admit(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
@@ -170,7 +171,7 @@ class EngineClient:
             self.metrics.record_failure("not_ready")
             raise EngineUnavailableError("the server is shutting down" if self.draining or self.closing
                                          else "the engine is not ready (starting or restarting)")
-        busy = self._running is not None or bool(self._waiting)
+        busy = len(self._running) >= self.max_num_running or bool(self._waiting)
         if busy and len(self._waiting) >= self.max_queue_size:
             self.metrics.record_failure("queue_full")
             raise QueueFullError(f"the server is busy: {len(self._waiting)} requests are already "
@@ -182,11 +183,11 @@ class EngineClient:
         return handle
 
     def _dispatch_next(self) -> None:
-        while self._running is None and self._waiting and not self.closing:
+        while len(self._running) < self.max_num_running and self._waiting and not self.closing:
             handle = self._waiting.popleft()
             handle.dispatched_at = time.monotonic()
             self.metrics.observe_queue_time(handle.dispatched_at - handle.arrival)
-            self._running = handle
+            self._running[handle.request_id] = handle
             handle._dispatched.set()
             try:
                 self.supervisor.submit(handle.request, self._callback(handle))
@@ -226,8 +227,8 @@ class EngineClient:
             self.metrics.record_finished(reason, now - handle.arrival, out.stats)
             if handle.dispatched_at is not None:
                 self._recent_engine_s.append(now - handle.dispatched_at)
-            if self._running is handle:
-                self._running = None
+            if self._running.get(handle.request_id) is handle:
+                del self._running[handle.request_id]
                 self._dispatch_next()
         handle._outputs.put_nowait(out)
 
@@ -250,7 +251,7 @@ class EngineClient:
     def _abort(self, handle: RequestHandle) -> None:
         if handle in self._waiting:
             self._drop_waiting(handle, failure=None)
-        elif self._running is handle:
+        elif self._running.get(handle.request_id) is handle:
             try:
                 self.supervisor.cancel(handle.request_id)
             except Exception as exc:

@@ -54,7 +54,8 @@ def build_qwen_like_tokenizer(out_dir: str) -> str:
 
 class FakeSupervisor:
     def __init__(self, tokenizer_dir: str, text: str = "Hello, wörld! 你好. " * 8, delay_s: float = 0.01,
-                 tokens_per_step: int = 2, max_model_len: int = 512, start_delay_s: float = 0.0) -> None:
+                 tokens_per_step: int = 2, max_model_len: int = 512, start_delay_s: float = 0.0,
+                 max_num_running: int = 1) -> None:
         self.tokenizer_dir = tokenizer_dir
         self.text_ids = list(text.encode("utf-8"))          # byte tokenizer: id == byte
         self.eos_token_ids = [258]
@@ -63,6 +64,8 @@ class FakeSupervisor:
         self.delay_s = delay_s
         self.tokens_per_step = tokens_per_step
         self.start_delay_s = start_delay_s
+        self.max_num_running = max_num_running              # requests decoded at once (one thread each)
+        self.num_running_now = self.max_num_running_seen = 0
         self.healthy = True
         self.fail_after_tokens: int | None = None          # emit an error after this many tokens
         self.started = self.shut_down = False
@@ -76,8 +79,9 @@ class FakeSupervisor:
     # -- EngineSupervisor interface ------------------------------------------------
     def start(self) -> None:
         time.sleep(self.start_delay_s)
-        self._thread = threading.Thread(target=self._loop, name="fake-supervisor", daemon=True)
-        self._thread.start()
+        for _ in range(self.max_num_running):
+            self._thread = threading.Thread(target=self._loop, name="fake-supervisor", daemon=True)
+            self._thread.start()
         self.started = True
 
     def submit(self, request: GenerationRequest, on_output: Callable[[EngineOutput], None]) -> None:
@@ -99,7 +103,8 @@ class FakeSupervisor:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self.shut_down = True
-        self._queue.put(None)
+        for _ in range(self.max_num_running):
+            self._queue.put(None)
 
     @property
     def num_waiting(self) -> int:
@@ -118,7 +123,14 @@ class FakeSupervisor:
                 return
             request, emit = item
             next(ids)
-            self._run(request, emit)
+            with self._lock:
+                self.num_running_now += 1
+                self.max_num_running_seen = max(self.max_num_running_seen, self.num_running_now)
+            try:
+                self._run(request, emit)
+            finally:
+                with self._lock:
+                    self.num_running_now -= 1
 
     def _run(self, request: GenerationRequest, emit: Callable[[EngineOutput], None]) -> None:
         rid, params, t0 = request.request_id, request.params, time.monotonic()

@@ -120,6 +120,59 @@ def test_queue_full_and_queue_timeout(fake_server):
         assert "amusd:num_requests_waiting 0.0" in metrics and "amusd:num_requests_running 0.0" in metrics
 
 
+def test_several_requests_run_at_once_when_the_engine_has_room(fake_server):
+    """The frontend hands the engine as many requests as it runs at once (supervisor.max_num_running,
+    issue #10), queues the rest FIFO, and answers 429 only when its own queue is full."""
+    with fake_server(max_num_running=3, max_queue_size=2, delay_s=0.05) as fs:
+        results = {}
+
+        def request(key):
+            results[key] = httpx.post(fs.url("/v1/completions"), timeout=30,
+                                      json={"prompt": "x", "max_tokens": 40, "ignore_eos": True})
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(5)]     # 3 running + 2 waiting
+        for t in threads:
+            t.start()
+            time.sleep(0.02)
+        deadline, metrics = time.monotonic() + 5, ""
+        while time.monotonic() < deadline and not ("amusd:num_requests_running 3.0" in metrics
+                                                   and "amusd:num_requests_waiting 2.0" in metrics):
+            metrics = httpx.get(fs.url("/metrics")).text
+            time.sleep(0.02)
+        assert "amusd:num_requests_running 3.0" in metrics and "amusd:num_requests_waiting 2.0" in metrics
+        assert assert_openai_error(httpx.post(fs.url("/v1/completions"), json={"prompt": "x"}), 429)["code"] \
+            == "queue_full"
+        for t in threads:
+            t.join()
+        texts = {results[i].json()["choices"][0]["text"] for i in range(5)}
+        assert all(results[i].status_code == 200 for i in range(5)) and len(texts) == 1
+        assert fs.supervisor.max_num_running_seen == 3
+        metrics = httpx.get(fs.url("/metrics")).text
+        assert "amusd:num_requests_waiting 0.0" in metrics and "amusd:num_requests_running 0.0" in metrics
+
+
+def test_a_hang_up_frees_its_place_for_a_waiting_request_while_the_others_go_on(fake_server):
+    with fake_server(max_num_running=2, delay_s=0.05) as fs:
+        long = {"prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", fs.url("/v1/completions"), json=long, timeout=30) as kept:
+            kept_lines = kept.iter_lines()
+            assert kept.status_code == 200 and next(kept_lines)
+            with httpx.stream("POST", fs.url("/v1/completions"), json=long, timeout=30) as dropped:
+                dropped_lines = dropped.iter_lines()      # kept referenced: a collected iterator hangs up
+                assert dropped.status_code == 200 and next(dropped_lines)
+                assert "amusd:num_requests_running 2.0" in httpx.get(fs.url("/metrics")).text
+                result = {}
+                waiting = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+                    fs.url("/v1/completions"), json={"prompt": "x", "max_tokens": 4}, timeout=30)))
+                waiting.start()
+                time.sleep(0.3)
+                assert "r" not in result, "both places are taken: the third request must wait"
+            t0 = time.monotonic()                    # hung up: the waiting request takes that place
+            waiting.join(5)
+            assert result["r"].status_code == 200 and time.monotonic() - t0 < 2.0
+            more = [next(kept_lines) for _ in range(4)]     # the kept stream still streams
+            assert sum(line.startswith("data: {") for line in more) >= 2, more
+
+
 def test_disconnect_cancels_waiting_and_running(fake_server):
     with fake_server(delay_s=0.05) as fs:
         body = {"prompt": "x", "max_tokens": 200, "stream": True}
