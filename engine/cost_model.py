@@ -116,8 +116,8 @@ def choose_mode(costs: ModeCosts, acceptance: float, max_proposed: int) -> ModeP
     best = max(speeds, key=speeds.get)
     shown = ", ".join(f"{mode} {speed:.1f} tok/s" for mode, speed in speeds.items())
     used = {mode: costs.for_mode(mode) for mode in modes}
-    measured = "; ".join(f"{mode}: verify c(1) {v.cost(1) * 1e3:.1f} ms" + (f", draft {d.cost(1) * 1e3:.1f} ms" if d else "")
-                         for mode, (v, d) in used.items())
+    measured = "; ".join(f"{mode}: verify c(1) {v.cost(1) * 1e3:.1f} ms"
+                         + (f", draft {d.cost(1) * 1e3:.1f} ms" if d else "") for mode, (v, d) in used.items())
     reason = f"predicted from measured forward costs ({measured}) at acceptance {acceptance:.2f}: {shown}"
     return ModePlan(best, speeds, reason)
 

@@ -20,7 +20,8 @@ Two implementations with that interface:
     HFDecoder     transformers' own `model.model(...)` with a DynamicCache: every other architecture,
                   and CUDA (where launch overhead is the GPU's, and the lean path was never run).
 
-Shapes: T new tokens, n cached, S = n + T, N new tokens of all sequences in a batch; Hq query heads, Hkv KV heads, D head dim, G = Hq / Hkv.
+Shapes: T new tokens, n cached, S = n + T, N new tokens of all sequences in a batch;
+Hq query heads, Hkv KV heads, D head dim, G = Hq / Hkv.
 """
 from __future__ import annotations
 

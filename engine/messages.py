@@ -167,7 +167,7 @@ class RequestStats:
     num_lookup_accepted: int = 0        # of those, accepted
     num_draft_forwards: int = 0         # draft-model forwards (async: < drafted tokens when n-gram guesses hit)
     sum_draft_lead: int = 0             # sum over verify steps of (drafted - committed) when read
-    num_draft_tokens_per_pos: list[int] = field(default_factory=list)     # [i]: steps that checked a draft token at position i
+    num_draft_tokens_per_pos: list[int] = field(default_factory=list)     # [i]: draft tokens checked at position i
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [i]: of those, accepted (vLLM's _per_pos)
     verify_busy_s: float = 0.0
     draft_busy_s: float = 0.0

@@ -42,7 +42,8 @@ class MeasureError(RuntimeError):
 
 def measure_mode_costs(workers: dict[str, WorkerHandle], config: EngineConfig, receive) -> ModeCosts:
     """ModeCosts for `choose_mode` from an idle async pair (`receive(timeout_s)`: the next worker message)."""
-    verify, draft = (ForwardCosts(tuple(workers[role].ready.runtime["forward_costs_s"])) for role in ("verify", "draft"))
+    verify, draft = (ForwardCosts(tuple(workers[role].ready.runtime["forward_costs_s"]))
+                     for role in ("verify", "draft"))
     path = _cache_path(workers, config)
     try:
         with open(path) as f:

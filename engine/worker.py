@@ -1,6 +1,6 @@
 """Worker process entry: one process per role ("verify" or "draft"), models loaded once.
 
-    supervisor --cmd_queue (StartRequest | Shutdown)--> worker
+    supervisor --cmd_queue (StartRequest | Shutdown | Measure, MeasureStop: engine/mode_auto.py)--> worker
     worker --out_conn, a pipe of its own (WorkerReady | TokensOut | RequestDone | WorkerFailed)--> supervisor
     worker <--SharedState (shared memory)--> other worker
 
@@ -11,6 +11,7 @@ beats a heartbeat while idle and while decoding, and reports its own failure bef
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -21,7 +22,8 @@ import time
 import traceback
 
 from engine.config import EngineConfig
-from engine.messages import Measure, Measured, MeasureStop, RequestDone, Shutdown, StartRequest, WorkerFailed, WorkerReady
+from engine.messages import (Measure, Measured, MeasureStop, RequestDone, Shutdown, StartRequest, WorkerFailed,
+                             WorkerReady)
 from engine.shared_state import Clock, SharedState, VerifySide
 
 PR_SET_PDEATHSIG = 1
@@ -198,7 +200,6 @@ class DraftWorker:
 
 def _placement(config: EngineConfig, placement: str):
     """"wide": this thread on the cores `ar` would give the verify worker (both workers' cores on CPU)."""
-    import contextlib
     cores = config.replace(mode="ar").cores_of("verify")
     if placement != "wide" or not cores or not hasattr(os, "sched_setaffinity"):
         return contextlib.nullcontext()
