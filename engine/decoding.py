@@ -88,11 +88,11 @@ class Verifier:
         else:
             hidden: list[torch.Tensor] = []
             self.runner.prefill(seq.token_ids, hidden_out=hidden)
-            seq.prompt_logprobs = [None] + self._prompt_logprobs(hidden, seq.token_ids[1:], num_top)
+            seq.prompt_logprobs = [None] + self.prompt_logprobs(hidden, seq.token_ids[1:], num_top)
         seq.stats.prefill_s = time.perf_counter() - start
         seq.stats.verify_busy_s += seq.stats.prefill_s
 
-    def _prompt_logprobs(self, hidden: list[torch.Tensor], next_ids: list[int], num_top: int) -> list[TokenLogprob]:
+    def prompt_logprobs(self, hidden: list[torch.Tensor], next_ids: list[int], num_top: int) -> list[TokenLogprob]:
         """Each prompt token's logprob (and top-N) from the hidden state of the position before it,
         through the output layer a few rows at a time (a [prompt, V] logits matrix can be GBs)."""
         logprobs: list[TokenLogprob] = []
@@ -114,16 +114,24 @@ class Verifier:
         c = seq.num_committed
         proposal = (list(draft_ids) + list(guess_ids))[: max(0, seq.max_len - c - 1)]   # never past the end
         logits = self.runner.forward([seq.token_ids[-1]] + proposal)     # [K+1, V]
+        out, num_accepted = self.commit(seq, logits, proposal, len(draft_ids), draft_probs)
+        self.runner.crop(c + num_accepted)
+        seq.stats.verify_busy_s += time.perf_counter() - start
+        return out
+
+    def commit(self, seq: Sequence, logits: torch.Tensor, proposal: list[int], num_draft_ids: int,
+               draft_probs: torch.Tensor | None = None) -> tuple[TokensOut, int]:
+        """Choose and commit the tokens of one verify forward: logits [K+1, V] over pending + proposal
+        (its first num_draft_ids tokens from the draft). Returns (the output, proposals accepted)."""
         num_accepted, new_ids = seq.chooser.verify(logits, seq.output_ids, proposal, draft_probs)
         new_ids = self._truncate_at_stop(seq, new_ids)
-        self.runner.crop(c + num_accepted)
         self.budget.record(len(proposal), num_accepted)
         seq.token_ids.extend(new_ids)
         logprobs = None
         if seq.params.num_logprobs is not None:
             logprobs = top_logprobs(logits[: len(new_ids)], torch.tensor(new_ids), seq.params.num_logprobs)
         stats = seq.stats
-        num_draft = min(len(draft_ids), len(proposal))
+        num_draft = min(num_draft_ids, len(proposal))
         num_committed_from_proposal = min(num_accepted, len(new_ids))
         stats.num_verify_steps += 1
         stats.num_proposed_tokens += len(proposal)
@@ -135,9 +143,8 @@ class Verifier:
         stats.num_drafts += bool(num_draft)
         _count_per_position(stats.num_draft_tokens_per_pos, num_draft)
         _count_per_position(stats.num_accepted_tokens_per_pos, min(num_committed_from_proposal, num_draft))
-        stats.verify_busy_s += time.perf_counter() - start
         prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None       # sent with the first tokens only
-        return TokensOut(seq.request_id, new_ids, logprobs, prompt_logprobs)
+        return TokensOut(seq.request_id, new_ids, logprobs, prompt_logprobs), num_accepted
 
     @staticmethod
     def _truncate_at_stop(seq: Sequence, new_ids: list[int]) -> list[int]:

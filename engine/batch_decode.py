@@ -1,0 +1,120 @@
+"""`ar` with continuous batching: the verify worker decodes every running request in one pass per step.
+
+    batch = BatchDecoder(verifier, max_num_seqs=8, prefill_chunk_tokens=512)
+    batch.admit(seq)                 # a request joins: a KV slot of its own (engine/decoder.py: KVSlot)
+    batch.cancel(request_id)         # leaves at the next step
+    batch.step(emit)                 # one LeanDecoder.forward_batch over all of them; emits outputs
+
+One step, for the running sequences s (in admission order):
+
+    rows    s still prefilling: the next chunk of its prompt (all sequences' chunks together at most
+            prefill_chunk_tokens per step, so a long prompt never freezes the running streams)
+            s decoding: its pending token                                   [1]
+    pass    forward_batch(rows) -> hidden [N, H]; the output layer only on decode rows
+    commit  Verifier.commit per decoding sequence (the same choice, stop and stats code as a lone
+            request; its KV slot then holds every token but the new pending one)
+    leave   finished (stop / length) or cancelled: RequestDone, the slot back to the pool
+
+A sequence's tokens do not depend on what shares its pass (tests/test_decoder_batch.py for the
+decoder, tests/test_batch_decode.py end to end): greedy and seeded outputs equal the request alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.decoder import KVSlot, LeanDecoder
+from engine.decoding import Sequence, Verifier
+from engine.messages import RequestDone
+
+
+@dataclass
+class Running:
+    seq: Sequence
+    slot: KVSlot
+    admitted_at: float
+    prompt_hidden: list[torch.Tensor] = field(default_factory=list)    # prompt logprobs (echo) only
+
+
+class BatchDecoder:
+    def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int):
+        if not isinstance(verifier.runner.decoder, LeanDecoder):
+            raise ValueError("continuous batching needs the lean decoder (decoder: lean / auto on CPU)")
+        self.verifier, self.runner = verifier, verifier.runner
+        self.decoder: LeanDecoder = verifier.runner.decoder
+        self.max_num_seqs, self.prefill_chunk_tokens = max_num_seqs, prefill_chunk_tokens
+        self.running: dict[int, Running] = {}
+        self.cancelled: set[int] = set()
+        self._free_slots: list[KVSlot] = []
+
+    @property
+    def is_busy(self) -> bool:
+        return bool(self.running)
+
+    def admit(self, seq: Sequence) -> None:
+        if len(self.running) >= self.max_num_seqs:
+            raise RuntimeError(f"more than max_num_seqs = {self.max_num_seqs} requests sent to the batch")
+        slot = self._free_slots.pop() if self._free_slots else self.decoder.new_slot()
+        slot.num_cached = 0
+        self.running[seq.request_id] = Running(seq, slot, time.perf_counter())
+
+    def cancel(self, request_id: int) -> None:
+        if request_id in self.running:
+            self.cancelled.add(request_id)
+
+    @torch.inference_mode()
+    def step(self, emit) -> None:
+        start = time.perf_counter()
+        for request_id in list(self.cancelled):
+            self.running[request_id].seq.finish_reason = "cancelled"
+        self.cancelled.clear()
+        rows, owners = self._rows()
+        if rows:
+            hidden = self.decoder.forward_batch(rows)                           # [N, H]
+            offset = 0
+            for (_, ids), (run, is_decoding) in zip(rows, owners):
+                rows_of_run = hidden[offset:offset + len(ids)]
+                offset += len(ids)
+                if not is_decoding:
+                    if run.seq.params.num_prompt_logprobs is not None:
+                        run.prompt_hidden.append(rows_of_run)
+                    continue
+                if run.prompt_hidden:
+                    run.seq.prompt_logprobs = [None] + self.verifier.prompt_logprobs(
+                        run.prompt_hidden, run.seq.token_ids[1:], run.seq.params.num_prompt_logprobs)
+                    run.prompt_hidden = []
+                emit(self.verifier.commit(run.seq, self.runner.logits(rows_of_run), [], 0)[0])   # [1, V]
+        busy_s = (time.perf_counter() - start) / max(1, len(owners))
+        for run, _ in owners:
+            run.seq.stats.verify_busy_s += busy_s
+        for request_id, run in list(self.running.items()):
+            if run.seq.finish_reason is not None:
+                self._leave(run, emit)
+
+    def _rows(self) -> tuple[list[tuple[KVSlot, torch.Tensor]], list[tuple[Running, bool]]]:
+        """(slot, new token ids) per sequence in this pass, and (its Running, is it decoding)."""
+        rows, owners, room = [], [], self.prefill_chunk_tokens
+        for run in self.running.values():
+            if run.seq.finish_reason is not None:
+                continue
+            target, num_cached = len(run.seq.token_ids) - 1, run.slot.num_cached
+            if num_cached < target:                                             # prefill, in chunks
+                if room <= 0:
+                    continue
+                ids = run.seq.token_ids[num_cached:min(target, num_cached + room)]
+                room -= len(ids)
+                if num_cached + len(ids) == target:
+                    run.seq.stats.prefill_s = time.perf_counter() - run.admitted_at
+            else:
+                ids = run.seq.token_ids[-1:]                                    # the pending token
+            rows.append((run.slot, torch.tensor(ids, dtype=torch.long, device=self.runner.device)))
+            owners.append((run, num_cached >= target))
+        return rows, owners
+
+    def _leave(self, run: Running, emit) -> None:
+        del self.running[run.seq.request_id]
+        self._free_slots.append(run.slot)
+        run.seq.stats.total_s = time.perf_counter() - run.admitted_at
+        emit(RequestDone(run.seq.request_id, run.seq.finish_reason, run.seq.stats))
