@@ -66,6 +66,7 @@ class EngineConfig:
     max_verify_tokens: int = 8            # most proposed tokens checked in one verify forward (cost model's cap)
     acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
+    max_num_seqs: int = 1                 # ar: requests decoded at once, one pass for all (engine/batch_decode.py)
     prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
     prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
     draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
@@ -112,7 +113,7 @@ class EngineConfig:
                 _parse_cores(getattr(self, name))
             except ValueError as exc:
                 raise ConfigError(f"{name}: cannot parse core list {getattr(self, name)!r}") from exc
-        positive = ("max_draft_lead", "max_verify_tokens", "max_model_len", "prefill_chunk_tokens")
+        positive = ("max_draft_lead", "max_verify_tokens", "max_model_len", "prefill_chunk_tokens", "max_num_seqs")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -120,6 +121,8 @@ class EngineConfig:
                      "verify_threads", "draft_threads"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_num_seqs > 1 and self.mode in ("sync", "async"):
+            raise ConfigError(f"max_num_seqs > 1 batches mode ar only (with auto: when it chooses ar), not {self.mode}")
         for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be > 0")

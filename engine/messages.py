@@ -102,6 +102,13 @@ class Shutdown:
 
 
 @dataclass
+class CancelRequest:
+    """Batching verify worker (engine/batch_decode.py): stop this request at the next step. (One request
+    at a time is cancelled through shared memory instead: CANCEL_REQUEST_ID, checked before every step.)"""
+    request_id: int
+
+
+@dataclass
 class Measure:
     """`mode: auto` (engine/mode_auto.py): time this worker's forward again, `placement`:
     "together" (while the other worker does the same; the draft repeats one-token forwards until

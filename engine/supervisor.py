@@ -6,18 +6,21 @@ Process topology (the supervisor lives in the frontend process; torch is importe
     ------------------------------------------|-----------------------------------------
     FastAPI / bench --submit()--> FIFO        |  Drafter: drafts continuously on draft_device
                     scheduler thread          |      ^  draft_tokens, NUM_DRAFTED, DRAFT_EPOCH
-        cmd queues --StartRequest/Shutdown--> |      |
+        cmd queues --StartRequest/Cancel/...> |      |
         out pipes  <--TokensOut/RequestDone/  |  SharedState (POSIX shm, random name,
         (one each)    WorkerFailed/WorkerReady|      |   created + unlinked here)
         CANCEL_REQUEST_ID, heartbeats ------> |      v  committed_tokens, NUM_COMMITTED, EPOCH
                                               | verify worker process: ar / sync / async verify
 
-One request runs at a time. The scheduler thread starts it on the workers, forwards its outputs
-to the request's callback, applies cancellation (through shared memory, so it takes effect before
-the next verify step), and watches the workers: a worker that exits, reports an exception, or
-stops beating its heartbeat ends the running request with an error and is restarted (queued
-requests wait for the restart). A worker that cannot start `max_restarts` times in a row marks
-the engine failed (every request then gets an error; `fatal_error` says why).
+One request runs at a time, or in `ar` with `max_num_seqs` > 1 up to that many in the verify
+worker's batch (engine/batch_decode.py). The scheduler thread starts requests on the workers,
+forwards their outputs to each request's callback, applies cancellation (one request: through
+shared memory, so it takes effect before the next verify step; a batch: a CancelRequest message,
+read before the next step), and watches the workers (engine/worker_recovery.py): a worker that
+exits, reports an exception, or stops beating its heartbeat ends the running request(s) with an
+error and is restarted (queued requests wait for the restart). A worker that cannot start
+`max_restarts` times in a row marks the engine failed (every request then gets an error;
+`fatal_error` says why).
 
     sup = EngineSupervisor(EngineConfig(verify_model="tiny-random/verify", draft_model="tiny-random/draft"))
     sup.start(); outs = sup.generate(GenerationRequest(1, [1, 2, 3])); sup.shutdown()
@@ -30,31 +33,31 @@ import multiprocessing as mp
 import queue
 import secrets
 import threading
-import time
 from typing import Callable
 
 from engine.config import EngineConfig
 from engine.hardware import check_memory_ordering, has_ordered_stores
-from engine.messages import EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut, WorkerFailed
-from engine.shared_state import Clock, SharedState, cancel_request, release_draft
-from engine.worker_handle import EngineStartError, WorkerHandle, await_ready, receive_any
+from engine.messages import (CancelRequest, EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut,
+                             WorkerFailed)
+from engine.shared_state import SharedState, cancel_request
+from engine.worker_handle import EngineStartError, WorkerHandle
+from engine.worker_recovery import POLL_S, WorkerRecovery
 
-POLL_S = 0.02
 logger = logging.getLogger("amusd.engine")
 
 
-class EngineSupervisor:
+class EngineSupervisor(WorkerRecovery):
     def __init__(self, config: EngineConfig):
-        self.requested_mode = config.mode
+        self.requested_config, self.requested_mode = config, config.mode
         self.mode_reason = "set in the configuration"
         if config.mode == "auto" and not has_ordered_stores():
             self.requested_mode, self.mode_reason = "sync", "mode auto: async needs x86-64 store ordering"
-            config = config.replace(mode="sync")
+            config = self._config_for("sync")
         self._decision = None                 # mode auto: an earlier start's choice (engine/mode_auto.py)
         if config.mode == "auto":
             from engine.mode_auto import load_decision
             self._decision = load_decision(config)
-            config = config.replace(mode=self._decision["mode"] if self._decision else "async")
+            config = self._config_for(self._decision["mode"] if self._decision else "async")
         self.config = config
         self._ctx = mp.get_context("spawn")
         self._workers = self._make_workers()
@@ -72,6 +75,7 @@ class EngineSupervisor:
         self.eos_token_ids: list[int] = []
         self.vocab_size = 0
         self.max_model_len = config.max_model_len
+        self.max_num_running = 1              # requests decoded at once: the verify worker's batch (ar), else 1
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -90,6 +94,7 @@ class EngineSupervisor:
             raise
         verify = self._workers["verify"].ready
         self.tokenizer_dir, self.eos_token_ids, self.vocab_size = verify.model_dir, verify.eos_token_ids, verify.vocab_size
+        self.max_num_running = int(verify.runtime.get("max_num_seqs", 1))
         self._thread = threading.Thread(target=self._loop, name="amusd-supervisor", daemon=True)
         self._thread.start()
 
@@ -144,13 +149,19 @@ class EngineSupervisor:
         logger.info(self.mode_reason)
         if plan.mode != "async":
             self._restart_as(plan.mode)
-        save_decision(self.config, plan.mode, plan.reason, self._workers["verify"].ready.runtime.get("costs_id"))
+        verify_costs_id = self._workers["verify"].ready.runtime.get("costs_id")
+        save_decision(self.requested_config, plan.mode, plan.reason, verify_costs_id)
+
+    def _config_for(self, mode: str) -> EngineConfig:
+        """The configuration run as `mode` (max_num_seqs batches ar only)."""
+        batch = self.requested_config.max_num_seqs if mode == "ar" else 1
+        return self.requested_config.replace(mode=mode, max_num_seqs=batch)
 
     def _restart_as(self, mode: str) -> None:
         for worker in self._workers.values():
             worker.stop(10.0)
             worker.close_outputs()
-        self.config = self.config.replace(mode=mode)
+        self.config = self._config_for(mode)
         self._workers = self._make_workers()
         self._spawn(list(self._workers.values()))
         self._await_ready(list(self._workers.values()))
@@ -199,10 +210,6 @@ class EngineSupervisor:
     def num_waiting(self) -> int:
         return self._fifo.qsize()
 
-    @property
-    def max_num_running(self) -> int:
-        """Requests the workers decode at once: one (continuous batching is issue #10)."""
-        return 1
 
     def is_healthy(self) -> bool:
         if self.fatal_error or self._is_restarting or self._state is None or self._is_stopping:
@@ -231,7 +238,7 @@ class EngineSupervisor:
             try:
                 request, on_output = self._fifo.get(timeout=0.1)
             except queue.Empty:
-                self._check_workers(None, None, None)
+                self._check_workers(None, None)
                 continue
             rid = request.request_id
             with self._lock:
@@ -244,7 +251,10 @@ class EngineSupervisor:
                 error = self.fatal_error or "engine is shutting down"
                 on_output(EngineOutput(rid, finished=True, finish_reason="error", error=error))
                 continue
-            self._run(request, on_output)
+            if self.max_num_running > 1:
+                self._run_batch(request, on_output)
+            else:
+                self._run(request, on_output)
 
     def _run(self, request: GenerationRequest, on_output) -> None:
         """Decode one request. Workers see a fresh internal id (`wid`), whatever id the caller chose:
@@ -273,125 +283,60 @@ class EngineSupervisor:
                                            error=f"{msg.role} worker failed: {msg.error}"))
                     self._recover(self._workers[msg.role], wid)
                     return
-                failed = self._check_workers(rid, wid, on_output)
-                if failed:
+                if self._check_workers(lambda error: on_output(EngineOutput(rid, finished=True, finish_reason="error",
+                                                                            error=error)), wid):
                     return
         finally:
             self._running = None
             with self._lock:
                 self._cancelled.discard(rid)
 
-    def _check_workers(self, rid: int | None, wid: int | None, on_output) -> bool:
-        """Detect dead or hung workers; end the running request with an error and restart them."""
-        if self._is_stopping or self._state is None:
-            return False
-        for worker in self._workers.values():
-            is_hung = self._heartbeat_age(worker) > self.config.heartbeat_timeout_s
-            if worker.is_alive and not is_hung:
-                continue
-            reason = "stopped answering (heartbeat timeout)" if worker.is_alive else \
-                f"died (exit code {worker.process.exitcode if worker.process else None})"
-            logger.warning("%s worker %s during request %s: restarting it", worker.role, reason, rid)
-            if on_output is not None:
-                on_output(EngineOutput(rid, finished=True, finish_reason="error", error=f"{worker.role} worker {reason}"))
-            self._recover(worker, wid)
-            return True
-        return False
+    def _run_batch(self, request: GenerationRequest, on_output) -> None:
+        """`ar` with batching (engine/batch_decode.py): keep up to max_num_running requests on the verify
+        worker, start queued ones as places free up, until none is left. Cancels go by message; a
+        worker failure ends every running request with an error."""
+        running: dict[int, tuple[int, Callable]] = {}          # worker request id -> (caller's id, on_output)
+        is_cancel_sent: set[int] = set()
 
-    def _recover(self, worker: WorkerHandle, wid: int | None) -> None:
-        """Kill the failed worker, end the running request on the other, restart what must restart."""
-        self._is_restarting = True
-        try:
-            worker.kill()
-            if wid is not None:
-                cancel_request(self._state, wid)
-                if self._workers["verify"].is_alive:
-                    self._drain_until_done(wid)
-                else:
-                    release_draft(self._state, wid)     # the verify is dead: stand in for it
-            self._ensure_workers()
-        finally:
-            self._is_restarting = False
+        def fail_all(error: str) -> None:
+            for rid, callback in running.values():
+                callback(EngineOutput(rid, finished=True, finish_reason="error", error=error))
 
-    def _drain_until_done(self, wid: int) -> None:
-        deadline = time.monotonic() + self.config.step_timeout_s
-        while time.monotonic() < deadline:
+        self._start_in_batch(request, on_output, running)
+        while running:
+            while len(running) < self.max_num_running and not self._is_stopping:
+                try:
+                    self._start_in_batch(*self._fifo.get_nowait(), running)
+                except queue.Empty:
+                    break
             msg = self._next_message(POLL_S)
-            if msg is None:
-                if not self._workers["verify"].is_alive:
-                    return
-                continue
-            if isinstance(msg, (RequestDone, WorkerFailed)) and getattr(msg, "request_id", None) in (wid, None):
+            if isinstance(msg, TokensOut) and msg.request_id in running:
+                rid, callback = running[msg.request_id]
+                callback(EngineOutput(rid, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
+            elif isinstance(msg, RequestDone) and msg.request_id in running:
+                rid, callback = running.pop(msg.request_id)
+                callback(EngineOutput(rid, finished=True, finish_reason=msg.finish_reason, stats=msg.stats))
+                with self._lock:
+                    self._cancelled.discard(rid)
+            elif isinstance(msg, WorkerFailed):
+                fail_all(f"{msg.role} worker failed: {msg.error}")
+                self._recover(self._workers[msg.role], None)
+                return
+            for wid, (rid, _) in running.items():
+                if wid not in is_cancel_sent and (rid in self._cancelled or self._is_stopping):
+                    self._workers["verify"].cmd_queue.put(CancelRequest(wid))
+                    is_cancel_sent.add(wid)
+            if running and self._check_workers(fail_all, None):
                 return
 
-    def _ensure_workers(self) -> bool:
-        """Restart dead workers (up to max_restarts consecutive failed starts).
-
-        Workers that exchanged buffers at start-up (CUDA draft, rejection q ring) restart together
-        on a fresh pipe: a survivor would hold the dead one's buffers, and a lone newcomer would
-        wait for a handshake nobody sends.
-        """
-        if self.fatal_error:
-            return False
-        dead = self._workers_to_restart()
-        if not dead:
-            return True
-        self._is_restarting = True
-        last_error = ""
-        try:
-            for _ in range(self.config.max_restarts):
-                for worker in dead:
-                    worker.num_restarts += 1
-                self._spawn(dead)
-                try:
-                    self._await_ready(dead)
-                    logger.info("restarted the %s worker(s)", " and ".join(w.role for w in dead))
-                    return True
-                except EngineStartError as exc:
-                    last_error = str(exc)
-                    logger.warning("restart failed: %s", last_error)
-                    dead = self._workers_to_restart(also_unready=True)
-            self.fatal_error = f"workers failed to restart {self.config.max_restarts} times: {last_error}"
-            return False
-        finally:
-            self._is_restarting = False
-
-    def _workers_to_restart(self, also_unready: bool = False) -> list[WorkerHandle]:
-        dead = [w for w in self._workers.values() if not w.is_alive or (also_unready and w.ready is None)]
-        if dead and self.config.has_peer_buffers:
-            for worker in self._workers.values():
-                worker.kill()
-            return list(self._workers.values())
-        for worker in dead:
-            worker.kill()
-        return dead
-
-    # ---- process plumbing ---------------------------------------------------------------
-
-    def _spawn(self, workers: list[WorkerHandle]) -> None:
-        """Start `workers` joined by a fresh pipe (their start-up handshake); this process keeps no end."""
-        verify_end, draft_end = self._ctx.Pipe()
-        try:
-            for worker in workers:
-                self._state.clock[_heartbeat_of(worker.role)] = time.monotonic()
-                peer_end = verify_end if worker.role == "verify" else draft_end
-                worker.spawn(self._ctx, self.config, self._state.name, peer_end)
-        finally:
-            verify_end.close()     # the children hold their own copies now
-            draft_end.close()
-
-    def _await_ready(self, workers: list[WorkerHandle]) -> None:
-        await_ready(workers, self._workers, self.config.worker_start_timeout_s,
-                    lambda: self._is_stopping and self._thread is not None)
-
-    def _next_message(self, timeout_s: float):
-        return receive_any(list(self._workers.values()), timeout_s)
-
-    def _heartbeat_age(self, worker: WorkerHandle) -> float:
-        if self._state is None or worker.ready is None:
-            return 0.0
-        return self._state.heartbeat_age(_heartbeat_of(worker.role))
-
-
-def _heartbeat_of(role: str) -> Clock:
-    return Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT
+    def _start_in_batch(self, request: GenerationRequest, on_output, running: dict) -> None:
+        rid = request.request_id
+        with self._lock:
+            is_cancelled = rid in self._cancelled
+            self._cancelled.discard(rid)
+        if is_cancelled:
+            on_output(EngineOutput(rid, finished=True, finish_reason="cancelled"))
+            return
+        wid = next(self._worker_request_ids)
+        running[wid] = (rid, on_output)
+        self._workers["verify"].cmd_queue.put(StartRequest(wid, list(request.prompt_token_ids), request.params))

@@ -1,6 +1,6 @@
 """Worker process entry: one process per role ("verify" or "draft"), models loaded once.
 
-    supervisor --cmd_queue (StartRequest | Shutdown | Measure, MeasureStop: engine/mode_auto.py)--> worker
+    supervisor --cmd_queue (StartRequest | CancelRequest | Shutdown | Measure, MeasureStop)--> worker
     worker --out_conn, a pipe of its own (WorkerReady | TokensOut | RequestDone | WorkerFailed)--> supervisor
     worker <--SharedState (shared memory)--> other worker
 
@@ -22,8 +22,8 @@ import time
 import traceback
 
 from engine.config import EngineConfig
-from engine.messages import (Measure, Measured, MeasureStop, RequestDone, Shutdown, StartRequest, WorkerFailed,
-                             WorkerReady)
+from engine.messages import (CancelRequest, Measure, Measured, MeasureStop, RequestDone, Shutdown, StartRequest,
+                             WorkerFailed, WorkerReady)
 from engine.shared_state import Clock, SharedState, VerifySide
 
 PR_SET_PDEATHSIG = 1
@@ -66,20 +66,24 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_c
         out_conn.send(worker.ready_message())
         while True:
             state.beat(Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT)
-            try:
-                msg = cmd_queue.get(timeout=0.1)
+            try:               # a batching worker with requests running only looks: it has steps to run
+                msg = cmd_queue.get_nowait() if worker.is_busy else cmd_queue.get(timeout=0.1)
             except queue.Empty:
-                continue
+                msg = None
             if isinstance(msg, Shutdown):
                 break
             if isinstance(msg, StartRequest):
                 request_id = msg.request_id
-                worker.run(msg, out_conn.send)
+                worker.run(msg, out_conn.send)          # batching: the request joins the batch, run returns
                 request_id = None
+            elif isinstance(msg, CancelRequest):
+                worker.batch.cancel(msg.request_id)
             elif isinstance(msg, Measure):
                 with _placement(config, msg.placement):
                     seconds = worker.measure(msg.placement, lambda: _is_stop_sent(cmd_queue))
                 out_conn.send(Measured(role, msg.placement, list(seconds)))
+            if msg is None and worker.is_busy:          # every waiting command first, then one step
+                worker.batch.step(out_conn.send)
     except BaseException as exc:  # noqa: BLE001 - report everything, then exit non-zero
         try:
             out_conn.send(WorkerFailed(role, request_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -125,7 +129,20 @@ class VerifyWorker:
             verify.runner.prefill_placement = PrefillPlacement(prefill_cores)
         # The verify reads draft tokens from host memory whatever the draft's device (engine/token_channel.py).
         self.channel = HostDraftChannel(state, _share_draft_probs(config, peer_conn, "verify", 0))
+        self.batch = None                         # ar with max_num_seqs > 1: engine/batch_decode.py
+        if config.mode == "ar" and config.max_num_seqs > 1:
+            from engine.batch_decode import BatchDecoder
+            try:
+                self.batch = BatchDecoder(self.verifier, config.max_num_seqs, config.prefill_chunk_tokens)
+            except ValueError as exc:
+                logging.getLogger("amusd.verify").warning("max_num_seqs %d: %s; decoding one request at a time",
+                                                          config.max_num_seqs, exc)
+        self.runtime = {**self.runtime, "max_num_seqs": self.batch.max_num_seqs if self.batch else 1}
         self.load_seconds = time.perf_counter() - start
+
+    @property
+    def is_busy(self) -> bool:
+        return self.batch is not None and self.batch.is_busy
 
     def measure(self, placement: str, should_stop) -> tuple[float, ...]:
         """c(1..K) again (`mode: auto`, engine/mode_auto.py); the draft keeps running meanwhile when "together"."""
@@ -141,6 +158,9 @@ class VerifyWorker:
         state, config = self.state, self.config
         start = time.perf_counter()
         seq = new_sequence(req, self.eos_token_ids, config.max_model_len, config.sampling_scheme, self.make_grammar)
+        if self.batch is not None:
+            self.batch.admit(seq)
+            return
         side = VerifySide(state)
 
         def should_stop() -> bool:
@@ -181,6 +201,8 @@ class DraftWorker:
                                eos_token_ids=eos_token_ids_of(runner.model),
                                make_grammar=LazyGrammarFactory(draft.model_dir, runner.vocab_size))
         self.load_seconds = time.perf_counter() - start
+
+    is_busy = False                               # the draft worker never batches
 
     def measure(self, placement: str, should_stop) -> tuple[float, ...]:
         """c(1) again (`mode: auto`); "together": one-token forwards until the supervisor says stop,

@@ -103,7 +103,6 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: dict[int, RequestHandle] = {}          # by request id, at most max_num_running
-        self.max_num_running = max(1, int(getattr(supervisor, "max_num_running", 1)))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recent_engine_s: collections.deque[float] = collections.deque(maxlen=NUM_RECENT_REQUESTS)
         self.started = self.closing = self.draining = False
@@ -151,6 +150,11 @@ class EngineClient:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def max_num_running(self) -> int:
+        """Requests the engine decodes at once (known once it has started)."""
+        return max(1, int(getattr(self.supervisor, "max_num_running", 1)))
 
     @property
     def num_running(self) -> int:

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     acceptance_prior: float = Field(_E["acceptance_prior"], description="cost model: acceptance rate assumed "
                                     "before any is observed")
     prefill_chunk_tokens: int = Field(_E["prefill_chunk_tokens"], description="longest prompt chunk per forward")
+    max_num_seqs: int = Field(_E["max_num_seqs"], description="ar (also when mode auto chooses it): requests "
+                              "decoded at once, one forward pass for all (continuous batching)")
     prefix_caching: bool = Field(_E["prefix_caching"], description="reuse the KV of the prefix shared with "
                                  "the previous request (system prompt, earlier turns)")
     prefill_cores: str | None = Field(_E["prefill_cores"], description="CPU cores the verify prefills on, one "

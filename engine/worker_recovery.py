@@ -1,0 +1,135 @@
+"""The supervisor's process side: start workers, notice when one fails, restart it.
+
+A mixin of EngineSupervisor (engine/supervisor.py), which owns the state it reads: `_workers`
+(role -> WorkerHandle), `config`, `_state` (SharedState), `_ctx` (spawn context), `_thread`,
+`_is_stopping`, `_is_restarting`, `fatal_error`. Torch-free.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from engine.messages import RequestDone, WorkerFailed
+from engine.shared_state import Clock, cancel_request, release_draft
+from engine.worker_handle import EngineStartError, WorkerHandle, await_ready, receive_any
+
+POLL_S = 0.02
+logger = logging.getLogger("amusd.engine")
+
+
+class WorkerRecovery:
+    def _check_workers(self, on_failure: Callable[[str], None] | None, wid: int | None) -> bool:
+        """Detect dead or hung workers; end the running request(s) with an error and restart them."""
+        if self._is_stopping or self._state is None:
+            return False
+        for worker in self._workers.values():
+            is_hung = self._heartbeat_age(worker) > self.config.heartbeat_timeout_s
+            if worker.is_alive and not is_hung:
+                continue
+            reason = "stopped answering (heartbeat timeout)" if worker.is_alive else \
+                f"died (exit code {worker.process.exitcode if worker.process else None})"
+            logger.warning("%s worker %s during request %s: restarting it", worker.role, reason, wid)
+            if on_failure is not None:
+                on_failure(f"{worker.role} worker {reason}")
+            self._recover(worker, wid)
+            return True
+        return False
+
+    def _recover(self, worker: WorkerHandle, wid: int | None) -> None:
+        """Kill the failed worker, end the running request on the other, restart what must restart."""
+        self._is_restarting = True
+        try:
+            worker.kill()
+            if wid is not None:
+                cancel_request(self._state, wid)
+                if self._workers["verify"].is_alive:
+                    self._drain_until_done(wid)
+                else:
+                    release_draft(self._state, wid)     # the verify is dead: stand in for it
+            self._ensure_workers()
+        finally:
+            self._is_restarting = False
+
+    def _drain_until_done(self, wid: int) -> None:
+        deadline = time.monotonic() + self.config.step_timeout_s
+        while time.monotonic() < deadline:
+            msg = self._next_message(POLL_S)
+            if msg is None:
+                if not self._workers["verify"].is_alive:
+                    return
+                continue
+            if isinstance(msg, (RequestDone, WorkerFailed)) and getattr(msg, "request_id", None) in (wid, None):
+                return
+
+    def _ensure_workers(self) -> bool:
+        """Restart dead workers (up to max_restarts consecutive failed starts).
+
+        Workers that exchanged buffers at start-up (CUDA draft, rejection q ring) restart together
+        on a fresh pipe: a survivor would hold the dead one's buffers, and a lone newcomer would
+        wait for a handshake nobody sends.
+        """
+        if self.fatal_error:
+            return False
+        dead = self._workers_to_restart()
+        if not dead:
+            return True
+        self._is_restarting = True
+        last_error = ""
+        try:
+            for _ in range(self.config.max_restarts):
+                for worker in dead:
+                    worker.num_restarts += 1
+                self._spawn(dead)
+                try:
+                    self._await_ready(dead)
+                    logger.info("restarted the %s worker(s)", " and ".join(w.role for w in dead))
+                    return True
+                except EngineStartError as exc:
+                    last_error = str(exc)
+                    logger.warning("restart failed: %s", last_error)
+                    dead = self._workers_to_restart(also_unready=True)
+            self.fatal_error = f"workers failed to restart {self.config.max_restarts} times: {last_error}"
+            return False
+        finally:
+            self._is_restarting = False
+
+    def _workers_to_restart(self, also_unready: bool = False) -> list[WorkerHandle]:
+        dead = [w for w in self._workers.values() if not w.is_alive or (also_unready and w.ready is None)]
+        if dead and self.config.has_peer_buffers:
+            for worker in self._workers.values():
+                worker.kill()
+            return list(self._workers.values())
+        for worker in dead:
+            worker.kill()
+        return dead
+
+    # ---- process plumbing ---------------------------------------------------------------
+
+    def _spawn(self, workers: list[WorkerHandle]) -> None:
+        """Start `workers` joined by a fresh pipe (their start-up handshake); this process keeps no end."""
+        verify_end, draft_end = self._ctx.Pipe()
+        try:
+            for worker in workers:
+                self._state.clock[_heartbeat_of(worker.role)] = time.monotonic()
+                peer_end = verify_end if worker.role == "verify" else draft_end
+                worker.spawn(self._ctx, self.config, self._state.name, peer_end)
+        finally:
+            verify_end.close()     # the children hold their own copies now
+            draft_end.close()
+
+    def _await_ready(self, workers: list[WorkerHandle]) -> None:
+        await_ready(workers, self._workers, self.config.worker_start_timeout_s,
+                    lambda: self._is_stopping and self._thread is not None)
+
+    def _next_message(self, timeout_s: float):
+        return receive_any(list(self._workers.values()), timeout_s)
+
+    def _heartbeat_age(self, worker: WorkerHandle) -> float:
+        if self._state is None or worker.ready is None:
+            return 0.0
+        return self._state.heartbeat_age(_heartbeat_of(worker.role))
+
+
+def _heartbeat_of(role: str) -> Clock:
+    return Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT

@@ -1,0 +1,173 @@
+"""engine/batch_decode.py in one process: continuous batching gives every request what it gets alone.
+
+Float64 tiny verify model. Requests of different prompt lengths (one longer than a prefill chunk)
+and lengths join mid-flight, greedy and seeded ones, with logprobs, prompt logprobs, a stop token
+and penalties; one is cancelled mid-batch. Each must produce exactly the tokens (and logprobs) it
+produces alone through run_decode with no proposer (`ar`).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+from engine.batch_decode import BatchDecoder
+from engine.cost_model import SpeculationBudget
+from engine.decoding import Verifier, new_sequence, run_decode
+from engine.messages import GenerationRequest, RequestDone, SamplingParams, StartRequest, TokensOut
+from engine.models import ModelRunner, load_causal_lm
+from engine.proposers import NoProposer
+from engine.tiny_models import ensure_tiny_model
+
+MAX_MODEL_LEN = 1024
+CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def model(session_cache_dir):
+    return load_causal_lm(ensure_tiny_model("tiny-random/verify", session_cache_dir), None, "cpu", "float64")
+
+
+def _requests(vocab: int) -> list[StartRequest]:
+    rng = random.Random(4)
+    prompt = lambda n: [rng.randrange(vocab) for _ in range(n)]            # noqa: E731
+    params = [SamplingParams(max_tokens=30, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.9, top_k=20, seed=11, ignore_eos=True),
+              SamplingParams(max_tokens=25, num_logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=20, num_prompt_logprobs=1, ignore_eos=True),
+              SamplingParams(max_tokens=18, temperature=0.7, seed=3, repetition_penalty=1.3, ignore_eos=True),
+              SamplingParams(max_tokens=200, ignore_eos=True),                 # cancelled mid-batch
+              SamplingParams(max_tokens=40, stop_token_ids=[7, 8, 9, 10, 11, 12]),
+              SamplingParams(max_tokens=9, presence_penalty=0.5, ignore_eos=True)]
+    lengths = [5, 1, 40, 3 * CHUNK + 10, 17, 8, 12, 2]
+    return [StartRequest(i + 1, prompt(n), p) for i, (n, p) in enumerate(zip(lengths, params))]
+
+
+def _verifier(model) -> Verifier:
+    return Verifier(ModelRunner(model, "cpu", prefill_chunk_tokens=CHUNK, decoder_impl="lean"),
+                    SpeculationBudget(None, 8))
+
+
+def _collect(outputs: list) -> dict[int, dict]:
+    by_request: dict[int, dict] = {}
+    for out in outputs:
+        entry = by_request.setdefault(out.request_id, {"tokens": [], "logprobs": [], "prompt": None, "done": None})
+        if isinstance(out, TokensOut):
+            entry["tokens"] += out.token_ids
+            entry["logprobs"] += [(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs or []]
+            entry["prompt"] = entry["prompt"] or out.prompt_logprobs
+        elif isinstance(out, RequestDone):
+            entry["done"] = out.finish_reason
+    return by_request
+
+
+def test_every_request_gets_what_it_gets_alone(model):
+    requests = _requests(model.config.vocab_size)
+    alone = []
+    for req in requests:
+        seq = new_sequence(req, [], MAX_MODEL_LEN, "coupled")
+        run_decode(seq, _verifier(model), NoProposer(), alone.append, lambda: False)
+        alone.append(RequestDone(req.request_id, seq.finish_reason, seq.stats))
+    expected = _collect(alone)
+
+    batch, outputs = BatchDecoder(_verifier(model), max_num_seqs=4, prefill_chunk_tokens=CHUNK), []
+    waiting, num_steps, max_batch = list(requests), 0, 0
+    while waiting or batch.is_busy:
+        # join mid-flight: one request at every other step, while there is room
+        if waiting and len(batch.running) < batch.max_num_seqs and num_steps % 2 == 0:
+            req = waiting.pop(0)
+            batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+        if 6 in batch.running and len(batch.running[6].seq.output_ids) >= 5:
+            batch.cancel(6)                                  # mid-flight, while others run beside it
+        if batch.is_busy:
+            batch.step(outputs.append)
+        max_batch = max(max_batch, len(batch.running))
+        num_steps += 1
+    got = _collect(outputs)
+
+    assert max_batch == 4, "the batch must fill up"
+    assert got[6]["done"] == "cancelled" and got[6]["tokens"] == expected[6]["tokens"][:len(got[6]["tokens"])]
+    assert 0 < len(got[6]["tokens"]) < 200
+    assert expected[7]["done"] == got[7]["done"]
+    for rid, want in expected.items():
+        if rid == 6:
+            continue
+        assert got[rid]["tokens"] == want["tokens"], f"request {rid} differs when batched"
+        assert got[rid]["done"] == want["done"]
+        for (t1, lp1, top1), (t2, lp2, top2) in zip(got[rid]["logprobs"], want["logprobs"], strict=True):
+            assert t1 == t2 and lp1 == pytest.approx(lp2, abs=1e-9) and [t for t, _ in top1] == [t for t, _ in top2]
+    prompt_got, prompt_want = got[4]["prompt"], expected[4]["prompt"]
+    assert len(prompt_got) == len(prompt_want) == len(requests[3].prompt_token_ids)
+    for a, b in zip(prompt_got[1:], prompt_want[1:]):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-9)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
+    """While a 5-chunk prompt prefills, a running stream still gets a token at every step."""
+    requests = _requests(model.config.vocab_size)
+    batch, outputs = BatchDecoder(_verifier(model), max_num_seqs=2, prefill_chunk_tokens=CHUNK), []
+    batch.admit(new_sequence(requests[0], [], MAX_MODEL_LEN, "coupled"))
+    batch.step(outputs.append)
+    long = StartRequest(99, [i % 200 for i in range(5 * CHUNK)], SamplingParams(max_tokens=3, ignore_eos=True))
+    batch.admit(new_sequence(long, [], MAX_MODEL_LEN, "coupled"))
+    for _ in range(5):
+        before = len(outputs)
+        batch.step(outputs.append)
+        assert [o.request_id for o in outputs[before:]] == [requests[0].request_id]
+    assert batch.running[99].slot.num_cached == 5 * CHUNK - 1            # all but the pending token
+    batch.step(outputs.append)
+    assert any(o.request_id == 99 for o in outputs)
+
+
+def test_batching_needs_the_lean_decoder(model):
+    runner = ModelRunner(model, "cpu", decoder_impl="hf")
+    with pytest.raises(ValueError, match="lean decoder"):
+        BatchDecoder(Verifier(runner, SpeculationBudget(None, 8)), 4, CHUNK)
+    assert torch.is_tensor(runner.forward([1]))
+
+
+# ---- through the supervisor and a live verify worker ------------------------------------------
+
+def _submit_all(sup, prompts, **params):
+    import itertools
+    outputs = {i: [] for i in range(len(prompts))}
+    for i, prompt in zip(itertools.count(), prompts):
+        sup.submit(GenerationRequest(500 + i, list(prompt), SamplingParams(**params)), outputs[i].append)
+    return outputs
+
+
+def test_the_engine_batches_ar_requests_and_each_gets_its_own_output(session_cache_dir):
+    from tests.engine_helpers import random_prompts, run, start_engine, tiny_config, wait_until
+    prompts = random_prompts(7, seed=2)
+    params = dict(max_tokens=24, temperature=0.8, top_k=30, seed=5, ignore_eos=True)
+    alone = start_engine(tiny_config(session_cache_dir, "ar"))
+    try:
+        expected = [run(alone, p, **params)[0] for p in prompts]
+    finally:
+        alone.shutdown()
+    sup = start_engine(tiny_config(session_cache_dir, "ar", max_num_seqs=4, max_model_len=4096))
+    try:
+        assert sup.max_num_running == 4
+        long = []                                   # cancelled while six others run and wait beside it
+        sup.submit(GenerationRequest(499, list(prompts[0]), SamplingParams(max_tokens=3000, ignore_eos=True)),
+                   long.append)
+        outputs = _submit_all(sup, prompts, **params)
+        assert wait_until(lambda: len(long) > 3, 30)
+        sup.cancel(499)
+        assert wait_until(lambda: all(o and o[-1].finished for o in [long, *outputs.values()]), 60)
+        assert long[-1].finish_reason == "cancelled"
+        assert [[t for o in outs for t in o.token_ids] for outs in outputs.values()] == expected
+        # kill -9 mid-batch: every running request ends with an error, the engine comes back
+        outputs = _submit_all(sup, prompts[:5], max_tokens=3000, ignore_eos=True)
+        assert wait_until(lambda: sum(bool(o) for o in outputs.values()) >= 4, 30)
+        os.kill(sup.worker_pids()["verify"], signal.SIGKILL)
+        assert wait_until(lambda: all(o and o[-1].finished for o in outputs.values()), 60)
+        reasons = [o[-1].finish_reason for o in outputs.values()]
+        assert reasons.count("error") >= 4 and set(reasons) <= {"error", "length"}, reasons
+        assert wait_until(sup.is_healthy, 60)
+        assert run(sup, prompts[1], **params)[0] == expected[1]
+    finally:
+        sup.shutdown()
