@@ -13,7 +13,9 @@ One step, for the running sequences s (in admission order):
     pass    forward_batch(rows) -> hidden [N, H]; the output layer only on decode rows
     commit  Verifier.commit per decoding sequence (the same choice, stop and stats code as a lone
             request; its KV slot then holds every token but the new pending one)
-    leave   finished (stop / length) or cancelled: RequestDone, the slot back to the pool
+    leave   finished (stop / length) or cancelled: RequestDone, the slot back to the pool, still
+            holding that request's KV: a new request takes the free slot sharing the longest prefix
+            with its prompt and prefills only the rest (a shared system prompt, a follow-up turn)
 
 A sequence's tokens do not depend on what shares its pass (tests/test_decoder_batch.py for the
 decoder, tests/test_batch_decode.py end to end): greedy and seeded outputs equal the request alone.
@@ -39,7 +41,8 @@ class Running:
 
 
 class BatchDecoder:
-    def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int):
+    def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int,
+                 is_prefix_cached: bool = True):
         if not isinstance(verifier.runner.decoder, LeanDecoder):
             raise ValueError("continuous batching needs the lean decoder (decoder: lean / auto on CPU)")
         self.verifier, self.runner = verifier, verifier.runner
@@ -47,7 +50,8 @@ class BatchDecoder:
         self.max_num_seqs, self.prefill_chunk_tokens = max_num_seqs, prefill_chunk_tokens
         self.running: dict[int, Running] = {}
         self.cancelled: set[int] = set()
-        self._free_slots: list[KVSlot] = []
+        self.is_prefix_cached = is_prefix_cached
+        self._free_slots: list[tuple[KVSlot, list[int]]] = []             # (slot, token ids its KV holds)
 
     @property
     def is_busy(self) -> bool:
@@ -56,9 +60,23 @@ class BatchDecoder:
     def admit(self, seq: Sequence) -> None:
         if len(self.running) >= self.max_num_seqs:
             raise RuntimeError(f"more than max_num_seqs = {self.max_num_seqs} requests sent to the batch")
-        slot = self._free_slots.pop() if self._free_slots else self.decoder.new_slot()
-        slot.num_cached = 0
+        slot, num_reused = self._slot_for(seq.token_ids[:-1])
+        seq.stats.num_cached_prompt_tokens = num_reused
         self.running[seq.request_id] = Running(seq, slot, time.perf_counter())
+
+    def _slot_for(self, prefix: list[int]) -> tuple[KVSlot, int]:
+        """The free slot sharing the longest prefix with `prefix` (its KV kept for that many tokens),
+        else a new one."""
+        best, best_len = None, 0
+        for i, (_, ids) in enumerate(self._free_slots):
+            common = next((n for n, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+            if best is None or common > best_len:
+                best, best_len = i, common
+        if best is None:
+            return self.decoder.new_slot(), 0
+        slot, _ = self._free_slots.pop(best)
+        slot.num_cached = best_len if self.is_prefix_cached else 0
+        return slot, slot.num_cached
 
     def cancel(self, request_id: int) -> None:
         if request_id in self.running:
@@ -115,6 +133,6 @@ class BatchDecoder:
 
     def _leave(self, run: Running, emit) -> None:
         del self.running[run.seq.request_id]
-        self._free_slots.append(run.slot)
+        self._free_slots.append((run.slot, run.seq.token_ids[:run.slot.num_cached]))
         run.seq.stats.total_s = time.perf_counter() - run.admitted_at
         emit(RequestDone(run.seq.request_id, run.seq.finish_reason, run.seq.stats))

@@ -133,7 +133,8 @@ class VerifyWorker:
         if config.mode == "ar" and config.max_num_seqs > 1:
             from engine.batch_decode import BatchDecoder
             try:
-                self.batch = BatchDecoder(self.verifier, config.max_num_seqs, config.prefill_chunk_tokens)
+                self.batch = BatchDecoder(self.verifier, config.max_num_seqs, config.prefill_chunk_tokens,
+                                          config.prefix_caching)
             except ValueError as exc:
                 logging.getLogger("amusd.verify").warning("max_num_seqs %d: %s; decoding one request at a time",
                                                           config.max_num_seqs, exc)

@@ -122,6 +122,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
     assert any(o.request_id == 99 for o in outputs)
 
 
+def test_a_new_request_reuses_the_kv_of_a_finished_one_it_shares_a_prefix_with(model):
+    shared = [(7 * i) % 200 for i in range(80)]
+    first = StartRequest(1, shared + [3, 4], SamplingParams(max_tokens=10, ignore_eos=True))
+    follow_up = StartRequest(2, shared + [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True))
+    other = StartRequest(3, [9, 9, 9], SamplingParams(max_tokens=10, ignore_eos=True))
+    batch, outputs = BatchDecoder(_verifier(model), max_num_seqs=2, prefill_chunk_tokens=CHUNK), []
+    for req in (other, first):
+        batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+    while batch.is_busy:
+        batch.step(outputs.append)
+    seq = new_sequence(follow_up, [], MAX_MODEL_LEN, "coupled")
+    batch.admit(seq)
+    assert seq.stats.num_cached_prompt_tokens == len(shared)            # the slot of `first`, not `other`'s
+    while batch.is_busy:
+        batch.step(outputs.append)
+    alone = new_sequence(follow_up, [], MAX_MODEL_LEN, "coupled")
+    run_decode(alone, _verifier(model), NoProposer(), lambda out: None, lambda: False)
+    assert seq.token_ids == alone.token_ids
+
+
 def test_batching_needs_the_lean_decoder(model):
     runner = ModelRunner(model, "cpu", decoder_impl="hf")
     with pytest.raises(ValueError, match="lean decoder"):
