@@ -121,8 +121,6 @@ class EngineConfig:
                      "verify_threads", "draft_threads"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_num_seqs > 1 and self.mode in ("sync", "async"):
-            raise ConfigError(f"max_num_seqs > 1 batches mode ar only (with auto: when it chooses ar), not {self.mode}")
         for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -130,6 +128,9 @@ class EngineConfig:
     def warnings(self) -> list[str]:
         """Settings that work but probably do not do what the user wants."""
         found = []
+        if self.max_num_seqs > 1 and self.mode in ("sync", "async"):
+            found.append(f"max_num_seqs {self.max_num_seqs} batches mode ar only: {self.mode} runs one request "
+                         "at a time")
         if self.uses_draft_worker and self.verify_device == self.draft_device and self.verify_device != "cpu":
             found.append(f"draft and verify workers share {self.verify_device}: without CUDA MPS their kernels "
                          "time-slice rather than run concurrently, so async speculation gains little")

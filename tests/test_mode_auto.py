@@ -56,3 +56,11 @@ def test_a_decision_belongs_to_its_configuration(tmp_path):
     save_decision(config, "ar", "because", "verify-id")
     assert load_decision(config.replace(mode="async")) == {"mode": "ar", "reason": "because", "verify_costs_id": "verify-id"}
     assert load_decision(_config(tmp_path, acceptance_prior=0.9)) is None      # any other setting decides anew
+
+
+def test_max_num_seqs_batches_ar_only_and_says_so_elsewhere(tmp_path):
+    assert not _config(tmp_path, max_num_seqs=8).warnings()                        # auto: applies if it picks ar
+    warnings = _config(tmp_path, max_num_seqs=8).replace(mode="async").warnings()
+    assert any("batches mode ar only" in w for w in warnings)
+    with pytest.raises(Exception, match="max_num_seqs must be >= 1"):
+        _config(tmp_path, max_num_seqs=0)
