@@ -241,11 +241,7 @@ class EngineSupervisor(WorkerRecovery):
                 self._check_workers(None, None)
                 continue
             rid = request.request_id
-            with self._lock:
-                is_cancelled = rid in self._cancelled
-                self._cancelled.discard(rid)
-            if is_cancelled:
-                on_output(EngineOutput(rid, finished=True, finish_reason="cancelled"))
+            if self._answer_if_cancelled(rid, on_output):
                 continue
             if not self._ensure_workers() or self._is_stopping:
                 error = self.fatal_error or "engine is shutting down"
@@ -255,6 +251,15 @@ class EngineSupervisor(WorkerRecovery):
                 self._run_batch(request, on_output)
             else:
                 self._run(request, on_output)
+
+    def _answer_if_cancelled(self, rid: int, on_output) -> bool:
+        """A request cancelled while it waited finishes as cancelled without reaching the workers."""
+        with self._lock:
+            is_cancelled = rid in self._cancelled
+            self._cancelled.discard(rid)
+        if is_cancelled:
+            on_output(EngineOutput(rid, finished=True, finish_reason="cancelled"))
+        return is_cancelled
 
     def _run(self, request: GenerationRequest, on_output) -> None:
         """Decode one request. Workers see a fresh internal id (`wid`), whatever id the caller chose:
@@ -331,11 +336,7 @@ class EngineSupervisor(WorkerRecovery):
 
     def _start_in_batch(self, request: GenerationRequest, on_output, running: dict) -> None:
         rid = request.request_id
-        with self._lock:
-            is_cancelled = rid in self._cancelled
-            self._cancelled.discard(rid)
-        if is_cancelled:
-            on_output(EngineOutput(rid, finished=True, finish_reason="cancelled"))
+        if self._answer_if_cancelled(rid, on_output):
             return
         wid = next(self._worker_request_ids)
         running[wid] = (rid, on_output)
