@@ -29,6 +29,7 @@ import torch
 
 from engine.decoder import KVSlot, LeanDecoder
 from engine.decoding import Sequence, Verifier
+from engine.models import common_prefix_length
 from engine.messages import RequestDone
 
 
@@ -67,15 +68,12 @@ class BatchDecoder:
     def _slot_for(self, prefix: list[int]) -> tuple[KVSlot, int]:
         """The free slot sharing the longest prefix with `prefix` (its KV kept for that many tokens),
         else a new one."""
-        best, best_len = None, 0
-        for i, (_, ids) in enumerate(self._free_slots):
-            common = next((n for n, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
-            if best is None or common > best_len:
-                best, best_len = i, common
-        if best is None:
+        if not self._free_slots:
             return self.decoder.new_slot(), 0
+        shared = [common_prefix_length(ids, prefix) for _, ids in self._free_slots]
+        best = max(range(len(shared)), key=shared.__getitem__)
         slot, _ = self._free_slots.pop(best)
-        slot.num_cached = best_len if self.is_prefix_cached else 0
+        slot.num_cached = shared[best] if self.is_prefix_cached else 0
         return slot, slot.num_cached
 
     def cancel(self, request_id: int) -> None:

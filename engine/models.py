@@ -134,6 +134,11 @@ class PrefillPlacement:
             os.sched_setaffinity(0, decode_cores)
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share (the KV a prefix cache can keep)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 class ModelRunner:
     """One causal LM with a KV cache (engine/decoder.py) holding KV for a prefix of one sequence.
 
@@ -240,11 +245,7 @@ class ModelRunner:
         target = list(token_ids[:-1])
         if not self.is_prefix_cached or hidden_out is not None:
             self.reset()
-        num_reused = 0
-        for cached, wanted in zip(self.cached_ids, target):
-            if cached != wanted:
-                break
-            num_reused += 1
+        num_reused = common_prefix_length(self.cached_ids, target)
         self.crop(num_reused)
         is_long = len(target) - num_reused >= MIN_WIDE_PREFILL_TOKENS
         placement = self.prefill_placement.widened() if self.prefill_placement and is_long else contextlib.nullcontext()
