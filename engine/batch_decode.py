@@ -1,6 +1,6 @@
 """`ar` with continuous batching: the verify worker decodes every running request in one pass per step.
 
-    batch = BatchDecoder(verifier, max_num_seqs=8, prefill_chunk_tokens=512)
+    batch = batch_decoder_for(verifier, config)     # max_num_seqs, prefill_chunk_tokens, the KV budget
     batch.admit(seq)                 # a request joins: a KV slot of its own (engine/decoder.py: KVSlot)
     batch.cancel(request_id)         # leaves at the next step
     batch.step(emit)                 # one LeanDecoder.forward_batch over all of them; emits outputs
@@ -17,6 +17,15 @@ One step, for the running sequences s (in admission order):
             holding that request's KV: a new request takes the free slot sharing the longest prefix
             with its prompt and prefills only the rest (a shared system prompt, a follow-up turn)
 
+KV memory (engine/kv_budget.py): a running slot never grows past its request's reservation
+(prompt + max_tokens), the reservations of the running requests fit the budget (the supervisor
+admits that way), and pooled slots are dropped, oldest first, when a new reservation needs room:
+running reservations + pooled capacity <= budget tokens, always.
+
+Stats: each pass with a decoding row is counted once, in the stats of its first decoding
+sequence (`num_passes_by_batch_size[B - 1]` for a pass over B sequences), so that the counts
+summed over requests are the batch-size histogram of the passes.
+
 A sequence's tokens do not depend on what shares its pass (tests/test_decoder_batch.py for the
 decoder, tests/test_batch_decode.py end to end): greedy and seeded outputs equal the request alone.
 """
@@ -29,6 +38,7 @@ import torch
 
 from engine.decoder import KVSlot, LeanDecoder
 from engine.decoding import Sequence, Verifier
+from engine.kv_budget import KVBudget, available_host_bytes, kv_bytes_per_token
 from engine.models import common_prefix_length
 from engine.messages import RequestDone
 
@@ -41,29 +51,52 @@ class Running:
     prompt_hidden: list[torch.Tensor] = field(default_factory=list)    # prompt logprobs (echo) only
 
 
+def batch_decoder_for(verifier: Verifier, config) -> "BatchDecoder":
+    """The batch an EngineConfig asks for; ValueError where batching cannot run."""
+    decoder = verifier.runner.decoder
+    if not isinstance(decoder, LeanDecoder):
+        raise ValueError("continuous batching needs the lean decoder (decoder: lean / auto on CPU)")
+    per_token = kv_bytes_per_token(len(decoder.layers), decoder.num_kv_heads, decoder.head_dim, decoder.dtype.itemsize)
+    available = available_host_bytes() if decoder.device.type == "cpu" else torch.cuda.mem_get_info(decoder.device)[0]
+    budget = KVBudget.plan(config.kv_cache_memory_gb, config.max_num_seqs, config.max_model_len, per_token, available)
+    return BatchDecoder(verifier, config.max_num_seqs, config.prefill_chunk_tokens, config.prefix_caching, budget)
+
+
 class BatchDecoder:
     def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int,
-                 is_prefix_cached: bool = True):
-        if not isinstance(verifier.runner.decoder, LeanDecoder):
-            raise ValueError("continuous batching needs the lean decoder (decoder: lean / auto on CPU)")
+                 is_prefix_cached: bool, kv_budget: KVBudget):
         self.verifier, self.runner = verifier, verifier.runner
         self.decoder: LeanDecoder = verifier.runner.decoder
         self.max_num_seqs, self.prefill_chunk_tokens = max_num_seqs, prefill_chunk_tokens
+        self.kv_budget = kv_budget
         self.running: dict[int, Running] = {}
         self.cancelled: set[int] = set()
         self.is_prefix_cached = is_prefix_cached
-        self._free_slots: list[tuple[KVSlot, list[int]]] = []             # (slot, token ids its KV holds)
+        self._free_slots: list[tuple[KVSlot, list[int]]] = []    # (slot, token ids its KV holds), oldest first
 
     @property
     def is_busy(self) -> bool:
         return bool(self.running)
 
+    @property
+    def num_kv_tokens_held(self) -> int:
+        """Running reservations + pooled capacity: what this batch may hold (<= the budget)."""
+        return sum(run.seq.max_len for run in self.running.values()) + \
+            sum(slot.capacity for slot, _ in self._free_slots)
+
     def admit(self, seq: Sequence) -> None:
         if len(self.running) >= self.max_num_seqs:
             raise RuntimeError(f"more than max_num_seqs = {self.max_num_seqs} requests sent to the batch")
+        num_reserved = sum(run.seq.max_len for run in self.running.values()) + seq.max_len
+        if self.running and num_reserved > self.kv_budget.num_tokens:     # (alone, any request runs)
+            raise RuntimeError(f"KV reservations of {num_reserved} tokens sent to a batch whose budget is "
+                               f"{self.kv_budget.num_tokens}")
         slot, num_reused = self._slot_for(seq.token_ids[:-1])
+        slot.limit_capacity(seq.max_len)
         seq.stats.num_cached_prompt_tokens = num_reused
         self.running[seq.request_id] = Running(seq, slot, time.perf_counter())
+        while self._free_slots and self.num_kv_tokens_held > self.kv_budget.num_tokens:
+            self._free_slots.pop(0)                                          # its KV goes back to the allocator
 
     def _slot_for(self, prefix: list[int]) -> tuple[KVSlot, int]:
         """The free slot sharing the longest prefix with `prefix` (its KV kept for that many tokens),
@@ -87,6 +120,9 @@ class BatchDecoder:
             self.running[request_id].seq.finish_reason = "cancelled"
         self.cancelled.clear()
         rows, owners = self._rows()
+        decoding = [run for run, is_decoding in owners if is_decoding]
+        if decoding:
+            _count_pass(decoding[0].seq.stats, len(owners))
         if rows:
             hidden = self.decoder.forward_batch(rows)                           # [N, H]
             offset = 0
@@ -134,3 +170,9 @@ class BatchDecoder:
         self._free_slots.append((run.slot, run.seq.token_ids[:run.slot.num_cached]))
         run.seq.stats.total_s = time.perf_counter() - run.admitted_at
         emit(RequestDone(run.seq.request_id, run.seq.finish_reason, run.seq.stats))
+
+
+def _count_pass(stats, batch_size: int) -> None:
+    counts = stats.num_passes_by_batch_size
+    counts.extend([0] * (batch_size - len(counts)))
+    counts[batch_size - 1] += 1

@@ -68,6 +68,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
     max_num_seqs: int = 1                 # ar: requests decoded at once, one pass for all (engine/batch_decode.py)
     prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
+    kv_cache_memory_gb: float = 0.0       # KV the running requests may reserve; 0 = auto (engine/kv_budget.py)
     prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
     draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
     draft_vocab_size: int = 0             # async/sync draft: score only ids < N plus the prompt's ids (0 = all)
@@ -121,6 +122,8 @@ class EngineConfig:
                      "verify_threads", "draft_threads"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not float(self.kv_cache_memory_gb) >= 0:
+            raise ConfigError(f"kv_cache_memory_gb must be >= 0 (0 = auto), got {self.kv_cache_memory_gb}")
         for name in ("worker_start_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be > 0")

@@ -109,6 +109,7 @@ class KVSlot:
         self.num_layers, self.shape = num_layers, (num_kv_heads, 0, head_dim)
         self.dtype, self.device = dtype, device
         self.capacity, self.num_cached = 0, 0
+        self.max_capacity: int | None = None          # growth stops here (the request's KV reservation)
         self.keys: list[torch.Tensor] = []           # per layer [Hkv, capacity, D]
         self.values: list[torch.Tensor] = []
         self.ensure_capacity(MIN_KV_CAPACITY)
@@ -117,6 +118,19 @@ class KVSlot:
         if num_tokens <= self.capacity:
             return
         capacity = max(num_tokens, 2 * self.capacity, MIN_KV_CAPACITY)
+        if self.max_capacity is not None:
+            capacity = max(num_tokens, min(capacity, self.max_capacity))
+        self._reallocate(capacity)
+
+    def limit_capacity(self, max_capacity: int) -> None:
+        """Never hold more than `max_capacity` tokens (the buffers shrink now if they are larger);
+        the cached prefix past it is dropped."""
+        self.max_capacity = max_capacity
+        self.num_cached = min(self.num_cached, max_capacity)
+        if self.capacity > max_capacity:
+            self._reallocate(max_capacity)
+
+    def _reallocate(self, capacity: int) -> None:
         shape = (self.shape[0], capacity, self.shape[2])
         new_keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         new_values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.cost_model import SpeculationBudget
+from engine.kv_budget import kv_tokens_needed
 from engine.logits_processors import MakeGrammar, build_logits_processors, stop_token_ids
 from engine.messages import RequestStats, SamplingParams, StartRequest, TokenLogprob, TokensOut
 from engine.models import ModelRunner
@@ -59,7 +60,7 @@ def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int
                  make_grammar: MakeGrammar | None = None) -> Sequence:
     stop_ids = stop_token_ids(req.params, eos_token_ids)
     processors = build_logits_processors(req.params, req.prompt_token_ids, stop_ids, make_grammar)
-    max_len = min(len(req.prompt_token_ids) + req.params.max_tokens, max_model_len)
+    max_len = kv_tokens_needed(len(req.prompt_token_ids), req.params.max_tokens, max_model_len)
     seq = Sequence(req.request_id, list(req.prompt_token_ids), len(req.prompt_token_ids), req.params,
                    stop_ids, max_len, TokenChooser(req.params, scheme, VERIFY_STREAM, processors))
     seq.stats.num_prompt_tokens = len(req.prompt_token_ids)

@@ -13,7 +13,8 @@ Process topology (the supervisor lives in the frontend process; torch is importe
                                               | verify worker process: ar / sync / async verify
 
 One request runs at a time, or in `ar` with `max_num_seqs` > 1 up to that many in the verify
-worker's batch (engine/batch_decode.py). The scheduler thread starts requests on the workers,
+worker's batch (engine/batch_decode.py), as their KV reservations fit its budget (engine/admission.py:
+who waits, who runs, who starts next). The scheduler thread starts requests on the workers,
 forwards their outputs to each request's callback, applies cancellation (one request: through
 shared memory, so it takes effect before the next verify step; a batch: a CancelRequest message,
 read before the next step), and watches the workers (engine/worker_recovery.py): a worker that
@@ -35,6 +36,7 @@ import secrets
 import threading
 from typing import Callable
 
+from engine.admission import Admission
 from engine.config import EngineConfig
 from engine.hardware import check_memory_ordering, has_ordered_stores
 from engine.messages import (CancelRequest, EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut,
@@ -44,7 +46,6 @@ from engine.worker_handle import EngineStartError, WorkerHandle
 from engine.worker_recovery import POLL_S, WorkerRecovery
 
 logger = logging.getLogger("amusd.engine")
-
 
 class EngineSupervisor(WorkerRecovery):
     def __init__(self, config: EngineConfig):
@@ -62,20 +63,20 @@ class EngineSupervisor(WorkerRecovery):
         self._ctx = mp.get_context("spawn")
         self._workers = self._make_workers()
         self._state: SharedState | None = None
-        self._fifo: queue.Queue = queue.Queue()
+        self._line = Admission(config.max_model_len)      # waiting and running requests (engine/admission.py)
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._is_stopping = False
         self._is_restarting = False
         self._worker_request_ids = itertools.count(1)   # ids the workers see: never reused, always rising
-        self._running: tuple[int, int] | None = None     # (caller's request id, worker request id)
+        self._running = self._line.running              # by worker request id; written by the loop thread only
+        self._cancels_sent: set[int] = set()             # worker request ids (loop thread only)
         self.fatal_error: str | None = None
         self.tokenizer_dir = ""
         self.eos_token_ids: list[int] = []
         self.vocab_size = 0
         self.max_model_len = config.max_model_len
-        self.max_num_running = 1              # requests decoded at once: the verify worker's batch (ar), else 1
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -94,7 +95,8 @@ class EngineSupervisor(WorkerRecovery):
             raise
         verify = self._workers["verify"].ready
         self.tokenizer_dir, self.eos_token_ids, self.vocab_size = verify.model_dir, verify.eos_token_ids, verify.vocab_size
-        self.max_num_running = int(verify.runtime.get("max_num_seqs", 1))
+        self._line.max_num_running = int(verify.runtime.get("max_num_seqs", 1))
+        self._line.kv_budget_tokens = verify.runtime.get("kv_budget_tokens")
         self._thread = threading.Thread(target=self._loop, name="amusd-supervisor", daemon=True)
         self._thread.start()
 
@@ -102,15 +104,12 @@ class EngineSupervisor(WorkerRecovery):
         """Stop the workers, fail queued requests, free shared memory. Idempotent."""
         self._is_stopping = True
         if self._thread is not None and self._thread is not threading.current_thread():
-            running = self._running
-            if running is not None and self._state is not None:
-                cancel_request(self._state, running[1])
-            self._thread.join(timeout_s)
+            self._thread.join(timeout_s)          # the loop cancels what runs (_send_cancels)
         for worker in self._workers.values():
             worker.stop(timeout_s)
         while True:
             try:
-                request, on_output = self._fifo.get_nowait()
+                request, on_output = self._line.take(timeout_s=None)
             except queue.Empty:
                 break
             on_output(EngineOutput(request.request_id, finished=True, finish_reason="error", error="engine shut down"))
@@ -174,13 +173,14 @@ class EngineSupervisor(WorkerRecovery):
             raise ValueError("prompt must contain at least one token")
         if len(request.prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(request.prompt_token_ids)} tokens; the model's context is {self.max_model_len}")
+        self._line.check_fits(request)
         if request.params.temperature > 0 and request.params.seed is None:
             request.params.seed = secrets.randbits(62)     # draft and verify must share the noise
         if self._is_stopping or self.fatal_error:
             on_output(EngineOutput(request.request_id, finished=True, finish_reason="error",
                                    error=self.fatal_error or "engine is shutting down"))
             return
-        self._fifo.put((request, on_output))
+        self._line.put(request, on_output)
 
     def generate(self, request: GenerationRequest, timeout_s: float | None = None) -> list[EngineOutput]:
         """Blocking convenience: all outputs of one request (the last has finished=True)."""
@@ -194,21 +194,22 @@ class EngineSupervisor(WorkerRecovery):
                 return outputs
 
     def cancel(self, request_id: int) -> None:
+        """Cancel a waiting or running request; one running alone stops before its next step."""
         with self._lock:
             self._cancelled.add(request_id)
-        running = self._running          # one read: the pair cannot belong to two requests
-        if running is not None and running[0] == request_id and self._state is not None:
-            cancel_request(self._state, running[1])
+        if self.max_num_running == 1:
+            for wid, placed in list(self._running.items()):      # the loop's next pass does the rest
+                if placed.request_id == request_id:
+                    self._cancel_on_workers(wid)
 
     @property
-    def running_request_id(self) -> int | None:
-        """The caller's id of the request the workers are decoding now."""
-        running = self._running
-        return running[0] if running is not None else None
+    def max_num_running(self) -> int:
+        """Requests decoded at once: the verify worker's batch (ar with max_num_seqs), else 1."""
+        return self._line.max_num_running
 
     @property
     def num_waiting(self) -> int:
-        return self._fifo.qsize()
+        return self._line.num_waiting
 
 
     def is_healthy(self) -> bool:
@@ -222,6 +223,7 @@ class EngineSupervisor(WorkerRecovery):
             "fatal_error": self.fatal_error,
             "mode": self.config.mode,
             "mode_reason": self.mode_reason,
+            "kv_cache": self._line.kv_usage(),
             "workers": {w.role: {"is_alive": w.is_alive, "pid": w.pid,
                                  "num_restarts": w.num_restarts, "heartbeat_age_s": round(self._heartbeat_age(w), 3),
                                  **(w.ready.runtime if w.ready is not None else {})}
@@ -236,7 +238,7 @@ class EngineSupervisor(WorkerRecovery):
     def _loop(self) -> None:
         while not self._is_stopping:
             try:
-                request, on_output = self._fifo.get(timeout=0.1)
+                request, on_output = self._line.take(timeout_s=0.1)
             except queue.Empty:
                 self._check_workers(None, None)
                 continue
@@ -247,10 +249,7 @@ class EngineSupervisor(WorkerRecovery):
                 error = self.fatal_error or "engine is shutting down"
                 on_output(EngineOutput(rid, finished=True, finish_reason="error", error=error))
                 continue
-            if self.max_num_running > 1:
-                self._run_batch(request, on_output)
-            else:
-                self._run(request, on_output)
+            self._run(request, on_output)
 
     def _answer_if_cancelled(self, rid: int, on_output) -> bool:
         """A request cancelled while it waited finishes as cancelled without reaching the workers."""
@@ -262,82 +261,68 @@ class EngineSupervisor(WorkerRecovery):
         return is_cancelled
 
     def _run(self, request: GenerationRequest, on_output) -> None:
-        """Decode one request. Workers see a fresh internal id (`wid`), whatever id the caller chose:
-        the protocol compares ids for order and equality, so a caller's reused or smaller id must
-        never reach them."""
-        rid = request.request_id
+        """Decode until no request is running: up to max_num_running at once (ar's batch,
+        engine/batch_decode.py), else one; queued requests start as places free up. A worker
+        failure ends every running request with an error, then the workers restart."""
+        self._start(request, on_output)
+        while self._running:
+            self._start_waiting()
+            msg = self._next_message(POLL_S)
+            sole_wid = next(iter(self._running)) if len(self._running) == 1 else None
+            if isinstance(msg, WorkerFailed):
+                self._fail_running(f"{msg.role} worker failed: {msg.error}")
+                self._recover(self._workers[msg.role], sole_wid)
+                return
+            if isinstance(msg, (TokensOut, RequestDone)) and msg.request_id in self._running:
+                self._deliver(msg)
+            self._send_cancels()
+            if self._running and self._check_workers(self._fail_running, sole_wid):
+                return
+
+    def _start(self, request: GenerationRequest, on_output) -> None:
+        """Workers see a fresh internal id (`wid`), whatever id the caller chose: the protocol
+        compares ids for order and equality, so a caller's reused or smaller id must never reach them."""
+        if self._answer_if_cancelled(request.request_id, on_output):
+            return
         wid = next(self._worker_request_ids)
-        self._running = (rid, wid)
+        self._line.place(wid, request, on_output)
         start = StartRequest(wid, list(request.prompt_token_ids), request.params)
         for worker in self._workers.values():
             worker.cmd_queue.put(start)
-        is_cancel_sent = False
-        try:
-            while True:
-                if not is_cancel_sent and (rid in self._cancelled or self._is_stopping):
-                    cancel_request(self._state, wid)
-                    is_cancel_sent = True
-                msg = self._next_message(POLL_S)
-                if isinstance(msg, TokensOut) and msg.request_id == wid:
-                    on_output(EngineOutput(rid, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
-                elif isinstance(msg, RequestDone) and msg.request_id == wid:
-                    on_output(EngineOutput(rid, finished=True, finish_reason=msg.finish_reason, stats=msg.stats))
-                    return
-                elif isinstance(msg, WorkerFailed):
-                    on_output(EngineOutput(rid, finished=True, finish_reason="error",
-                                           error=f"{msg.role} worker failed: {msg.error}"))
-                    self._recover(self._workers[msg.role], wid)
-                    return
-                if self._check_workers(lambda error: on_output(EngineOutput(rid, finished=True, finish_reason="error",
-                                                                            error=error)), wid):
-                    return
-        finally:
-            self._running = None
+
+    def _start_waiting(self) -> None:
+        while not self._is_stopping and (item := self._line.take_startable()) is not None:
+            self._start(*item)
+
+    def _deliver(self, msg: TokensOut | RequestDone) -> None:
+        rid, on_output, _ = self._running[msg.request_id]
+        if isinstance(msg, TokensOut):
+            on_output(EngineOutput(rid, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
+            return
+        self._line.remove(msg.request_id)
+        self._cancels_sent.discard(msg.request_id)
+        on_output(EngineOutput(rid, finished=True, finish_reason=msg.finish_reason, stats=msg.stats))
+        with self._lock:
+            self._cancelled.discard(rid)
+
+    def _send_cancels(self) -> None:
+        for wid, placed in list(self._running.items()):
+            if wid not in self._cancels_sent and (placed.request_id in self._cancelled or self._is_stopping):
+                self._cancel_on_workers(wid)
+                self._cancels_sent.add(wid)
+
+    def _cancel_on_workers(self, wid: int) -> None:
+        """One request: through shared memory, read before its next step (also by the async draft).
+        A batch: a CancelRequest message, read before the batch's next step."""
+        if self.max_num_running > 1:
+            self._workers["verify"].cmd_queue.put(CancelRequest(wid))
+        elif self._state is not None:
+            cancel_request(self._state, wid)
+
+    def _fail_running(self, error: str) -> None:
+        for wid, (rid, on_output, _) in list(self._running.items()):
+            self._line.remove(wid)
+            on_output(EngineOutput(rid, finished=True, finish_reason="error", error=error))
             with self._lock:
                 self._cancelled.discard(rid)
-
-    def _run_batch(self, request: GenerationRequest, on_output) -> None:
-        """`ar` with batching (engine/batch_decode.py): keep up to max_num_running requests on the verify
-        worker, start queued ones as places free up, until none is left. Cancels go by message; a
-        worker failure ends every running request with an error."""
-        running: dict[int, tuple[int, Callable]] = {}          # worker request id -> (caller's id, on_output)
-        is_cancel_sent: set[int] = set()
-
-        def fail_all(error: str) -> None:
-            for rid, callback in running.values():
-                callback(EngineOutput(rid, finished=True, finish_reason="error", error=error))
-
-        self._start_in_batch(request, on_output, running)
-        while running:
-            while len(running) < self.max_num_running and not self._is_stopping:
-                try:
-                    self._start_in_batch(*self._fifo.get_nowait(), running)
-                except queue.Empty:
-                    break
-            msg = self._next_message(POLL_S)
-            if isinstance(msg, TokensOut) and msg.request_id in running:
-                rid, callback = running[msg.request_id]
-                callback(EngineOutput(rid, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
-            elif isinstance(msg, RequestDone) and msg.request_id in running:
-                rid, callback = running.pop(msg.request_id)
-                callback(EngineOutput(rid, finished=True, finish_reason=msg.finish_reason, stats=msg.stats))
-                with self._lock:
-                    self._cancelled.discard(rid)
-            elif isinstance(msg, WorkerFailed):
-                fail_all(f"{msg.role} worker failed: {msg.error}")
-                self._recover(self._workers[msg.role], None)
-                return
-            for wid, (rid, _) in running.items():
-                if wid not in is_cancel_sent and (rid in self._cancelled or self._is_stopping):
-                    self._workers["verify"].cmd_queue.put(CancelRequest(wid))
-                    is_cancel_sent.add(wid)
-            if running and self._check_workers(fail_all, None):
-                return
-
-    def _start_in_batch(self, request: GenerationRequest, on_output, running: dict) -> None:
-        rid = request.request_id
-        if self._answer_if_cancelled(rid, on_output):
-            return
-        wid = next(self._worker_request_ids)
-        running[wid] = (rid, on_output)
-        self._workers["verify"].cmd_queue.put(StartRequest(wid, list(request.prompt_token_ids), request.params))
+        self._cancels_sent.clear()

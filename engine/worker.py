@@ -76,7 +76,7 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_c
                 request_id = msg.request_id
                 worker.run(msg, out_conn.send)          # batching: the request joins the batch, run returns
                 request_id = None
-            elif isinstance(msg, CancelRequest):
+            elif isinstance(msg, CancelRequest) and worker.is_busy:
                 worker.batch.cancel(msg.request_id)
             elif isinstance(msg, Measure):
                 with _placement(config, msg.placement):
@@ -131,10 +131,10 @@ class VerifyWorker:
         self.channel = HostDraftChannel(state, _share_draft_probs(config, peer_conn, "verify", 0))
         self.batch = None                         # ar with max_num_seqs > 1: engine/batch_decode.py
         if config.mode == "ar" and config.max_num_seqs > 1:
-            from engine.batch_decode import BatchDecoder
+            from engine.batch_decode import batch_decoder_for
             try:
-                self.batch = BatchDecoder(self.verifier, config.max_num_seqs, config.prefill_chunk_tokens,
-                                          config.prefix_caching)
+                self.batch = batch_decoder_for(self.verifier, config)
+                self.runtime = {**self.runtime, **self.batch.kv_budget.as_runtime()}
             except ValueError as exc:
                 logging.getLogger("amusd.verify").warning("max_num_seqs %d: %s; decoding one request at a time",
                                                           config.max_num_seqs, exc)
@@ -169,6 +169,7 @@ class VerifyWorker:
             return side.is_cancelled(req.request_id)
 
         run_decode(seq, self.verifier, self._proposer(side), emit, should_stop)
+        seq.stats.num_passes_by_batch_size = [seq.stats.num_verify_steps]      # one sequence in every pass
         seq.stats.total_s = time.perf_counter() - start
         emit(RequestDone(req.request_id, seq.finish_reason or "stop", seq.stats))
 

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
                               "decoded at once, one forward pass for all (continuous batching)")
     prefix_caching: bool = Field(_E["prefix_caching"], description="reuse the KV of the prefix shared with "
                                  "the previous request (system prompt, earlier turns)")
+    kv_cache_memory_gb: float = Field(_E["kv_cache_memory_gb"], ge=0, description="KV cache the running "
+                                      "requests may reserve, GiB (0 = auto: max_num_seqs full contexts, at most "
+                                      "half the memory available)")
     prefill_cores: str | None = Field(_E["prefill_cores"], description="CPU cores the verify prefills on, one "
                                       "thread each (auto = verify + draft cores: the draft idles meanwhile)")
     max_draft_lead: int = Field(_E["max_draft_lead"], description="async: how far the draft may run ahead")

@@ -14,9 +14,11 @@ import signal
 import pytest
 import torch
 
-from engine.batch_decode import BatchDecoder
+from engine.batch_decode import BatchDecoder, batch_decoder_for
+from engine.config import EngineConfig
 from engine.cost_model import SpeculationBudget
 from engine.decoding import Verifier, new_sequence, run_decode
+from engine.kv_budget import KVBudget
 from engine.messages import GenerationRequest, RequestDone, SamplingParams, StartRequest, TokensOut
 from engine.models import ModelRunner, load_causal_lm
 from engine.proposers import NoProposer
@@ -51,6 +53,10 @@ def _verifier(model) -> Verifier:
                     SpeculationBudget(None, 8))
 
 
+def _batch(model, max_num_seqs: int, kv_budget_tokens: int = 100_000) -> BatchDecoder:
+    return BatchDecoder(_verifier(model), max_num_seqs, CHUNK, True, KVBudget(kv_budget_tokens, 1, "test"))
+
+
 def _collect(outputs: list) -> dict[int, dict]:
     by_request: dict[int, dict] = {}
     for out in outputs:
@@ -73,7 +79,7 @@ def test_every_request_gets_what_it_gets_alone(model):
         alone.append(RequestDone(req.request_id, seq.finish_reason, seq.stats))
     expected = _collect(alone)
 
-    batch, outputs = BatchDecoder(_verifier(model), max_num_seqs=4, prefill_chunk_tokens=CHUNK), []
+    batch, outputs = _batch(model, 4), []
     waiting, num_steps, max_batch = list(requests), 0, 0
     while waiting or batch.is_busy:
         # join mid-flight: one request at every other step, while there is room
@@ -108,7 +114,7 @@ def test_every_request_gets_what_it_gets_alone(model):
 def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
     """While a 5-chunk prompt prefills, a running stream still gets a token at every step."""
     requests = _requests(model.config.vocab_size)
-    batch, outputs = BatchDecoder(_verifier(model), max_num_seqs=2, prefill_chunk_tokens=CHUNK), []
+    batch, outputs = _batch(model, 2), []
     batch.admit(new_sequence(requests[0], [], MAX_MODEL_LEN, "coupled"))
     batch.step(outputs.append)
     long = StartRequest(99, [i % 200 for i in range(5 * CHUNK)], SamplingParams(max_tokens=3, ignore_eos=True))
@@ -127,7 +133,7 @@ def test_a_new_request_reuses_the_kv_of_a_finished_one_it_shares_a_prefix_with(m
     first = StartRequest(1, shared + [3, 4], SamplingParams(max_tokens=10, ignore_eos=True))
     follow_up = StartRequest(2, shared + [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True))
     other = StartRequest(3, [9, 9, 9], SamplingParams(max_tokens=10, ignore_eos=True))
-    batch, outputs = BatchDecoder(_verifier(model), max_num_seqs=2, prefill_chunk_tokens=CHUNK), []
+    batch, outputs = _batch(model, 2), []
     for req in (other, first):
         batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
     while batch.is_busy:
@@ -142,10 +148,42 @@ def test_a_new_request_reuses_the_kv_of_a_finished_one_it_shares_a_prefix_with(m
     assert seq.token_ids == alone.token_ids
 
 
+def test_kv_stays_within_each_reservation_and_the_budget(model):
+    """Slots never grow past their request's reservation; finished slots kept for prefix reuse are
+    dropped, oldest first, when a new reservation needs room; outputs are unchanged."""
+    vocab, rng = model.config.vocab_size, random.Random(9)
+    a, b, c = [StartRequest(i + 1, [rng.randrange(vocab) for _ in range(n)], SamplingParams(max_tokens=m, ignore_eos=True))
+               for i, (n, m) in enumerate([(300, 20), (10, 290), (100, 300)])]     # reservations 320, 300, 400
+    batch, outputs = _batch(model, 2, kv_budget_tokens=650), []
+
+    def run_to_completion():
+        while batch.is_busy:
+            batch.step(outputs.append)
+            assert all(run.slot.capacity <= run.seq.max_len for run in batch.running.values())
+            assert batch.num_kv_tokens_held <= 650
+
+    for req in (a, b):
+        batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+    run_to_completion()
+    assert [slot.capacity for slot, _ in batch._free_slots] == [320, 300]     # kept for reuse, a's oldest
+    batch.admit(new_sequence(c, [], MAX_MODEL_LEN, "coupled"))               # takes a's slot; 400 + 300 > 650
+    assert batch._free_slots == [] and batch.num_kv_tokens_held == 400
+    run_to_completion()
+    got = _collect(outputs)
+    for req in (a, b, c):
+        alone = new_sequence(req, [], MAX_MODEL_LEN, "coupled")
+        run_decode(alone, _verifier(model), NoProposer(), lambda out: None, lambda: False)
+        assert got[req.request_id]["tokens"] == alone.output_ids
+    tight = _batch(model, 2, kv_budget_tokens=600)
+    tight.admit(new_sequence(a, [], MAX_MODEL_LEN, "coupled"))
+    with pytest.raises(RuntimeError, match="budget"):                          # 320 + 300 > 600
+        tight.admit(new_sequence(b, [], MAX_MODEL_LEN, "coupled"))
+
+
 def test_batching_needs_the_lean_decoder(model):
     runner = ModelRunner(model, "cpu", decoder_impl="hf")
     with pytest.raises(ValueError, match="lean decoder"):
-        BatchDecoder(Verifier(runner, SpeculationBudget(None, 8)), 4, CHUNK)
+        batch_decoder_for(Verifier(runner, SpeculationBudget(None, 8)), EngineConfig(verify_model="v", max_num_seqs=4))
     assert torch.is_tensor(runner.forward([1]))
 
 
@@ -180,6 +218,7 @@ def test_the_engine_batches_ar_requests_and_each_gets_its_own_output(session_cac
         assert wait_until(lambda: all(o and o[-1].finished for o in [long, *outputs.values()]), 60)
         assert long[-1].finish_reason == "cancelled"
         assert [[t for o in outs for t in o.token_ids] for outs in outputs.values()] == expected
+        assert _largest_batch([outs[-1].stats for outs in outputs.values()]) == 4
         # kill -9 mid-batch: every running request ends with an error, the engine comes back
         outputs = _submit_all(sup, prompts[:5], max_tokens=3000, ignore_eos=True)
         assert wait_until(lambda: sum(bool(o) for o in outputs.values()) >= 4, 30)
@@ -189,5 +228,42 @@ def test_the_engine_batches_ar_requests_and_each_gets_its_own_output(session_cac
         assert reasons.count("error") >= 4 and set(reasons) <= {"error", "length"}, reasons
         assert wait_until(sup.is_healthy, 60)
         assert run(sup, prompts[1], **params)[0] == expected[1]
+    finally:
+        sup.shutdown()
+
+
+def _largest_batch(stats) -> int:
+    """The most sequences any verify pass held, from the requests' num_passes_by_batch_size."""
+    return max(size for st in stats for size, count in enumerate(st.num_passes_by_batch_size, start=1) if count)
+
+
+def test_the_kv_budget_limits_how_many_requests_run_at_once(session_cache_dir):
+    """max_num_seqs 4, but a KV budget of 2.5 reservations: two run at once, the rest wait their
+    turn (all finish, each with its own tokens); a request larger than the budget is refused."""
+    from transformers import AutoConfig
+
+    from engine.kv_budget import GiB, kv_bytes_per_token
+    from engine.tiny_models import ensure_tiny_model
+    from tests.engine_helpers import random_prompts, run, start_engine, tiny_config, wait_until
+    cfg = AutoConfig.from_pretrained(ensure_tiny_model("tiny-random/verify", session_cache_dir))
+    per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                   cfg.hidden_size // cfg.num_attention_heads, 8)          # float64
+    prompts = [p[:20] + [1] * (20 - len(p[:20])) for p in random_prompts(6, seed=3)]
+    reservation = 20 + 40
+    sup = start_engine(tiny_config(session_cache_dir, "ar", max_num_seqs=4,
+                                   kv_cache_memory_gb=2.5 * reservation * per_token / GiB))
+    try:
+        assert sup.health()["workers"]["verify"]["kv_bytes_per_token"] == per_token
+        assert sup.health()["kv_cache"] == {"budget_tokens": int(2.5 * reservation), "reserved_tokens": 0}
+        expected = [run(sup, p, max_tokens=40, ignore_eos=True)[0] for p in prompts]
+        outputs = _submit_all(sup, prompts, max_tokens=40, ignore_eos=True)
+        assert wait_until(lambda: all(o and o[-1].finished for o in outputs.values()), 60)
+        assert [[t for o in outs for t in o.token_ids] for outs in outputs.values()] == expected
+        assert _largest_batch([outs[-1].stats for outs in outputs.values()]) == 2
+        assert sup.health()["kv_cache"]["reserved_tokens"] == 0
+        with pytest.raises(ValueError, match="KV cache budget"):
+            sup.submit(GenerationRequest(900, [1] * 100, SamplingParams(max_tokens=100)), print)
+        one = run(sup, prompts[0], max_tokens=5, ignore_eos=True)[1].stats
+        assert one.num_passes_by_batch_size[0] >= 1
     finally:
         sup.shutdown()

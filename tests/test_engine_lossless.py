@@ -167,3 +167,4 @@ def test_async_stats_are_consistent(engines):
     num_committable = stats.num_verify_steps + stats.num_accepted_tokens + stats.num_lookup_accepted
     assert num_committable - 1 <= stats.num_generated_tokens <= num_committable
     assert 0 < stats.draft_busy_s and 0 < stats.verify_busy_s
+    assert stats.num_passes_by_batch_size == [stats.num_verify_steps]      # one sequence in every pass
