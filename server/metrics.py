@@ -35,10 +35,12 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0, 960.0)
 _LEAD_BUCKETS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 32.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
 
 class _WorkerCollector(Collector):
-    """worker_up / worker_restarts_total, read from supervisor.health() at every scrape."""
+    """worker_up / worker_restarts_total / forward costs / KV cache use, read from supervisor.health()
+    at every scrape."""
 
     def __init__(self, health: Callable[[], dict], heartbeat_timeout_s: float, base_labels: dict[str, str]) -> None:
         self._health, self._timeout, self._base = health, heartbeat_timeout_s, base_labels
@@ -52,10 +54,18 @@ class _WorkerCollector(Collector):
         costs = GaugeMetricFamily("amusd:forward_cost_seconds", "Measured forward time for num_tokens tokens "
                                   "(the cost model's curve, engine/cost_model.py)",
                                   labels=[*names, "worker", "num_tokens"])
+        kv_usage = GaugeMetricFamily("amusd:kv_cache_usage_perc", "Fraction of the KV cache budget reserved by "
+                                     "running requests (prompt + max_tokens each; batching only)", labels=names)
+        kv_budget = GaugeMetricFamily("amusd:kv_cache_budget_tokens", "Tokens of KV the running requests may "
+                                      "reserve (kv_cache_memory_gb; batching only)", labels=names)
         try:
-            workers = (self._health() or {}).get("workers", {})
+            health = self._health() or {}
         except Exception:   # a scrape must never fail because the engine is gone
-            workers = {}
+            health = {}
+        workers, kv_cache = health.get("workers", {}), health.get("kv_cache")
+        if kv_cache and kv_cache.get("budget_tokens"):
+            kv_budget.add_metric(values, float(kv_cache["budget_tokens"]))
+            kv_usage.add_metric(values, kv_cache["reserved_tokens"] / kv_cache["budget_tokens"])
         for role in WORKERS:
             info = workers.get(role)
             if info is None:
@@ -70,6 +80,8 @@ class _WorkerCollector(Collector):
         yield up
         yield restarts
         yield costs
+        yield kv_usage
+        yield kv_budget
 
 
 class ServerMetrics:
@@ -98,6 +110,8 @@ class ServerMetrics:
         self._budget = make(Histogram, "spec_decode_budget_tokens",
                             "Mean tokens proposed per verify step in a request (the cost model's choice, "
                             "or the fixed setting)", buckets=_LEAD_BUCKETS)
+        self._batch_size = make(Histogram, "batch_size", "Sequences in a verify forward pass, one observation "
+                                "per pass (1 when requests run one at a time)", buckets=_BATCH_BUCKETS)
         self._running = make(Gauge, "num_requests_running", "Requests the engine is running")
         self._waiting = make(Gauge, "num_requests_waiting", "Requests waiting for the engine")
         self._prompt_tokens = make(Counter, "prompt_tokens", "Prefilled prompt tokens")
@@ -135,7 +149,7 @@ class ServerMetrics:
         for role in WORKERS:
             self._one(self._busy, worker=role)
         for metric in (self._ttft, self._itl, self._e2e, self._queue_time, self._draft_lead, self._budget,
-                       self._running, self._waiting, self._prompt_tokens, self._generation_tokens,
+                       self._batch_size, self._running, self._waiting, self._prompt_tokens, self._generation_tokens,
                        self._num_drafts, self._draft_tokens, self._accepted_tokens, self._rollbacks,
                        self._wasted_tokens):
             self._one(metric)
@@ -178,6 +192,9 @@ class ServerMetrics:
                                (self._accepted_per_pos, stats.num_accepted_tokens_per_pos)):
             for position, count in enumerate(counts):
                 self._one(metric, position=str(position)).inc(max(0, count))
+        for batch_size, num_passes in enumerate(stats.num_passes_by_batch_size, start=1):
+            for _ in range(num_passes):             # prometheus histograms take one observation at a time
+                self._one(self._batch_size).observe(batch_size)
         self._one(self._busy, worker="verify").inc(max(0.0, stats.verify_busy_s))
         self._one(self._busy, worker="draft").inc(max(0.0, stats.draft_busy_s))
         if stats.num_verify_steps > 0 and stats.num_draft_tokens > 0:

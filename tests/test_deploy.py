@@ -81,7 +81,7 @@ def host_path(volume: str) -> str | None:
 
 def test_exported_metric_list_is_well_formed():
     metric_types = load_exported_metrics()
-    assert len(metric_types) == 23
+    assert len(metric_types) == 26
     assert set(metric_types.values()) == {"histogram", "gauge", "counter"}
     for name, metric_type in metric_types.items():
         assert re.fullmatch(r"amusd:[a-z0-9_]+", name), name

@@ -130,12 +130,15 @@ def test_metric_names_match_the_deploy_list():
     """Every metric in docker/prometheus/exported-metrics.txt is exported, with its labels."""
     health = lambda: {"workers": {r: {"is_alive": True, "num_restarts": 1, "heartbeat_age_s": 0.1,
                                       "forward_costs_s": [0.01, 0.012]}
-                                  for r in ("verify", "draft")}}
+                                  for r in ("verify", "draft")},
+                      "kv_cache": {"budget_tokens": 1000, "reserved_tokens": 250}}
     m = ServerMetrics(health=health)
     m.record_finished("stop", 1.0, RequestStats(num_prompt_tokens=3, num_generated_tokens=5, num_verify_steps=2,
                                                 num_draft_tokens=4, sum_draft_lead=6, num_draft_tokens_per_pos=[2, 2],
-                                                num_accepted_tokens_per_pos=[2, 1]))
+                                                num_accepted_tokens_per_pos=[2, 1], num_passes_by_batch_size=[1, 0, 3]))
     text = m.render().decode()
+    assert "amusd:kv_cache_usage_perc 0.25" in text and "amusd:kv_cache_budget_tokens 1000.0" in text
+    assert 'amusd:batch_size_bucket{le="2.0"} 1.0' in text and 'amusd:batch_size_bucket{le="3.0"} 4.0' in text
     assert 'amusd:spec_decode_num_accepted_tokens_per_pos_total{position="1"} 1.0' in text
     listed = REPO / "docker" / "prometheus" / "exported-metrics.txt"
     if not listed.exists():
