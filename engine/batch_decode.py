@@ -10,7 +10,7 @@ One step, for the running sequences s (in admission order):
     rows    s still prefilling: the next chunk of its prompt (all sequences' chunks together at most
             prefill_chunk_tokens per step, so a long prompt never freezes the running streams)
             s decoding: its pending token                                   [1]
-    pass    forward_batch(rows) -> hidden [N, H]; the output layer only on decode rows
+    pass    forward_batch(rows) -> hidden [N, H]; the output layer once, over the decode rows [B, H]
     commit  Verifier.commit per decoding sequence (the same choice, stop and stats code as a lone
             request; its KV slot then holds every token but the new pending one)
     leave   finished (stop / length) or cancelled: RequestDone, the slot back to the pool, still
@@ -125,19 +125,22 @@ class BatchDecoder:
             _count_pass(decoding[0].seq.stats, len(owners))
         if rows:
             hidden = self.decoder.forward_batch(rows)                           # [N, H]
-            offset = 0
+            offset, decode_rows = 0, []
             for (_, ids), (run, is_decoding) in zip(rows, owners):
                 rows_of_run = hidden[offset:offset + len(ids)]
                 offset += len(ids)
-                if not is_decoding:
-                    if run.seq.params.num_prompt_logprobs is not None:
-                        run.prompt_hidden.append(rows_of_run)
-                    continue
+                if is_decoding:
+                    decode_rows.append(rows_of_run)                             # [1, H]
+                elif run.seq.params.num_prompt_logprobs is not None:
+                    run.prompt_hidden.append(rows_of_run)
+            # one output-layer call for all decoding rows: its weights (V x H) are read once per pass
+            logits = self.runner.logits(torch.cat(decode_rows)) if decode_rows else None    # [B_decoding, V]
+            for i, run in enumerate(decoding):
                 if run.prompt_hidden:
                     run.seq.prompt_logprobs = [None] + self.verifier.prompt_logprobs(
                         run.prompt_hidden, run.seq.token_ids[1:], run.seq.params.num_prompt_logprobs)
                     run.prompt_hidden = []
-                emit(self.verifier.commit(run.seq, self.runner.logits(rows_of_run), [], 0)[0])   # [1, V]
+                emit(self.verifier.commit(run.seq, logits[i:i + 1], [], 0)[0])  # [1, V]
         busy_s = (time.perf_counter() - start) / max(1, len(owners))
         for run, _ in owners:
             run.seq.stats.verify_busy_s += busy_s
