@@ -7,8 +7,9 @@
 
 One step, for the running sequences s (in admission order):
 
-    rows    s still prefilling: the next chunk of its prompt (all sequences' chunks together at most
-            prefill_chunk_tokens per step, so a long prompt never freezes the running streams)
+    rows    s still prefilling: the next chunk of its prompt (all chunks together at most
+            prefill_chunk_tokens per pass, and while others decode at most what
+            max_num_batched_tokens leaves beside their tokens: a long prompt never freezes them)
             s decoding: its pending token                                   [1]
     pass    forward_batch(rows) -> hidden [N, H]; the output layer once, over the decode rows [B, H]
     commit  Verifier.commit per decoding sequence (the same choice, stop and stats code as a lone
@@ -59,15 +60,17 @@ def batch_decoder_for(verifier: Verifier, config) -> "BatchDecoder":
     per_token = kv_bytes_per_token(len(decoder.layers), decoder.num_kv_heads, decoder.head_dim, decoder.dtype.itemsize)
     available = available_host_bytes() if decoder.device.type == "cpu" else torch.cuda.mem_get_info(decoder.device)[0]
     budget = KVBudget.plan(config.kv_cache_memory_gb, config.max_num_seqs, config.max_model_len, per_token, available)
-    return BatchDecoder(verifier, config.max_num_seqs, config.prefill_chunk_tokens, config.prefix_caching, budget)
+    return BatchDecoder(verifier, config.max_num_seqs, config.prefill_chunk_tokens, config.prefix_caching, budget,
+                        config.max_num_batched_tokens)
 
 
 class BatchDecoder:
     def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int,
-                 is_prefix_cached: bool, kv_budget: KVBudget):
+                 is_prefix_cached: bool, kv_budget: KVBudget, max_num_batched_tokens: int = 64):
         self.verifier, self.runner = verifier, verifier.runner
         self.decoder: LeanDecoder = verifier.runner.decoder
         self.max_num_seqs, self.prefill_chunk_tokens = max_num_seqs, prefill_chunk_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_budget = kv_budget
         self.running: dict[int, Running] = {}
         self.cancelled: set[int] = set()
@@ -150,10 +153,11 @@ class BatchDecoder:
 
     def _rows(self) -> tuple[list[tuple[KVSlot, torch.Tensor]], list[tuple[Running, bool]]]:
         """(slot, new token ids) per sequence in this pass, and (its Running, is it decoding)."""
-        rows, owners, room = [], [], self.prefill_chunk_tokens
-        for run in self.running.values():
-            if run.seq.finish_reason is not None:
-                continue
+        live = [run for run in self.running.values() if run.seq.finish_reason is None]
+        num_decoding = sum(run.slot.num_cached >= len(run.seq.token_ids) - 1 for run in live)
+        room = self._prefill_room(num_decoding)
+        rows, owners = [], []
+        for run in live:
             target, num_cached = len(run.seq.token_ids) - 1, run.slot.num_cached
             if num_cached < target:                                             # prefill, in chunks
                 if room <= 0:
@@ -167,6 +171,14 @@ class BatchDecoder:
             rows.append((run.slot, torch.tensor(ids, dtype=torch.long, device=self.runner.device)))
             owners.append((run, num_cached >= target))
         return rows, owners
+
+    def _prefill_room(self, num_decoding: int) -> int:
+        """Prompt tokens this pass may take: a whole chunk when nobody is decoding; beside decoding
+        streams, what max_num_batched_tokens leaves (at least a quarter of it, so prompts advance)."""
+        if num_decoding == 0:
+            return self.prefill_chunk_tokens
+        budget = self.max_num_batched_tokens
+        return min(self.prefill_chunk_tokens, max(budget - num_decoding, budget // 4, 1))
 
     def _leave(self, run: Running, emit) -> None:
         del self.running[run.seq.request_id]

@@ -67,6 +67,7 @@ class EngineConfig:
     acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
     max_num_seqs: int = 1                 # ar: requests decoded at once, one pass for all (engine/batch_decode.py)
+    max_num_batched_tokens: int = 64      # ar batching: tokens per pass while requests decode (prompt chunks fill it)
     prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
     kv_cache_memory_gb: float = 0.0       # KV the running requests may reserve; 0 = auto (engine/kv_budget.py)
     prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
@@ -114,7 +115,8 @@ class EngineConfig:
                 _parse_cores(getattr(self, name))
             except ValueError as exc:
                 raise ConfigError(f"{name}: cannot parse core list {getattr(self, name)!r}") from exc
-        positive = ("max_draft_lead", "max_verify_tokens", "max_model_len", "prefill_chunk_tokens", "max_num_seqs")
+        positive = ("max_draft_lead", "max_verify_tokens", "max_model_len", "prefill_chunk_tokens", "max_num_seqs",
+                    "max_num_batched_tokens")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(_E["prefill_chunk_tokens"], description="longest prompt chunk per forward")
     max_num_seqs: int = Field(_E["max_num_seqs"], description="ar (also when mode auto chooses it): requests "
                               "decoded at once, one forward pass for all (continuous batching)")
+    max_num_batched_tokens: int = Field(_E["max_num_batched_tokens"], description="ar batching: tokens in one "
+                                        "forward pass while requests are decoding (their tokens + prompt chunks), "
+                                        "so that a long prompt does not freeze the running streams")
     prefix_caching: bool = Field(_E["prefix_caching"], description="reuse the KV of the prefix shared with "
                                  "the previous request (system prompt, earlier turns)")
     kv_cache_memory_gb: float = Field(_E["kv_cache_memory_gb"], ge=0, description="KV cache the running "

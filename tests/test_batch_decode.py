@@ -53,8 +53,9 @@ def _verifier(model) -> Verifier:
                     SpeculationBudget(None, 8))
 
 
-def _batch(model, max_num_seqs: int, kv_budget_tokens: int = 100_000) -> BatchDecoder:
-    return BatchDecoder(_verifier(model), max_num_seqs, CHUNK, True, KVBudget(kv_budget_tokens, 1, "test"))
+def _batch(model, max_num_seqs: int, kv_budget_tokens: int = 100_000, max_num_batched_tokens: int = 64) -> BatchDecoder:
+    return BatchDecoder(_verifier(model), max_num_seqs, CHUNK, True, KVBudget(kv_budget_tokens, 1, "test"),
+                        max_num_batched_tokens)
 
 
 def _collect(outputs: list) -> dict[int, dict]:
@@ -112,20 +113,29 @@ def test_every_request_gets_what_it_gets_alone(model):
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
-    """While a 5-chunk prompt prefills, a running stream still gets a token at every step."""
+    """While a long prompt prefills, a running stream still gets a token at every pass and no pass
+    holds more than max_num_batched_tokens tokens; with nobody decoding, chunks of prefill_chunk_tokens."""
     requests = _requests(model.config.vocab_size)
-    batch, outputs = _batch(model, 2), []
+    long = StartRequest(99, [i % 200 for i in range(5 * CHUNK)], SamplingParams(max_tokens=3, ignore_eos=True))
+    batch, outputs, pass_sizes = _batch(model, 2, max_num_batched_tokens=17), [], []
+    forward_batch = batch.decoder.forward_batch
+    batch.decoder.forward_batch = lambda rows: pass_sizes.append(sum(len(ids) for _, ids in rows)) or forward_batch(rows)
     batch.admit(new_sequence(requests[0], [], MAX_MODEL_LEN, "coupled"))
     batch.step(outputs.append)
-    long = StartRequest(99, [i % 200 for i in range(5 * CHUNK)], SamplingParams(max_tokens=3, ignore_eos=True))
     batch.admit(new_sequence(long, [], MAX_MODEL_LEN, "coupled"))
-    for _ in range(5):
+    while batch.running[99].slot.num_cached < 5 * CHUNK - 1:            # all but the pending token
         before = len(outputs)
         batch.step(outputs.append)
         assert [o.request_id for o in outputs[before:]] == [requests[0].request_id]
-    assert batch.running[99].slot.num_cached == 5 * CHUNK - 1            # all but the pending token
+    assert max(pass_sizes[1:]) == 17 and len(pass_sizes) == 1 + -(-(5 * CHUNK - 1) // 16)
     batch.step(outputs.append)
     assert any(o.request_id == 99 for o in outputs)
+    alone, pass_sizes[:] = _batch(model, 2, max_num_batched_tokens=17), []
+    alone_forward = alone.decoder.forward_batch
+    alone.decoder.forward_batch = lambda rows: pass_sizes.append(sum(len(ids) for _, ids in rows)) or alone_forward(rows)
+    alone.admit(new_sequence(long, [], MAX_MODEL_LEN, "coupled"))
+    alone.step(outputs.append)
+    assert pass_sizes == [CHUNK]
 
 
 def test_a_new_request_reuses_the_kv_of_a_finished_one_it_shares_a_prefix_with(model):
