@@ -32,41 +32,60 @@ decoder, tests/test_batch_decode.py end to end): greedy and seeded outputs equal
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from engine.batch_draft import BatchDrafter
+from engine.cost_model import SpeculationBudget
 from engine.decoder import KVSlot, LeanDecoder
 from engine.decoding import Sequence, Verifier
 from engine.kv_budget import KVBudget, available_host_bytes, kv_bytes_per_token
 from engine.models import common_prefix_length
 from engine.messages import RequestDone
+from engine.proposers import Proposal
 
 
 @dataclass
 class Running:
     seq: Sequence
-    slot: KVSlot
+    slot: KVSlot                            # the verify's KV of this sequence
+    draft_slot: KVSlot | None               # sync: the draft model's (engine/batch_draft.py)
+    budget: SpeculationBudget               # sync: this sequence's draft length, from its own acceptance
     admitted_at: float
     prompt_hidden: list[torch.Tensor] = field(default_factory=list)    # prompt logprobs (echo) only
 
 
-def batch_decoder_for(verifier: Verifier, config) -> "BatchDecoder":
-    """The batch an EngineConfig asks for; ValueError where batching cannot run."""
+@dataclass
+class FreeSlot:
+    """A finished request's KV, kept for a request sharing its prefix."""
+    slot: KVSlot
+    draft_slot: KVSlot | None
+    token_ids: list[int]                    # what the verify slot holds
+
+
+def batch_decoder_for(verifier: Verifier, config, draft_runner=None) -> "BatchDecoder":
+    """The batch an EngineConfig asks for (`sync`: with the local draft model); ValueError where
+    batching cannot run."""
     decoder = verifier.runner.decoder
     if not isinstance(decoder, LeanDecoder):
         raise ValueError("continuous batching needs the lean decoder (decoder: lean / auto on CPU)")
-    per_token = kv_bytes_per_token(len(decoder.layers), decoder.num_kv_heads, decoder.head_dim, decoder.dtype.itemsize)
+    drafter = BatchDrafter(draft_runner, config.max_num_batched_tokens) if draft_runner is not None else None
+    per_token = sum(kv_bytes_per_token(len(d.layers), d.num_kv_heads, d.head_dim, d.dtype.itemsize)
+                    for d in [decoder] + ([drafter.decoder] if drafter else []))
     available = available_host_bytes() if decoder.device.type == "cpu" else torch.cuda.mem_get_info(decoder.device)[0]
     budget = KVBudget.plan(config.kv_cache_memory_gb, config.max_num_seqs, config.max_model_len, per_token, available)
     return BatchDecoder(verifier, config.max_num_seqs, config.prefill_chunk_tokens, config.prefix_caching, budget,
-                        config.max_num_batched_tokens)
+                        config.max_num_batched_tokens, drafter)
 
 
 class BatchDecoder:
     def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int,
-                 is_prefix_cached: bool, kv_budget: KVBudget, max_num_batched_tokens: int = 64):
+                 is_prefix_cached: bool, kv_budget: KVBudget, max_num_batched_tokens: int = 64,
+                 drafter: BatchDrafter | None = None):
+        self.verifier, self.drafter = verifier, drafter
         self.verifier, self.runner = verifier, verifier.runner
         self.decoder: LeanDecoder = verifier.runner.decoder
         self.max_num_seqs, self.prefill_chunk_tokens = max_num_seqs, prefill_chunk_tokens
@@ -75,7 +94,7 @@ class BatchDecoder:
         self.running: dict[int, Running] = {}
         self.cancelled: set[int] = set()
         self.is_prefix_cached = is_prefix_cached
-        self._free_slots: list[tuple[KVSlot, list[int]]] = []    # (slot, token ids its KV holds), oldest first
+        self._free_slots: list[FreeSlot] = []                      # oldest first
 
     @property
     def is_busy(self) -> bool:
@@ -85,7 +104,7 @@ class BatchDecoder:
     def num_kv_tokens_held(self) -> int:
         """Running reservations + pooled capacity: what this batch may hold (<= the budget)."""
         return sum(run.seq.max_len for run in self.running.values()) + \
-            sum(slot.capacity for slot, _ in self._free_slots)
+            sum(free.slot.capacity for free in self._free_slots)
 
     def admit(self, seq: Sequence) -> None:
         if len(self.running) >= self.max_num_seqs:
@@ -94,23 +113,29 @@ class BatchDecoder:
         if self.running and num_reserved > self.kv_budget.num_tokens:     # (alone, any request runs)
             raise RuntimeError(f"KV reservations of {num_reserved} tokens sent to a batch whose budget is "
                                f"{self.kv_budget.num_tokens}")
-        slot, num_reused = self._slot_for(seq.token_ids[:-1])
-        slot.limit_capacity(seq.max_len)
-        seq.stats.num_cached_prompt_tokens = num_reused
-        self.running[seq.request_id] = Running(seq, slot, time.perf_counter())
+        free = self._slot_for(seq.token_ids[:-1])
+        for slot in (free.slot, free.draft_slot):
+            if slot is not None:
+                slot.limit_capacity(seq.max_len)
+        seq.stats.num_cached_prompt_tokens = free.slot.num_cached
+        budget = copy.copy(self.verifier.budget)
+        budget.start_request()                       # this sequence's own acceptance estimate
+        self.running[seq.request_id] = Running(seq, free.slot, free.draft_slot, budget, time.perf_counter())
         while self._free_slots and self.num_kv_tokens_held > self.kv_budget.num_tokens:
             self._free_slots.pop(0)                                          # its KV goes back to the allocator
 
-    def _slot_for(self, prefix: list[int]) -> tuple[KVSlot, int]:
-        """The free slot sharing the longest prefix with `prefix` (its KV kept for that many tokens),
-        else a new one."""
+    def _slot_for(self, prefix: list[int]) -> FreeSlot:
+        """The free slot(s) sharing the longest prefix with `prefix` (their KV kept for that many
+        tokens), else new ones."""
         if not self._free_slots:
-            return self.decoder.new_slot(), 0
-        shared = [common_prefix_length(ids, prefix) for _, ids in self._free_slots]
+            return FreeSlot(self.decoder.new_slot(), self.drafter.new_slot() if self.drafter else None, [])
+        shared = [common_prefix_length(free.token_ids, prefix) for free in self._free_slots]
         best = max(range(len(shared)), key=shared.__getitem__)
-        slot, _ = self._free_slots.pop(best)
-        slot.num_cached = shared[best] if self.is_prefix_cached else 0
-        return slot, slot.num_cached
+        free = self._free_slots.pop(best)
+        free.slot.num_cached = shared[best] if self.is_prefix_cached else 0
+        if free.draft_slot is not None:
+            free.draft_slot.num_cached = min(free.draft_slot.num_cached, free.slot.num_cached)
+        return free
 
     def cancel(self, request_id: int) -> None:
         if request_id in self.running:
@@ -122,41 +147,62 @@ class BatchDecoder:
         for request_id in list(self.cancelled):
             self.running[request_id].seq.finish_reason = "cancelled"
         self.cancelled.clear()
-        rows, owners = self._rows()
-        decoding = [run for run, is_decoding in owners if is_decoding]
+        plan = self._plan()                                                     # [(run, ids, is_decoding)]
+        decoding = [run for run, _, is_decoding in plan if is_decoding]
+        proposals = self.drafter.propose(decoding) if self.drafter and decoding else {}
+        verify_start = time.perf_counter()
+        rows = [(run.slot, torch.tensor(ids + (proposals[run.seq.request_id].draft_ids if is_decoding and proposals
+                                               else []), dtype=torch.long, device=self.runner.device))
+                for run, ids, is_decoding in plan]
         if decoding:
-            _count_pass(decoding[0].seq.stats, len(owners))
+            _count_pass(decoding[0].seq.stats, len(plan))
         if rows:
             hidden = self.decoder.forward_batch(rows)                           # [N, H]
             offset, decode_rows = 0, []
-            for (_, ids), (run, is_decoding) in zip(rows, owners):
+            for (_, ids), (run, _, is_decoding) in zip(rows, plan):
                 rows_of_run = hidden[offset:offset + len(ids)]
                 offset += len(ids)
                 if is_decoding:
-                    decode_rows.append(rows_of_run)                             # [1, H]
+                    decode_rows.append(rows_of_run)                             # [1 + K_i, H]
                 elif run.seq.params.num_prompt_logprobs is not None:
                     run.prompt_hidden.append(rows_of_run)
             # one output-layer call for all decoding rows: its weights (V x H) are read once per pass
-            logits = self.runner.logits(torch.cat(decode_rows)) if decode_rows else None    # [B_decoding, V]
-            for i, run in enumerate(decoding):
-                if run.prompt_hidden:
-                    run.seq.prompt_logprobs = [None] + self.verifier.prompt_logprobs(
-                        run.prompt_hidden, run.seq.token_ids[1:], run.seq.params.num_prompt_logprobs)
-                    run.prompt_hidden = []
-                emit(self.verifier.commit(run.seq, logits[i:i + 1], [], 0)[0])  # [1, V]
-        busy_s = (time.perf_counter() - start) / max(1, len(owners))
-        for run, _ in owners:
+            logits = self.runner.logits(torch.cat(decode_rows)) if decode_rows else None    # [sum(1 + K_i), V]
+            offset = 0
+            for run, rows_of_run in zip(decoding, decode_rows):
+                self._commit(run, logits[offset:offset + len(rows_of_run)], proposals.get(run.seq.request_id), emit)
+                offset += len(rows_of_run)
+        busy_s = (time.perf_counter() - verify_start) / max(1, len(plan))
+        for run, _, _ in plan:
             run.seq.stats.verify_busy_s += busy_s
         for request_id, run in list(self.running.items()):
             if run.seq.finish_reason is not None:
                 self._leave(run, emit)
 
-    def _rows(self) -> tuple[list[tuple[KVSlot, torch.Tensor]], list[tuple[Running, bool]]]:
-        """(slot, new token ids) per sequence in this pass, and (its Running, is it decoding)."""
+    def _commit(self, run: Running, logits: torch.Tensor, proposal: Proposal | None, emit) -> None:
+        """logits [1 + K, V] over the pending token + K draft tokens: commit 1..K+1 tokens, keep the
+        KV of the pending and accepted positions (the new pending token is not in it)."""
+        seq = run.seq
+        if run.prompt_hidden:
+            seq.prompt_logprobs = [None] + self.verifier.prompt_logprobs(
+                run.prompt_hidden, seq.token_ids[1:], seq.params.num_prompt_logprobs)
+            run.prompt_hidden = []
+        draft_ids = proposal.draft_ids if proposal else []
+        c = seq.num_committed
+        out, num_accepted = self.verifier.commit(seq, logits, draft_ids, len(draft_ids),
+                                                 proposal.draft_probs if proposal else None, run.budget)
+        run.slot.num_cached = c + num_accepted
+        if self.drafter is not None and proposal is not None:
+            self.drafter.observe(run, c, num_accepted, proposal, out)
+        emit(out)
+
+    def _plan(self) -> list[tuple[Running, list[int], bool]]:
+        """(its Running, token ids to feed, is it decoding) per sequence in this pass: a decoding
+        sequence feeds its pending token (sync: + its draft tokens), a prefilling one its next chunk."""
         live = [run for run in self.running.values() if run.seq.finish_reason is None]
         num_decoding = sum(run.slot.num_cached >= len(run.seq.token_ids) - 1 for run in live)
         room = self._prefill_room(num_decoding)
-        rows, owners = [], []
+        plan = []
         for run in live:
             target, num_cached = len(run.seq.token_ids) - 1, run.slot.num_cached
             if num_cached < target:                                             # prefill, in chunks
@@ -168,9 +214,8 @@ class BatchDecoder:
                     run.seq.stats.prefill_s = time.perf_counter() - run.admitted_at
             else:
                 ids = run.seq.token_ids[-1:]                                    # the pending token
-            rows.append((run.slot, torch.tensor(ids, dtype=torch.long, device=self.runner.device)))
-            owners.append((run, num_cached >= target))
-        return rows, owners
+            plan.append((run, ids, num_cached >= target))
+        return plan
 
     def _prefill_room(self, num_decoding: int) -> int:
         """Prompt tokens this pass may take: a whole chunk when nobody is decoding; beside decoding
@@ -182,7 +227,11 @@ class BatchDecoder:
 
     def _leave(self, run: Running, emit) -> None:
         del self.running[run.seq.request_id]
-        self._free_slots.append((run.slot, run.seq.token_ids[:run.slot.num_cached]))
+        self._free_slots.append(FreeSlot(run.slot, run.draft_slot, run.seq.token_ids[:run.slot.num_cached]))
+        if self.drafter is not None:
+            stats = run.seq.stats
+            stats.num_draft_tokens_wasted = stats.num_draft_tokens - stats.num_accepted_tokens
+            stats.num_draft_tokens_produced = stats.num_draft_tokens
         run.seq.stats.total_s = time.perf_counter() - run.admitted_at
         emit(RequestDone(run.seq.request_id, run.seq.finish_reason, run.seq.stats))
 

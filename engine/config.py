@@ -66,8 +66,8 @@ class EngineConfig:
     max_verify_tokens: int = 8            # most proposed tokens checked in one verify forward (cost model's cap)
     acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
-    max_num_seqs: int = 1                 # ar: requests decoded at once, one pass for all (engine/batch_decode.py)
-    max_num_batched_tokens: int = 64      # ar batching: tokens per pass while requests decode (prompt chunks fill it)
+    max_num_seqs: int = 1                 # ar, sync: requests decoded at once, one pass for all (engine/batch_decode.py)
+    max_num_batched_tokens: int = 64      # batching: tokens per pass while requests decode (prompt chunks fill it)
     prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
     kv_cache_memory_gb: float = 0.0       # KV the running requests may reserve; 0 = auto (engine/kv_budget.py)
     prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
@@ -133,8 +133,8 @@ class EngineConfig:
     def warnings(self) -> list[str]:
         """Settings that work but probably do not do what the user wants."""
         found = []
-        if self.max_num_seqs > 1 and self.mode in ("sync", "async"):
-            found.append(f"max_num_seqs {self.max_num_seqs} batches mode ar only: {self.mode} runs one request "
+        if self.max_num_seqs > 1 and self.mode == "async":
+            found.append(f"max_num_seqs {self.max_num_seqs} batches modes ar and sync: async runs one request "
                          "at a time")
         if self.uses_draft_worker and self.verify_device == self.draft_device and self.verify_device != "cpu":
             found.append(f"draft and verify workers share {self.verify_device}: without CUDA MPS their kernels "

@@ -121,12 +121,14 @@ class Verifier:
         return out
 
     def commit(self, seq: Sequence, logits: torch.Tensor, proposal: list[int], num_draft_ids: int,
-               draft_probs: torch.Tensor | None = None) -> tuple[TokensOut, int]:
+               draft_probs: torch.Tensor | None = None,
+               budget: SpeculationBudget | None = None) -> tuple[TokensOut, int]:
         """Choose and commit the tokens of one verify forward: logits [K+1, V] over pending + proposal
-        (its first num_draft_ids tokens from the draft). Returns (the output, proposals accepted)."""
+        (its first num_draft_ids tokens from the draft). Returns (the output, proposals accepted).
+        `budget` learns the acceptance (default: this verifier's; a batch keeps one per sequence)."""
         num_accepted, new_ids = seq.chooser.verify(logits, seq.output_ids, proposal, draft_probs)
         new_ids = self._truncate_at_stop(seq, new_ids)
-        self.budget.record(len(proposal), num_accepted)
+        (budget or self.budget).record(len(proposal), num_accepted)
         seq.token_ids.extend(new_ids)
         logprobs = None
         if seq.params.num_logprobs is not None:

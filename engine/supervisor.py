@@ -12,7 +12,7 @@ Process topology (the supervisor lives in the frontend process; torch is importe
         CANCEL_REQUEST_ID, heartbeats ------> |      v  committed_tokens, NUM_COMMITTED, EPOCH
                                               | verify worker process: ar / sync / async verify
 
-One request runs at a time, or in `ar` with `max_num_seqs` > 1 up to that many in the verify
+One request runs at a time, or in `ar` / `sync` with `max_num_seqs` > 1 up to that many in the verify
 worker's batch (engine/batch_decode.py), as their KV reservations fit its budget (engine/admission.py:
 who waits, who runs, who starts next). The scheduler thread starts requests on the workers,
 forwards their outputs to each request's callback, applies cancellation (one request: through
@@ -152,8 +152,8 @@ class EngineSupervisor(WorkerRecovery):
         save_decision(self.requested_config, plan.mode, plan.reason, verify_costs_id)
 
     def _config_for(self, mode: str) -> EngineConfig:
-        """The configuration run as `mode` (max_num_seqs batches ar only)."""
-        batch = self.requested_config.max_num_seqs if mode == "ar" else 1
+        """The configuration run as `mode` (max_num_seqs batches ar and sync, not async yet)."""
+        batch = self.requested_config.max_num_seqs if mode in ("ar", "sync") else 1
         return self.requested_config.replace(mode=mode, max_num_seqs=batch)
 
     def _restart_as(self, mode: str) -> None:

@@ -129,11 +129,11 @@ class VerifyWorker:
             verify.runner.prefill_placement = PrefillPlacement(prefill_cores)
         # The verify reads draft tokens from host memory whatever the draft's device (engine/token_channel.py).
         self.channel = HostDraftChannel(state, _share_draft_probs(config, peer_conn, "verify", 0))
-        self.batch = None                         # ar with max_num_seqs > 1: engine/batch_decode.py
-        if config.mode == "ar" and config.max_num_seqs > 1:
+        self.batch = None                         # ar / sync with max_num_seqs > 1: engine/batch_decode.py
+        if config.mode in ("ar", "sync") and config.max_num_seqs > 1:
             from engine.batch_decode import batch_decoder_for
             try:
-                self.batch = batch_decoder_for(self.verifier, config)
+                self.batch = batch_decoder_for(self.verifier, config, self.drafter)
                 self.runtime = {**self.runtime, **self.batch.kv_budget.as_runtime()}
             except ValueError as exc:
                 logging.getLogger("amusd.verify").warning("max_num_seqs %d: %s; decoding one request at a time",

@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     acceptance_prior: float = Field(_E["acceptance_prior"], description="cost model: acceptance rate assumed "
                                     "before any is observed")
     prefill_chunk_tokens: int = Field(_E["prefill_chunk_tokens"], description="longest prompt chunk per forward")
-    max_num_seqs: int = Field(_E["max_num_seqs"], description="ar (also when mode auto chooses it): requests "
+    max_num_seqs: int = Field(_E["max_num_seqs"], description="ar and sync (also when mode auto chooses them): requests "
                               "decoded at once, one forward pass for all (continuous batching)")
-    max_num_batched_tokens: int = Field(_E["max_num_batched_tokens"], description="ar batching: tokens in one "
+    max_num_batched_tokens: int = Field(_E["max_num_batched_tokens"], description="batching: tokens in one "
                                         "forward pass while requests are decoding (their tokens + prompt chunks), "
                                         "so that a long prompt does not freeze the running streams")
     prefix_caching: bool = Field(_E["prefix_caching"], description="reuse the KV of the prefix shared with "

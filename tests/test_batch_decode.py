@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from engine.batch_decode import BatchDecoder, batch_decoder_for
+from engine.batch_draft import BatchDrafter
 from engine.config import EngineConfig
 from engine.cost_model import SpeculationBudget
 from engine.decoding import Verifier, new_sequence, run_decode
 from engine.kv_budget import KVBudget
 from engine.messages import GenerationRequest, RequestDone, SamplingParams, StartRequest, TokensOut
 from engine.models import ModelRunner, load_causal_lm
-from engine.proposers import NoProposer
+from engine.proposers import LocalDraftProposer, NoProposer
 from engine.tiny_models import ensure_tiny_model
 
 MAX_MODEL_LEN = 1024
@@ -31,6 +32,11 @@ CHUNK = 64
 @pytest.fixture(scope="module")
 def model(session_cache_dir):
     return load_causal_lm(ensure_tiny_model("tiny-random/verify", session_cache_dir), None, "cpu", "float64")
+
+
+@pytest.fixture(scope="module")
+def draft_model(session_cache_dir):
+    return load_causal_lm(ensure_tiny_model("tiny-random/draft", session_cache_dir), None, "cpu", "float64")
 
 
 def _requests(vocab: int) -> list[StartRequest]:
@@ -71,31 +77,33 @@ def _collect(outputs: list) -> dict[int, dict]:
     return by_request
 
 
-def test_every_request_gets_what_it_gets_alone(model):
-    requests = _requests(model.config.vocab_size)
-    alone = []
+def _alone(model, requests) -> dict[int, dict]:
+    """What each request gets alone, through run_decode with no proposer (`ar`)."""
+    outputs = []
     for req in requests:
         seq = new_sequence(req, [], MAX_MODEL_LEN, "coupled")
-        run_decode(seq, _verifier(model), NoProposer(), alone.append, lambda: False)
-        alone.append(RequestDone(req.request_id, seq.finish_reason, seq.stats))
-    expected = _collect(alone)
+        run_decode(seq, _verifier(model), NoProposer(), outputs.append, lambda: False)
+        outputs.append(RequestDone(req.request_id, seq.finish_reason, seq.stats))
+    return _collect(outputs)
 
-    batch, outputs = _batch(model, 4), []
-    waiting, num_steps, max_batch = list(requests), 0, 0
+
+def _run_joining(batch: BatchDecoder, requests) -> tuple[list, int]:
+    """Requests join mid-flight (one at every other step, while there is room); request 6 is
+    cancelled once it has 5 tokens, while others run beside it. (outputs, the largest batch)."""
+    outputs, waiting, num_steps, max_batch = [], list(requests), 0, 0
     while waiting or batch.is_busy:
-        # join mid-flight: one request at every other step, while there is room
         if waiting and len(batch.running) < batch.max_num_seqs and num_steps % 2 == 0:
-            req = waiting.pop(0)
-            batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+            batch.admit(new_sequence(waiting.pop(0), [], MAX_MODEL_LEN, "coupled"))
         if 6 in batch.running and len(batch.running[6].seq.output_ids) >= 5:
-            batch.cancel(6)                                  # mid-flight, while others run beside it
+            batch.cancel(6)
         if batch.is_busy:
             batch.step(outputs.append)
         max_batch = max(max_batch, len(batch.running))
         num_steps += 1
-    got = _collect(outputs)
+    return outputs, max_batch
 
-    assert max_batch == 4, "the batch must fill up"
+
+def _assert_each_as_alone(got: dict, expected: dict, requests) -> None:
     assert got[6]["done"] == "cancelled" and got[6]["tokens"] == expected[6]["tokens"][:len(got[6]["tokens"])]
     assert 0 < len(got[6]["tokens"]) < 200
     assert expected[7]["done"] == got[7]["done"]
@@ -110,6 +118,39 @@ def test_every_request_gets_what_it_gets_alone(model):
     assert len(prompt_got) == len(prompt_want) == len(requests[3].prompt_token_ids)
     for a, b in zip(prompt_got[1:], prompt_want[1:]):
         assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-9)
+
+
+def test_every_request_gets_what_it_gets_alone(model):
+    requests = _requests(model.config.vocab_size)
+    outputs, max_batch = _run_joining(_batch(model, 4), requests)
+    assert max_batch == 4, "the batch must fill up"
+    _assert_each_as_alone(_collect(outputs), _alone(model, requests), requests)
+
+
+def test_sync_drafts_and_verifies_the_whole_batch_and_each_request_gets_what_it_gets_alone(model, draft_model):
+    """sync with batching (engine/batch_draft.py): k = 3 draft tokens per sequence per step, the
+    draft's rounds and the verify's pass over all of them; rejections roll back each sequence's
+    own KV in both models. The long prompt (3 chunks) catches up in the draft a chunk per step."""
+    requests = _requests(model.config.vocab_size)
+    verifier = Verifier(ModelRunner(model, "cpu", prefill_chunk_tokens=CHUNK, decoder_impl="lean"),
+                        SpeculationBudget(None, 8, num_fixed=3))
+    drafter = BatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), max_catch_up=CHUNK)
+    batch = BatchDecoder(verifier, 4, CHUNK, True, KVBudget(100_000, 1, "test"), 64, drafter)
+    outputs, max_batch = _run_joining(batch, requests)
+    assert max_batch == 4
+    _assert_each_as_alone(_collect(outputs), _alone(model, requests), requests)
+    stats = {out.request_id: out.stats for out in outputs if isinstance(out, RequestDone)}
+    assert sum(st.num_accepted_tokens for st in stats.values()) > 0 and sum(st.num_rollbacks for st in stats.values()) > 0
+    # the same drafts as sync alone (request 4's long prompt catches up in the draft first; 6 is cancelled)
+    for req in requests:
+        if req.request_id in (4, 6):
+            continue
+        seq = new_sequence(req, [], MAX_MODEL_LEN, "coupled")
+        run_decode(seq, Verifier(ModelRunner(model, "cpu", decoder_impl="lean"), SpeculationBudget(None, 8, num_fixed=3)),
+                   LocalDraftProposer(ModelRunner(draft_model, "cpu", decoder_impl="lean")), lambda out: None, lambda: False)
+        got = stats[req.request_id]
+        assert (got.num_draft_tokens, got.num_accepted_tokens, got.num_verify_steps) == \
+            (seq.stats.num_draft_tokens, seq.stats.num_accepted_tokens, seq.stats.num_verify_steps), req.request_id
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
@@ -175,7 +216,7 @@ def test_kv_stays_within_each_reservation_and_the_budget(model):
     for req in (a, b):
         batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
     run_to_completion()
-    assert [slot.capacity for slot, _ in batch._free_slots] == [320, 300]     # kept for reuse, a's oldest
+    assert [free.slot.capacity for free in batch._free_slots] == [320, 300]     # kept for reuse, a's oldest
     batch.admit(new_sequence(c, [], MAX_MODEL_LEN, "coupled"))               # takes a's slot; 400 + 300 > 650
     assert batch._free_slots == [] and batch.num_kv_tokens_held == 400
     run_to_completion()
@@ -277,3 +318,25 @@ def test_the_kv_budget_limits_how_many_requests_run_at_once(session_cache_dir):
         assert one.num_passes_by_batch_size[0] >= 1
     finally:
         sup.shutdown()
+
+
+def test_the_engine_batches_sync_requests_and_each_gets_what_ar_gives(session_cache_dir):
+    from tests.engine_helpers import random_prompts, run, start_engine, tiny_config, wait_until
+    prompts = random_prompts(5, seed=7)
+    params = dict(max_tokens=20, temperature=0.7, seed=9, ignore_eos=True)
+    sup = start_engine(tiny_config(session_cache_dir, "sync", max_num_seqs=3, num_speculative_tokens=2))
+    try:
+        assert sup.max_num_running == 3 and sup.health()["workers"]["verify"]["max_num_seqs"] == 3
+        expected = [run(sup, p, **params)[0] for p in prompts]           # one at a time through the batch
+        outputs = _submit_all(sup, prompts, **params)
+        assert wait_until(lambda: all(o and o[-1].finished for o in outputs.values()), 60)
+        assert [[t for o in outs for t in o.token_ids] for outs in outputs.values()] == expected
+        stats = [outs[-1].stats for outs in outputs.values()]
+        assert _largest_batch(stats) == 3 and sum(st.num_accepted_tokens for st in stats) > 0
+    finally:
+        sup.shutdown()
+    ar = start_engine(tiny_config(session_cache_dir, "ar"))
+    try:
+        assert [run(ar, p, **params)[0] for p in prompts] == expected
+    finally:
+        ar.shutdown()

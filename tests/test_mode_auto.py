@@ -58,9 +58,10 @@ def test_a_decision_belongs_to_its_configuration(tmp_path):
     assert load_decision(_config(tmp_path, acceptance_prior=0.9)) is None      # any other setting decides anew
 
 
-def test_max_num_seqs_batches_ar_only_and_says_so_elsewhere(tmp_path):
-    assert not _config(tmp_path, max_num_seqs=8).warnings()                        # auto: applies if it picks ar
+def test_max_num_seqs_batches_ar_and_sync_and_says_so_for_async(tmp_path):
+    assert not _config(tmp_path, max_num_seqs=8).warnings()                  # auto: applies if it picks ar / sync
+    assert not _config(tmp_path, max_num_seqs=8).replace(mode="sync").warnings()
     warnings = _config(tmp_path, max_num_seqs=8).replace(mode="async").warnings()
-    assert any("batches mode ar only" in w for w in warnings)
+    assert any("batches modes ar and sync" in w for w in warnings)
     with pytest.raises(Exception, match="max_num_seqs must be >= 1"):
         _config(tmp_path, max_num_seqs=0)

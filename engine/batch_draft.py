@@ -1,0 +1,89 @@
+"""`sync` with continuous batching: the draft model proposes tokens for every decoding sequence at once.
+
+    drafter = BatchDrafter(draft_runner)            # the sync draft model, in the verify worker
+    proposals = drafter.propose(runs)               # before the verify pass: k_i draft tokens each
+    drafter.observe(run, c, num_accepted, out)      # after its commit: crop the draft KV to what stays
+
+Each sequence keeps its draft KV in a slot of its own (run.draft_slot). One propose = rounds of
+one LeanDecoder.forward_batch each, over the sequences still drafting:
+
+    round 0   row i: the tokens its draft slot lacks (committed[n_i:c_i - 1]) + the pending token
+    round r   row i: its draft token r - 1                                          [1]
+    logits    the draft's output layer once per round over the last row of each     [B_r, V]
+    choose    seq.chooser.draft (the same noise / q as a lone sync request)
+
+k_i = min(the sequence's own budget (cost model or num_speculative_tokens), room left before
+max_len). A sequence whose draft slot lags by more than `max_catch_up` tokens (a long prompt)
+catches up a chunk per step and proposes nothing until it is level, so no row freezes the batch.
+After the verify commits c + a tokens of a sequence, its draft slot keeps positions < c + a:
+committed[:c] (fed) and the a accepted draft tokens (fed, except the last drafted one, never fed).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.decoder import KVSlot, LeanDecoder
+from engine.messages import TokensOut
+from engine.models import ModelRunner
+from engine.proposers import Proposal
+
+
+class BatchDrafter:
+    def __init__(self, runner: ModelRunner, max_catch_up: int):
+        if not isinstance(runner.decoder, LeanDecoder):
+            raise ValueError("sync batching needs the lean decoder for the draft model too")
+        self.runner, self.decoder = runner, runner.decoder
+        self.max_catch_up = max_catch_up
+
+    def new_slot(self) -> KVSlot:
+        return self.decoder.new_slot()
+
+    def propose(self, runs: list) -> dict[int, Proposal]:
+        """Draft tokens for each of `runs` (Running: .seq, .draft_slot, .budget), by request id."""
+        start = time.perf_counter()
+        proposals, first_rows = {}, {}
+        for run in runs:
+            seq, slot = run.seq, run.draft_slot
+            num_to_draft = max(0, min(run.budget.num_to_draft(), seq.max_len - seq.num_committed - 1))
+            proposals[seq.request_id] = Proposal(num_to_draft)
+            lag = seq.token_ids[slot.num_cached:]                   # ... the pending token last
+            if len(lag) > self.max_catch_up + 1:                     # a long prompt: a chunk now, no proposal
+                first_rows[seq.request_id] = lag[:self.max_catch_up]
+                proposals[seq.request_id].num_to_check = 0
+            elif num_to_draft > 0:
+                first_rows[seq.request_id] = lag
+        by_id = {run.seq.request_id: run for run in runs}
+        rows = first_rows                                            # request id -> token ids to feed
+        while rows:
+            order = list(rows)
+            hidden = self.decoder.forward_batch([(by_id[rid].draft_slot, self._ids(rows[rid])) for rid in order])
+            last_rows = torch.tensor([len(rows[rid]) for rid in order]).cumsum(0) - 1      # each row's last token
+            drafting = [i for i, rid in enumerate(order) if proposals[rid].num_to_check > 0]
+            logits = self.runner.logits(hidden[last_rows[drafting]]) if drafting else None     # [B_r, V]
+            rows = {}
+            for j, i in enumerate(drafting):
+                rid = order[i]
+                seq, proposal = by_id[rid].seq, proposals[rid]
+                seq.stats.num_draft_forwards += 1
+                token, q = seq.chooser.draft(logits[j:j + 1], seq.output_ids + proposal.draft_ids)
+                proposal.draft_ids.append(int(token[0]))
+                if q is not None:                                    # rejection sampling: q rows [K, V]
+                    proposal.draft_probs = q if proposal.draft_probs is None else torch.cat([proposal.draft_probs, q])
+                if len(proposal.draft_ids) < proposal.num_to_check:
+                    rows[rid] = proposal.draft_ids[-1:]
+        busy_s = (time.perf_counter() - start) / max(1, len(runs))
+        for run in runs:
+            run.seq.stats.draft_busy_s += busy_s
+        return proposals
+
+    def observe(self, run, num_committed_before: int, num_accepted: int, proposal: Proposal,
+                out: TokensOut) -> None:
+        """After the verify committed `out` for run.seq: keep the draft KV that still matches."""
+        slot, seq = run.draft_slot, run.seq
+        slot.num_cached = min(slot.num_cached, num_committed_before + num_accepted)
+        seq.stats.num_rollbacks += len(out.token_ids) <= len(proposal.draft_ids) and seq.finish_reason is None
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.runner.device)
