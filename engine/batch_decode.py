@@ -1,4 +1,5 @@
-"""`ar` with continuous batching: the verify worker decodes every running request in one pass per step.
+"""Continuous batching (`ar`, and `sync` with engine/batch_draft.py): the verify worker decodes every
+running request in one pass per step.
 
     batch = batch_decoder_for(verifier, config)     # max_num_seqs, prefill_chunk_tokens, the KV budget
     batch.admit(seq)                 # a request joins: a KV slot of its own (engine/decoder.py: KVSlot)
@@ -10,10 +11,11 @@ One step, for the running sequences s (in admission order):
     rows    s still prefilling: the next chunk of its prompt (all chunks together at most
             prefill_chunk_tokens per pass, and while others decode at most what
             max_num_batched_tokens leaves beside their tokens: a long prompt never freezes them)
-            s decoding: its pending token                                   [1]
-    pass    forward_batch(rows) -> hidden [N, H]; the output layer once, over the decode rows [B, H]
+            s decoding: its pending token, + its K_s draft tokens in sync    [1 + K_s]
+    pass    forward_batch(rows) -> hidden [N, H]; the output layer once, over the decode rows
     commit  Verifier.commit per decoding sequence (the same choice, stop and stats code as a lone
-            request; its KV slot then holds every token but the new pending one)
+            request): 1..K_s + 1 tokens; its KV slot then keeps the pending and accepted positions,
+            i.e. every committed token but the new pending one (a rejection rolls back only s)
     leave   finished (stop / length) or cancelled: RequestDone, the slot back to the pool, still
             holding that request's KV: a new request takes the free slot sharing the longest prefix
             with its prompt and prefills only the rest (a shared system prompt, a follow-up turn)
@@ -72,7 +74,8 @@ def batch_decoder_for(verifier: Verifier, config, draft_runner=None) -> "BatchDe
     decoder = verifier.runner.decoder
     if not isinstance(decoder, LeanDecoder):
         raise ValueError("continuous batching needs the lean decoder (decoder: lean / auto on CPU)")
-    drafter = BatchDrafter(draft_runner, config.max_num_batched_tokens) if draft_runner is not None else None
+    drafter = BatchDrafter(draft_runner, config.max_num_batched_tokens, config.max_verify_tokens + 1) \
+        if draft_runner is not None else None
     per_token = sum(kv_bytes_per_token(len(d.layers), d.num_kv_heads, d.head_dim, d.dtype.itemsize)
                     for d in [decoder] + ([drafter.decoder] if drafter else []))
     available = available_host_bytes() if decoder.device.type == "cpu" else torch.cuda.mem_get_info(decoder.device)[0]
@@ -85,8 +88,7 @@ class BatchDecoder:
     def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int,
                  is_prefix_cached: bool, kv_budget: KVBudget, max_num_batched_tokens: int = 64,
                  drafter: BatchDrafter | None = None):
-        self.verifier, self.drafter = verifier, drafter
-        self.verifier, self.runner = verifier, verifier.runner
+        self.verifier, self.runner, self.drafter = verifier, verifier.runner, drafter
         self.decoder: LeanDecoder = verifier.runner.decoder
         self.max_num_seqs, self.prefill_chunk_tokens = max_num_seqs, prefill_chunk_tokens
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -13,7 +13,10 @@ one LeanDecoder.forward_batch each, over the sequences still drafting:
     choose    seq.chooser.draft (the same noise / q as a lone sync request)
 
 k_i = min(the sequence's own budget (cost model or num_speculative_tokens), room left before
-max_len). A sequence whose draft slot lags by more than `max_catch_up` tokens (a long prompt)
+max_len), then cut, largest first, until the verify pass holds at most `max_verify_rows` rows
+(sum of 1 + k_i): the verify's cost curve is measured up to that many tokens, and past it a pass
+costs more than one sequence's curve says (compute-bound on CPU: 8 one-token rows cost ~2x one),
+so a full batch speculates little or not at all and runs as `ar` would. A sequence whose draft slot lags by more than `max_catch_up` tokens (a long prompt)
 catches up a chunk per step and proposes nothing until it is level, so no row freezes the batch.
 After the verify commits c + a tokens of a sequence, its draft slot keeps positions < c + a:
 committed[:c] (fed) and the a accepted draft tokens (fed, except the last drafted one, never fed).
@@ -31,11 +34,11 @@ from engine.proposers import Proposal
 
 
 class BatchDrafter:
-    def __init__(self, runner: ModelRunner, max_catch_up: int):
+    def __init__(self, runner: ModelRunner, max_catch_up: int, max_verify_rows: int):
         if not isinstance(runner.decoder, LeanDecoder):
             raise ValueError("sync batching needs the lean decoder for the draft model too")
         self.runner, self.decoder = runner, runner.decoder
-        self.max_catch_up = max_catch_up
+        self.max_catch_up, self.max_verify_rows = max_catch_up, max_verify_rows
 
     def new_slot(self) -> KVSlot:
         return self.decoder.new_slot()
@@ -43,17 +46,20 @@ class BatchDrafter:
     def propose(self, runs: list) -> dict[int, Proposal]:
         """Draft tokens for each of `runs` (Running: .seq, .draft_slot, .budget), by request id."""
         start = time.perf_counter()
-        proposals, first_rows = {}, {}
+        proposals, is_lagging = {}, {}
         for run in runs:
-            seq, slot = run.seq, run.draft_slot
-            num_to_draft = max(0, min(run.budget.num_to_draft(), seq.max_len - seq.num_committed - 1))
-            proposals[seq.request_id] = Proposal(num_to_draft)
-            lag = seq.token_ids[slot.num_cached:]                   # ... the pending token last
-            if len(lag) > self.max_catch_up + 1:                     # a long prompt: a chunk now, no proposal
-                first_rows[seq.request_id] = lag[:self.max_catch_up]
-                proposals[seq.request_id].num_to_check = 0
-            elif num_to_draft > 0:
-                first_rows[seq.request_id] = lag
+            seq, rid = run.seq, run.seq.request_id
+            is_lagging[rid] = len(seq.token_ids) - 1 - run.draft_slot.num_cached > self.max_catch_up
+            num_to_draft = 0 if is_lagging[rid] else run.budget.num_to_draft()
+            proposals[rid] = Proposal(max(0, min(num_to_draft, seq.max_len - seq.num_committed - 1)))
+        self._fit_verify_rows(list(proposals.values()))
+        first_rows = {}                                              # the draft slot's lag, the pending token last
+        for run in runs:
+            rid, lag = run.seq.request_id, run.seq.token_ids[run.draft_slot.num_cached:]
+            if is_lagging[rid]:
+                first_rows[rid] = lag[:self.max_catch_up]           # a long prompt: a chunk now, no proposal
+            elif proposals[rid].num_to_check > 0:
+                first_rows[rid] = lag
         by_id = {run.seq.request_id: run for run in runs}
         rows = first_rows                                            # request id -> token ids to feed
         while rows:
@@ -77,6 +83,16 @@ class BatchDrafter:
         for run in runs:
             run.seq.stats.draft_busy_s += busy_s
         return proposals
+
+    def _fit_verify_rows(self, proposals: list[Proposal]) -> None:
+        """Cut the largest proposals by one until sum(1 + k_i) <= max_verify_rows (or all are 0)."""
+        num_rows = sum(1 + p.num_to_check for p in proposals)
+        while num_rows > self.max_verify_rows:
+            largest = max(proposals, key=lambda p: p.num_to_check)
+            if largest.num_to_check == 0:
+                return
+            largest.num_to_check -= 1
+            num_rows -= 1
 
     def observe(self, run, num_committed_before: int, num_accepted: int, proposal: Proposal,
                 out: TokensOut) -> None:

@@ -47,6 +47,7 @@ from engine.worker_recovery import POLL_S, WorkerRecovery
 
 logger = logging.getLogger("amusd.engine")
 
+
 class EngineSupervisor(WorkerRecovery):
     def __init__(self, config: EngineConfig):
         self.requested_config, self.requested_mode = config, config.mode
@@ -204,13 +205,12 @@ class EngineSupervisor(WorkerRecovery):
 
     @property
     def max_num_running(self) -> int:
-        """Requests decoded at once: the verify worker's batch (ar with max_num_seqs), else 1."""
+        """Requests decoded at once: the verify worker's batch (ar / sync with max_num_seqs), else 1."""
         return self._line.max_num_running
 
     @property
     def num_waiting(self) -> int:
         return self._line.num_waiting
-
 
     def is_healthy(self) -> bool:
         if self.fatal_error or self._is_restarting or self._state is None or self._is_stopping:

@@ -22,7 +22,7 @@ from engine.decoding import Verifier, new_sequence, run_decode
 from engine.kv_budget import KVBudget
 from engine.messages import GenerationRequest, RequestDone, SamplingParams, StartRequest, TokensOut
 from engine.models import ModelRunner, load_causal_lm
-from engine.proposers import LocalDraftProposer, NoProposer
+from engine.proposers import LocalDraftProposer, NoProposer, Proposal
 from engine.tiny_models import ensure_tiny_model
 
 MAX_MODEL_LEN = 1024
@@ -134,7 +134,7 @@ def test_sync_drafts_and_verifies_the_whole_batch_and_each_request_gets_what_it_
     requests = _requests(model.config.vocab_size)
     verifier = Verifier(ModelRunner(model, "cpu", prefill_chunk_tokens=CHUNK, decoder_impl="lean"),
                         SpeculationBudget(None, 8, num_fixed=3))
-    drafter = BatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), max_catch_up=CHUNK)
+    drafter = BatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), max_catch_up=CHUNK, max_verify_rows=100)
     batch = BatchDecoder(verifier, 4, CHUNK, True, KVBudget(100_000, 1, "test"), 64, drafter)
     outputs, max_batch = _run_joining(batch, requests)
     assert max_batch == 4
@@ -151,6 +151,16 @@ def test_sync_drafts_and_verifies_the_whole_batch_and_each_request_gets_what_it_
         got = stats[req.request_id]
         assert (got.num_draft_tokens, got.num_accepted_tokens, got.num_verify_steps) == \
             (seq.stats.num_draft_tokens, seq.stats.num_accepted_tokens, seq.stats.num_verify_steps), req.request_id
+
+
+def test_a_full_sync_batch_speculates_only_as_far_as_the_verify_curve_goes(draft_model):
+    drafter = BatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), max_catch_up=CHUNK, max_verify_rows=9)
+    proposals = [Proposal(k) for k in (3, 3, 3, 1)]                      # 4 + 10 = 14 verify rows
+    drafter._fit_verify_rows(proposals)
+    assert [p.num_to_check for p in proposals] == [1, 1, 2, 1]           # 9 rows, the largest cut first
+    proposals = [Proposal(3) for _ in range(8)] + [Proposal(0)]
+    drafter._fit_verify_rows(proposals)
+    assert sum(p.num_to_check for p in proposals) == 0                  # 9 sequences: no room to speculate
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
