@@ -55,18 +55,24 @@ class Admission:
             return item
         return self._fifo.get(timeout=timeout_s) if timeout_s is not None else self._fifo.get_nowait()
 
-    def take_startable(self) -> tuple[GenerationRequest, OnOutput] | None:
-        """The first in line if a place is free and its KV fits now; else None (it keeps its turn)."""
-        if len(self.running) >= self.max_num_running:
-            return None
+    def take_startable(self, is_cancelled: Callable[[int], bool] = lambda request_id: False) \
+            -> tuple[GenerationRequest, OnOutput] | None:
+        """The first in line if a place is free and its KV fits now, or if it was cancelled (to be
+        answered at once, not started); else None (it keeps its turn)."""
         if self._next_up is None:
+            if len(self.running) >= self.max_num_running:
+                return None
             try:
                 self._next_up = self._fifo.get_nowait()
             except queue.Empty:
                 return None
-        if self.running and self.kv_budget_tokens is not None and \
-                self.num_kv_tokens_reserved + self.kv_tokens_of(self._next_up[0]) > self.kv_budget_tokens:
-            return None
+        request = self._next_up[0]
+        if not is_cancelled(request.request_id):
+            if len(self.running) >= self.max_num_running:
+                return None
+            if self.running and self.kv_budget_tokens is not None and \
+                    self.num_kv_tokens_reserved + self.kv_tokens_of(request) > self.kv_budget_tokens:
+                return None
         return self.take(timeout_s=None)
 
     def place(self, wid: int, request: GenerationRequest, on_output: OnOutput) -> None:

@@ -135,7 +135,7 @@ class EngineSupervisor(WorkerRecovery):
         decision, self._decision = self._decision, None
         if decision and decision["verify_costs_id"] == self._workers["verify"].ready.runtime.get("costs_id"):
             self.mode_reason = f"mode auto chose {decision['mode']} at an earlier start of this configuration: " \
-                               f"{decision['reason']}"
+                               f"{decision['reason']}{self._batching_note(decision['mode'])}"
             logger.info(self.mode_reason)
             return
         if self.config.mode != "async":
@@ -145,12 +145,20 @@ class EngineSupervisor(WorkerRecovery):
         except MeasureError as exc:
             raise EngineStartError(str(exc)) from exc
         plan = choose_mode(costs, self.config.acceptance_prior, self.config.max_verify_tokens)
-        self.mode_reason = f"mode auto chose {plan.mode}: {plan.reason}"
+        self.mode_reason = f"mode auto chose {plan.mode}: {plan.reason}{self._batching_note(plan.mode)}"
         logger.info(self.mode_reason)
         if plan.mode != "async":
             self._restart_as(plan.mode)
         verify_costs_id = self._workers["verify"].ready.runtime.get("costs_id")
         save_decision(self.requested_config, plan.mode, plan.reason, verify_costs_id)
+
+    def _batching_note(self, mode: str) -> str:
+        """Mode auto decides by one stream's speed; say so when that costs the batch."""
+        num_seqs = self.requested_config.max_num_seqs
+        if mode != "async" or num_seqs <= 1:
+            return ""
+        return (f" (async decodes one request at a time: max_num_seqs {num_seqs} batches ar and sync only; "
+                "set mode: ar to serve many users at once)")
 
     def _config_for(self, mode: str) -> EngineConfig:
         """The configuration run as `mode` (max_num_seqs batches ar and sync, not async yet)."""
@@ -291,8 +299,12 @@ class EngineSupervisor(WorkerRecovery):
             worker.cmd_queue.put(start)
 
     def _start_waiting(self) -> None:
-        while not self._is_stopping and (item := self._line.take_startable()) is not None:
-            self._start(*item)
+        while not self._is_stopping and (item := self._line.take_startable(self._is_cancelled)) is not None:
+            self._start(*item)                   # (a cancelled one is answered there, not started)
+
+    def _is_cancelled(self, rid: int) -> bool:
+        with self._lock:
+            return rid in self._cancelled
 
     def _deliver(self, msg: TokensOut | RequestDone) -> None:
         rid, on_output, _ = self._running[msg.request_id]

@@ -51,6 +51,18 @@ def test_a_request_starts_only_when_its_kv_fits_and_nobody_overtakes_it():
     assert started == [1, 2, 3, 4] and line.num_kv_tokens_reserved == 90
 
 
+def test_a_cancelled_request_waiting_for_room_is_handed_back_at_once():
+    line, started = _line(2, 100), []
+    for rid, (prompt, max_tokens) in enumerate([(40, 40), (30, 30), (5, 5)], start=1):
+        line.put(_request(rid, prompt, max_tokens), print)           # 80, then 60 waits for room
+    _start_all_startable(line, started)
+    assert started == [1] and line.take_startable() is None
+    request, _ = line.take_startable(is_cancelled=lambda rid: rid == 2)
+    assert request.request_id == 2 and line.num_waiting == 1         # for the caller to answer, not to start
+    _start_all_startable(line, started)
+    assert started == [1, 3]
+
+
 def test_a_request_alone_may_use_the_whole_budget_and_one_over_it_is_refused():
     line, started = _line(4, 100), []
     line.check_fits(_request(1, 50, 50))

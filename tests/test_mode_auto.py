@@ -65,3 +65,11 @@ def test_max_num_seqs_batches_ar_and_sync_and_says_so_for_async(tmp_path):
     assert any("batches modes ar and sync" in w for w in warnings)
     with pytest.raises(Exception, match="max_num_seqs must be >= 1"):
         _config(tmp_path, max_num_seqs=0)
+
+
+def test_mode_auto_says_when_its_choice_does_not_batch(tmp_path):
+    from engine.supervisor import EngineSupervisor
+    sup = EngineSupervisor(_config(tmp_path, max_num_seqs=8))
+    assert "max_num_seqs 8 batches ar and sync only; set mode: ar" in sup._batching_note("async")
+    assert sup._batching_note("ar") == sup._batching_note("sync") == ""
+    assert EngineSupervisor(_config(tmp_path, max_num_seqs=1))._batching_note("async") == ""
