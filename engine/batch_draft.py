@@ -1,8 +1,8 @@
 """`sync` with continuous batching: the draft model proposes tokens for every decoding sequence at once.
 
-    drafter = BatchDrafter(draft_runner)            # the sync draft model, in the verify worker
-    proposals = drafter.propose(runs)               # before the verify pass: k_i draft tokens each
-    drafter.observe(run, c, num_accepted, out)      # after its commit: crop the draft KV to what stays
+    drafter = BatchDrafter(draft_runner, max_catch_up=64, max_verify_rows=9)   # the sync draft, in the verify worker
+    proposals = drafter.propose(runs)                       # before the verify pass: k_i draft tokens each
+    drafter.observe(run, c, num_accepted, proposal, out)    # after its commit: crop the draft KV to what stays
 
 Each sequence keeps its draft KV in a slot of its own (run.draft_slot). One propose = rounds of
 one LeanDecoder.forward_batch each, over the sequences still drafting:
@@ -16,8 +16,11 @@ k_i = min(the sequence's own budget (cost model or num_speculative_tokens), room
 max_len), then cut, largest first, until the verify pass holds at most `max_verify_rows` rows
 (sum of 1 + k_i): the verify's cost curve is measured up to that many tokens, and past it a pass
 costs more than one sequence's curve says (compute-bound on CPU: 8 one-token rows cost ~2x one),
-so a full batch speculates little or not at all and runs as `ar` would. A sequence whose draft slot lags by more than `max_catch_up` tokens (a long prompt)
-catches up a chunk per step and proposes nothing until it is level, so no row freezes the batch.
+so a full batch speculates little or not at all and runs as `ar` would. Only a sequence that
+drafts this step feeds its draft slot; one lagging by more than `max_catch_up` tokens (a long
+prompt, or many steps without drafting) catches up a chunk instead and proposes nothing until it is
+level, so no row freezes the batch.
+
 After the verify commits c + a tokens of a sequence, its draft slot keeps positions < c + a:
 committed[:c] (fed) and the a accepted draft tokens (fed, except the last drafted one, never fed).
 """
@@ -46,19 +49,19 @@ class BatchDrafter:
     def propose(self, runs: list) -> dict[int, Proposal]:
         """Draft tokens for each of `runs` (Running: .seq, .draft_slot, .budget), by request id."""
         start = time.perf_counter()
-        proposals, is_lagging = {}, {}
-        for run in runs:
-            seq, rid = run.seq, run.seq.request_id
-            is_lagging[rid] = len(seq.token_ids) - 1 - run.draft_slot.num_cached > self.max_catch_up
-            num_to_draft = 0 if is_lagging[rid] else run.budget.num_to_draft()
-            proposals[rid] = Proposal(max(0, min(num_to_draft, seq.max_len - seq.num_committed - 1)))
+        proposals = {run.seq.request_id: Proposal(max(0, min(run.budget.num_to_draft(),
+                                                             run.seq.max_len - run.seq.num_committed - 1)))
+                     for run in runs}
         self._fit_verify_rows(list(proposals.values()))
         first_rows = {}                                              # the draft slot's lag, the pending token last
         for run in runs:
             rid, lag = run.seq.request_id, run.seq.token_ids[run.draft_slot.num_cached:]
-            if is_lagging[rid]:
-                first_rows[rid] = lag[:self.max_catch_up]           # a long prompt: a chunk now, no proposal
-            elif proposals[rid].num_to_check > 0:
+            if proposals[rid].num_to_check == 0:
+                continue                                             # nothing to draft: the lag can wait
+            if len(lag) > self.max_catch_up + 1:
+                first_rows[rid] = lag[:self.max_catch_up]           # a long lag (a prompt): a chunk now, no proposal
+                proposals[rid].num_to_check = 0
+            else:
                 first_rows[rid] = lag
         by_id = {run.seq.request_id: run for run in runs}
         rows = first_rows                                            # request id -> token ids to feed

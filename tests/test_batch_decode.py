@@ -163,6 +163,25 @@ def test_a_full_sync_batch_speculates_only_as_far_as_the_verify_curve_goes(draft
     assert sum(p.num_to_check for p in proposals) == 0                  # 9 sequences: no room to speculate
 
 
+def test_a_full_sync_batch_runs_as_ar_and_leaves_the_draft_idle(model, draft_model):
+    requests = [req for req in _requests(model.config.vocab_size) if req.request_id in (1, 3, 5)]
+    verifier = Verifier(ModelRunner(model, "cpu", prefill_chunk_tokens=CHUNK, decoder_impl="lean"),
+                        SpeculationBudget(None, 8, num_fixed=3))
+    drafter = BatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), max_catch_up=CHUNK, max_verify_rows=3)
+    batch, outputs = BatchDecoder(verifier, 3, CHUNK, True, KVBudget(100_000, 1, "test"), 64, drafter), []
+    for req in requests:
+        batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+    batch.step(outputs.append)                                            # prefill
+    for _ in range(5):
+        batch.step(outputs.append)
+        assert all(run.draft_slot.num_cached == 0 for run in batch.running.values()), "no draft work without room"
+    assert all(run.seq.stats.num_draft_tokens == 0 for run in batch.running.values())
+    while batch.is_busy:
+        batch.step(outputs.append)
+    got, expected = _collect(outputs), _alone(model, requests)
+    assert {rid: got[rid]["tokens"] for rid in expected} == {rid: want["tokens"] for rid, want in expected.items()}
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
     """While a long prompt prefills, a running stream still gets a token at every pass and no pass
     holds more than max_num_batched_tokens tokens; with nobody decoding, chunks of prefill_chunk_tokens."""
