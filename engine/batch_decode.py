@@ -45,8 +45,8 @@ from engine.cost_model import SpeculationBudget
 from engine.decoder import KVSlot, LeanDecoder
 from engine.decoding import Sequence, Verifier
 from engine.kv_budget import KVBudget, available_host_bytes, kv_bytes_per_token
-from engine.models import common_prefix_length
 from engine.messages import RequestDone
+from engine.models import common_prefix_length
 from engine.proposers import Proposal
 
 
@@ -86,7 +86,7 @@ def batch_decoder_for(verifier: Verifier, config, draft_runner=None) -> "BatchDe
 
 class BatchDecoder:
     def __init__(self, verifier: Verifier, max_num_seqs: int, prefill_chunk_tokens: int,
-                 is_prefix_cached: bool, kv_budget: KVBudget, max_num_batched_tokens: int = 64,
+                 is_prefix_cached: bool, kv_budget: KVBudget, max_num_batched_tokens: int,
                  drafter: BatchDrafter | None = None):
         self.verifier, self.runner, self.drafter = verifier, verifier.runner, drafter
         self.decoder: LeanDecoder = verifier.runner.decoder
@@ -103,15 +103,18 @@ class BatchDecoder:
         return bool(self.running)
 
     @property
+    def num_kv_tokens_reserved(self) -> int:
+        return sum(run.seq.max_len for run in self.running.values())
+
+    @property
     def num_kv_tokens_held(self) -> int:
         """Running reservations + pooled capacity: what this batch may hold (<= the budget)."""
-        return sum(run.seq.max_len for run in self.running.values()) + \
-            sum(free.slot.capacity for free in self._free_slots)
+        return self.num_kv_tokens_reserved + sum(free.slot.capacity for free in self._free_slots)
 
     def admit(self, seq: Sequence) -> None:
         if len(self.running) >= self.max_num_seqs:
             raise RuntimeError(f"more than max_num_seqs = {self.max_num_seqs} requests sent to the batch")
-        num_reserved = sum(run.seq.max_len for run in self.running.values()) + seq.max_len
+        num_reserved = self.num_kv_tokens_reserved + seq.max_len
         if self.running and num_reserved > self.kv_budget.num_tokens:     # (alone, any request runs)
             raise RuntimeError(f"KV reservations of {num_reserved} tokens sent to a batch whose budget is "
                                f"{self.kv_budget.num_tokens}")
@@ -145,7 +148,6 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def step(self, emit) -> None:
-        start = time.perf_counter()
         for request_id in list(self.cancelled):
             self.running[request_id].seq.finish_reason = "cancelled"
         self.cancelled.clear()
@@ -153,9 +155,11 @@ class BatchDecoder:
         decoding = [run for run, _, is_decoding in plan if is_decoding]
         proposals = self.drafter.propose(decoding) if self.drafter and decoding else {}
         verify_start = time.perf_counter()
-        rows = [(run.slot, torch.tensor(ids + (proposals[run.seq.request_id].draft_ids if is_decoding and proposals
-                                               else []), dtype=torch.long, device=self.runner.device))
-                for run, ids, is_decoding in plan]
+        rows = []
+        for run, ids, is_decoding in plan:
+            proposal = proposals.get(run.seq.request_id) if is_decoding else None
+            ids = ids + proposal.draft_ids if proposal else ids                # sync: pending + draft tokens
+            rows.append((run.slot, torch.tensor(ids, dtype=torch.long, device=self.runner.device)))
         if decoding:
             _count_pass(decoding[0].seq.stats, len(plan))
         if rows:
@@ -231,9 +235,7 @@ class BatchDecoder:
         del self.running[run.seq.request_id]
         self._free_slots.append(FreeSlot(run.slot, run.draft_slot, run.seq.token_ids[:run.slot.num_cached]))
         if self.drafter is not None:
-            stats = run.seq.stats
-            stats.num_draft_tokens_wasted = stats.num_draft_tokens - stats.num_accepted_tokens
-            stats.num_draft_tokens_produced = stats.num_draft_tokens
+            self.drafter.finish(run.seq)
         run.seq.stats.total_s = time.perf_counter() - run.admitted_at
         emit(RequestDone(run.seq.request_id, run.seq.finish_reason, run.seq.stats))
 

@@ -33,7 +33,7 @@ import torch
 from engine.decoder import KVSlot, LeanDecoder
 from engine.messages import TokensOut
 from engine.models import ModelRunner
-from engine.proposers import Proposal
+from engine.proposers import Proposal, count_local_draft_waste, count_local_rollback
 
 
 class BatchDrafter:
@@ -100,9 +100,11 @@ class BatchDrafter:
     def observe(self, run, num_committed_before: int, num_accepted: int, proposal: Proposal,
                 out: TokensOut) -> None:
         """After the verify committed `out` for run.seq: keep the draft KV that still matches."""
-        slot, seq = run.draft_slot, run.seq
-        slot.num_cached = min(slot.num_cached, num_committed_before + num_accepted)
-        seq.stats.num_rollbacks += len(out.token_ids) <= len(proposal.draft_ids) and seq.finish_reason is None
+        run.draft_slot.num_cached = min(run.draft_slot.num_cached, num_committed_before + num_accepted)
+        count_local_rollback(run.seq, proposal, out)
+
+    def finish(self, seq) -> None:
+        count_local_draft_waste(seq)
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.runner.device)

@@ -83,12 +83,21 @@ class LocalDraftProposer(NoProposer):
 
     def observe(self, seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
         sync_cache(self.drafter, seq.token_ids)
-        is_rejected = len(out.token_ids) <= len(proposal.draft_ids) and seq.finish_reason is None
-        seq.stats.num_rollbacks += is_rejected
+        count_local_rollback(seq, proposal, out)
 
     def finish(self, seq: Sequence) -> None:
-        seq.stats.num_draft_tokens_wasted = seq.stats.num_draft_tokens - seq.stats.num_accepted_tokens
-        seq.stats.num_draft_tokens_produced = seq.stats.num_draft_tokens
+        count_local_draft_waste(seq)
+
+
+def count_local_rollback(seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
+    """sync (alone or batched): a step that committed fewer tokens than it drafted rolled the draft back."""
+    seq.stats.num_rollbacks += len(out.token_ids) <= len(proposal.draft_ids) and seq.finish_reason is None
+
+
+def count_local_draft_waste(seq: Sequence) -> None:
+    """sync: every drafted token was checked, so the rejected ones are the draft's waste."""
+    seq.stats.num_draft_tokens_wasted = seq.stats.num_draft_tokens - seq.stats.num_accepted_tokens
+    seq.stats.num_draft_tokens_produced = seq.stats.num_draft_tokens
 
 
 class NgramGuesses:

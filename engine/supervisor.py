@@ -71,7 +71,6 @@ class EngineSupervisor(WorkerRecovery):
         self._is_stopping = False
         self._is_restarting = False
         self._worker_request_ids = itertools.count(1)   # ids the workers see: never reused, always rising
-        self._running = self._line.running              # by worker request id; written by the loop thread only
         self._cancels_sent: set[int] = set()             # worker request ids (loop thread only)
         self.fatal_error: str | None = None
         self.tokenizer_dir = ""
@@ -207,7 +206,7 @@ class EngineSupervisor(WorkerRecovery):
         with self._lock:
             self._cancelled.add(request_id)
         if self.max_num_running == 1:
-            for wid, placed in list(self._running.items()):      # the loop's next pass does the rest
+            for wid, placed in list(self._line.running.items()):      # the loop's next pass does the rest
                 if placed.request_id == request_id:
                     self._cancel_on_workers(wid)
 
@@ -273,18 +272,18 @@ class EngineSupervisor(WorkerRecovery):
         engine/batch_decode.py), else one; queued requests start as places free up. A worker
         failure ends every running request with an error, then the workers restart."""
         self._start(request, on_output)
-        while self._running:
+        while self._line.running:
             self._start_waiting()
             msg = self._next_message(POLL_S)
-            sole_wid = next(iter(self._running)) if len(self._running) == 1 else None
+            sole_wid = next(iter(self._line.running)) if len(self._line.running) == 1 else None
             if isinstance(msg, WorkerFailed):
                 self._fail_running(f"{msg.role} worker failed: {msg.error}")
                 self._recover(self._workers[msg.role], sole_wid)
                 return
-            if isinstance(msg, (TokensOut, RequestDone)) and msg.request_id in self._running:
+            if isinstance(msg, (TokensOut, RequestDone)) and msg.request_id in self._line.running:
                 self._deliver(msg)
             self._send_cancels()
-            if self._running and self._check_workers(self._fail_running, sole_wid):
+            if self._line.running and self._check_workers(self._fail_running, sole_wid):
                 return
 
     def _start(self, request: GenerationRequest, on_output) -> None:
@@ -307,7 +306,7 @@ class EngineSupervisor(WorkerRecovery):
             return rid in self._cancelled
 
     def _deliver(self, msg: TokensOut | RequestDone) -> None:
-        rid, on_output, _ = self._running[msg.request_id]
+        rid, on_output, _ = self._line.running[msg.request_id]
         if isinstance(msg, TokensOut):
             on_output(EngineOutput(rid, msg.token_ids, msg.logprobs, msg.prompt_logprobs))
             return
@@ -318,7 +317,7 @@ class EngineSupervisor(WorkerRecovery):
             self._cancelled.discard(rid)
 
     def _send_cancels(self) -> None:
-        for wid, placed in list(self._running.items()):
+        for wid, placed in list(self._line.running.items()):
             if wid not in self._cancels_sent and (placed.request_id in self._cancelled or self._is_stopping):
                 self._cancel_on_workers(wid)
                 self._cancels_sent.add(wid)
@@ -332,7 +331,7 @@ class EngineSupervisor(WorkerRecovery):
             cancel_request(self._state, wid)
 
     def _fail_running(self, error: str) -> None:
-        for wid, (rid, on_output, _) in list(self._running.items()):
+        for wid, (rid, on_output, _) in list(self._line.running.items()):
             self._line.remove(wid)
             on_output(EngineOutput(rid, finished=True, finish_reason="error", error=error))
             with self._lock:

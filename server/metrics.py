@@ -192,9 +192,10 @@ class ServerMetrics:
                                (self._accepted_per_pos, stats.num_accepted_tokens_per_pos)):
             for position, count in enumerate(counts):
                 self._one(metric, position=str(position)).inc(max(0, count))
+        batch_sizes = self._one(self._batch_size)
         for batch_size, num_passes in enumerate(stats.num_passes_by_batch_size, start=1):
             for _ in range(num_passes):             # prometheus histograms take one observation at a time
-                self._one(self._batch_size).observe(batch_size)
+                batch_sizes.observe(batch_size)
         self._one(self._busy, worker="verify").inc(max(0.0, stats.verify_busy_s))
         self._one(self._busy, worker="draft").inc(max(0.0, stats.draft_busy_s))
         if stats.num_verify_steps > 0 and stats.num_draft_tokens > 0:
