@@ -68,6 +68,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
     max_num_seqs: int = 1                 # ar, sync: requests decoded at once, one pass for all (engine/batch_decode.py)
     max_num_batched_tokens: int = 64      # batching: tokens per pass while requests decode (prompt chunks fill it)
+    max_queue_size: int = 16              # requests that may wait in the engine's line; more: LineFull (engine/admission.py)
     prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
     kv_cache_memory_gb: float = 0.0       # KV the running requests may reserve; 0 = auto (engine/kv_budget.py)
     prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
@@ -121,7 +122,7 @@ class EngineConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("draft_lookup_ngram", "verify_lookup_ngram", "draft_vocab_size", "num_speculative_tokens",
-                     "verify_threads", "draft_threads"):
+                     "verify_threads", "draft_threads", "max_queue_size"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not float(self.kv_cache_memory_gb) >= 0:

@@ -1,10 +1,10 @@
-"""Engine supervisor: owns the worker processes, the shared buffers and the request FIFO.
+"""Engine supervisor: owns the worker processes, the shared buffers and the line of requests.
 
 Process topology (the supervisor lives in the frontend process; torch is imported only by workers):
 
     frontend process                         | draft worker process (async only)
     ------------------------------------------|-----------------------------------------
-    FastAPI / bench --submit()--> FIFO        |  Drafter: drafts continuously on draft_device
+    FastAPI / bench --submit()--> line        |  Drafter: drafts continuously on draft_device
                     scheduler thread          |      ^  draft_tokens, NUM_DRAFTED, DRAFT_EPOCH
         cmd queues --StartRequest/Cancel/...> |      |
         out pipes  <--TokensOut/RequestDone/  |  SharedState (POSIX shm, random name,
@@ -34,9 +34,8 @@ import multiprocessing as mp
 import queue
 import secrets
 import threading
-from typing import Callable
 
-from engine.admission import Admission
+from engine.admission import Admission, OnOutput, OnStart, Waiting
 from engine.config import EngineConfig
 from engine.hardware import check_memory_ordering, has_ordered_stores
 from engine.messages import (CancelRequest, EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut,
@@ -64,7 +63,7 @@ class EngineSupervisor(WorkerRecovery):
         self._ctx = mp.get_context("spawn")
         self._workers = self._make_workers()
         self._state: SharedState | None = None
-        self._line = Admission(config.max_model_len)      # waiting and running requests (engine/admission.py)
+        self._line = Admission(config.max_model_len, config.max_queue_size)   # the one line (engine/admission.py)
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -107,12 +106,9 @@ class EngineSupervisor(WorkerRecovery):
             self._thread.join(timeout_s)          # the loop cancels what runs (_send_cancels)
         for worker in self._workers.values():
             worker.stop(timeout_s)
-        while True:
-            try:
-                request, on_output = self._line.take(timeout_s=None)
-            except queue.Empty:
-                break
-            on_output(EngineOutput(request.request_id, finished=True, finish_reason="error", error="engine shut down"))
+        while (waiting := self._line.take()) is not None:
+            waiting.on_output(EngineOutput(waiting.request.request_id, finished=True, finish_reason="error",
+                                           error="engine shut down"))
         if self._state is not None:
             self._state.close()
             self._state = None
@@ -175,7 +171,10 @@ class EngineSupervisor(WorkerRecovery):
 
     # ---- public API --------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, on_output: Callable[[EngineOutput], None]) -> None:
+    def submit(self, request: GenerationRequest, on_output: OnOutput, on_start: OnStart | None = None) -> None:
+        """Validate (ValueError), seed, and put the request in the engine's line (LineFull when
+        max_queue_size already wait). Its outputs go to on_output (thread: the scheduler's);
+        on_start is called when it leaves the line for the workers."""
         request.params.validate()
         if not request.prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -188,7 +187,7 @@ class EngineSupervisor(WorkerRecovery):
             on_output(EngineOutput(request.request_id, finished=True, finish_reason="error",
                                    error=self.fatal_error or "engine is shutting down"))
             return
-        self._line.put(request, on_output)
+        self._line.put(request, on_output, on_start)
 
     def generate(self, request: GenerationRequest, timeout_s: float | None = None) -> list[EngineOutput]:
         """Blocking convenience: all outputs of one request (the last has finished=True)."""
@@ -202,7 +201,12 @@ class EngineSupervisor(WorkerRecovery):
                 return outputs
 
     def cancel(self, request_id: int) -> None:
-        """Cancel a waiting or running request; one running alone stops before its next step."""
+        """Cancel a request: one waiting leaves the line and is answered now; one running alone
+        stops before its next step, in a batch before the batch's next step."""
+        waiting = self._line.drop(request_id)
+        if waiting is not None:
+            waiting.on_output(EngineOutput(request_id, finished=True, finish_reason="cancelled"))
+            return
         with self._lock:
             self._cancelled.add(request_id)
         if self.max_num_running == 1:
@@ -244,19 +248,17 @@ class EngineSupervisor(WorkerRecovery):
 
     def _loop(self) -> None:
         while not self._is_stopping:
-            try:
-                request, on_output = self._line.take(timeout_s=0.1)
-            except queue.Empty:
+            if not self._line.wait_for_arrival(timeout_s=0.1) or (waiting := self._line.take()) is None:
                 self._check_workers(None, None)
                 continue
-            rid = request.request_id
+            rid, on_output = waiting.request.request_id, waiting.on_output
             if self._answer_if_cancelled(rid, on_output):
                 continue
             if not self._ensure_workers() or self._is_stopping:
                 error = self.fatal_error or "engine is shutting down"
                 on_output(EngineOutput(rid, finished=True, finish_reason="error", error=error))
                 continue
-            self._run(request, on_output)
+            self._run(waiting)
 
     def _answer_if_cancelled(self, rid: int, on_output) -> bool:
         """A request cancelled while it waited finishes as cancelled without reaching the workers."""
@@ -267,11 +269,11 @@ class EngineSupervisor(WorkerRecovery):
             on_output(EngineOutput(rid, finished=True, finish_reason="cancelled"))
         return is_cancelled
 
-    def _run(self, request: GenerationRequest, on_output) -> None:
+    def _run(self, waiting: Waiting) -> None:
         """Decode until no request is running: up to max_num_running at once (ar's batch,
         engine/batch_decode.py), else one; queued requests start as places free up. A worker
         failure ends every running request with an error, then the workers restart."""
-        self._start(request, on_output)
+        self._start(waiting)
         while self._line.running:
             self._start_waiting()
             msg = self._next_message(POLL_S)
@@ -286,20 +288,21 @@ class EngineSupervisor(WorkerRecovery):
             if self._line.running and self._check_workers(self._fail_running, sole_wid):
                 return
 
-    def _start(self, request: GenerationRequest, on_output) -> None:
+    def _start(self, waiting: Waiting) -> None:
         """Workers see a fresh internal id (`wid`), whatever id the caller chose: the protocol
         compares ids for order and equality, so a caller's reused or smaller id must never reach them."""
-        if self._answer_if_cancelled(request.request_id, on_output):
+        request = waiting.request
+        if self._answer_if_cancelled(request.request_id, waiting.on_output):
             return
         wid = next(self._worker_request_ids)
-        self._line.place(wid, request, on_output)
+        self._line.place(wid, waiting)
         start = StartRequest(wid, list(request.prompt_token_ids), request.params)
         for worker in self._workers.values():
             worker.cmd_queue.put(start)
 
     def _start_waiting(self) -> None:
         while not self._is_stopping and (item := self._line.take_startable(self._is_cancelled)) is not None:
-            self._start(*item)                   # (a cancelled one is answered there, not started)
+            self._start(item)                    # (a cancelled one is answered there, not started)
 
     def _is_cancelled(self, rid: int) -> bool:
         with self._lock:

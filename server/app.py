@@ -153,7 +153,7 @@ def create_app(settings: Settings, supervisor: Any = None, replica: dict | None 
     async def lifespan(app: FastAPI):
         sup = state["supervisor"] or await asyncio.to_thread(make_supervisor, settings)
         state["supervisor"] = sup
-        client = EngineClient(sup, metrics, settings.max_queue_size, settings.queue_timeout_s)
+        client = EngineClient(sup, metrics, settings.queue_timeout_s)
         state["client"] = client
         try:
             await client.start()

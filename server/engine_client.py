@@ -1,9 +1,9 @@
 """Bridge between the engine supervisor (thread callbacks) and the asyncio server.
 
-The engine runs up to `supervisor.max_num_running` requests at once (1 until the verify worker
-batches, issue #10). This client keeps its own bounded FIFO in front of it and hands the supervisor
-the next request only when one of those places is free, so it knows exactly what is waiting (-> 429
-when full, 503 after `queue_timeout_s`) and what is running. EngineOutputs
+The engine keeps the one line of requests (engine/admission.py): `admit` hands every request to
+the supervisor at once, which refuses it when its line is full (-> 429) or when it could never
+fit (-> 400), and calls back when it leaves the line for the workers. This client only waits:
+a request not started within `queue_timeout_s` is taken out of the line (-> 503). EngineOutputs
 arrive on the supervisor's thread and are moved onto the event loop with call_soon_threadsafe.
 Latency metrics (queue time, TTFT, inter-token, e2e) and per-request stats are recorded here, and
 the recent engine time per request, from which a 429 / 503 gets its Retry-After estimate.
@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, AsyncIterator
 
+from engine.admission import LineFull
 from engine.messages import EngineOutput, GenerationRequest, SamplingParams
 from server.metrics import ServerMetrics
 from server.settings import DEFAULT_MODEL, Settings
@@ -50,6 +51,10 @@ class EngineFailedError(EngineClientError):
     status, type, code = 503, "service_unavailable", "engine_error"   # a worker failed: retry after restart
 
 
+class EngineRefusedError(EngineClientError):
+    status, type, code = 400, "invalid_request_error", None           # the engine could never run it
+
+
 class RequestHandle:
     """One admitted request: wait until the engine starts it, then iterate its EngineOutputs."""
 
@@ -57,7 +62,7 @@ class RequestHandle:
         self.client, self.request = client, request
         self.request_id = request.request_id
         self.arrival = time.monotonic()
-        self.dispatched_at: float | None = None
+        self.dispatched_at: float | None = None      # when it left the engine's line for the workers
         self.first_token_at: float | None = None
         self.last_output_at: float | None = None
         self.finished = False
@@ -65,8 +70,12 @@ class RequestHandle:
         self._dispatched = asyncio.Event()
         self._outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
 
+    @property
+    def is_dispatched(self) -> bool:
+        return self.dispatched_at is not None
+
     async def wait_dispatched(self) -> None:
-        """Return once the engine has the request; QueueTimeoutError after queue_timeout_s."""
+        """Return once the engine has started the request; QueueTimeoutError after queue_timeout_s."""
         if self._dispatched.is_set():
             return
         remaining = self.client.queue_timeout_s - (time.monotonic() - self.arrival)
@@ -75,7 +84,7 @@ class RequestHandle:
         except asyncio.TimeoutError:
             if self._dispatched.is_set():
                 return
-            self.client._drop_waiting(self, failure="queue_timeout")
+            self.client._give_up_waiting(self, failure="queue_timeout")
             raise QueueTimeoutError(f"request waited more than {self.client.queue_timeout_s:g}s "
                                     "for the engine; try again later") from None
 
@@ -88,7 +97,7 @@ class RequestHandle:
                 return
 
     def abort(self, reason: str = "abort") -> None:
-        """Stop this request (idempotent): dropped if waiting, cancelled in the engine if running."""
+        """Stop this request (idempotent): taken out of the engine's line if waiting, cancelled if running."""
         if self.finished or self.abort_reason is not None:
             return
         self.abort_reason = reason
@@ -96,13 +105,11 @@ class RequestHandle:
 
 
 class EngineClient:
-    def __init__(self, supervisor: Any, metrics: ServerMetrics, max_queue_size: int = 16,
-                 queue_timeout_s: float = 60.0) -> None:
+    def __init__(self, supervisor: Any, metrics: ServerMetrics, queue_timeout_s: float = 60.0) -> None:
         self.supervisor, self.metrics = supervisor, metrics
-        self.max_queue_size, self.queue_timeout_s = max_queue_size, queue_timeout_s
+        self.queue_timeout_s = queue_timeout_s
         self._ids = itertools.count(1)
-        self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._running: dict[int, RequestHandle] = {}          # by request id, at most max_num_running
+        self._handles: dict[int, RequestHandle] = {}          # admitted and not finished, by request id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recent_engine_s: collections.deque[float] = collections.deque(maxlen=NUM_RECENT_REQUESTS)
         self.started = self.closing = self.draining = False
@@ -124,15 +131,16 @@ class EngineClient:
         self._loop.call_later(grace_s, self.cancel_all)
 
     def cancel_all(self) -> None:
-        while self._waiting:
-            self._drop_waiting(self._waiting[0], failure=None, notify=True)
-        for handle in list(self._running.values()):
-            handle.abort("abort")
+        for handle in list(self._handles.values()):
+            if handle.is_dispatched:
+                handle.abort("abort")
+            else:
+                self._give_up_waiting(handle, failure=None, notify=True)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel everything still queued or running, then shut the supervisor down."""
         self.closing = True
-        running = list(self._running.values())
+        running = [handle for handle in self._handles.values() if handle.is_dispatched]
         self.cancel_all()
         deadline = time.monotonic() + min(timeout_s, 5.0)
         while any(not handle.finished for handle in running) and time.monotonic() < deadline:
@@ -149,7 +157,7 @@ class EngineClient:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return sum(not handle.is_dispatched for handle in self._handles.values())
 
     @property
     def max_num_running(self) -> int:
@@ -158,7 +166,7 @@ class EngineClient:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return sum(handle.is_dispatched for handle in self._handles.values())
 
     def retry_after_s(self) -> int:
         """Whole seconds a refused client should wait: requests ahead (waiting and running) x recent
@@ -166,53 +174,61 @@ class EngineClient:
         if not self._recent_engine_s:
             return 1
         mean = sum(self._recent_engine_s) / len(self._recent_engine_s)
-        return max(1, math.ceil((self.num_waiting + self.num_running) * mean / self.max_num_running))
+        return max(1, math.ceil(len(self._handles) * mean / self.max_num_running))
 
     # ---- admission -------------------------------------------------------------------
     def admit(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request or raise QueueFullError / EngineUnavailableError at once."""
+        """Hand a request to the engine's line, or raise at once: QueueFullError (429),
+        EngineRefusedError (400), EngineUnavailableError / EngineFailedError (503)."""
         if not self.is_ready():
             self.metrics.record_failure("not_ready")
             raise EngineUnavailableError("the server is shutting down" if self.draining or self.closing
                                          else "the engine is not ready (starting or restarting)")
-        busy = len(self._running) >= self.max_num_running or bool(self._waiting)
-        if busy and len(self._waiting) >= self.max_queue_size:
-            self.metrics.record_failure("queue_full")
-            raise QueueFullError(f"the server is busy: {len(self._waiting)} requests are already "
-                                 "waiting; try again later")
         handle = RequestHandle(self, GenerationRequest(next(self._ids), list(prompt_token_ids), params))
-        self._waiting.append(handle)
-        self._dispatch_next()
+        self._handles[handle.request_id] = handle
+        try:
+            self.supervisor.submit(handle.request, self._on_engine_thread(self._deliver, handle),
+                                   self._on_engine_thread(self._on_started, handle))
+        except LineFull as exc:
+            self._forget(handle, "queue_full")
+            raise QueueFullError(str(exc)) from None
+        except ValueError as exc:
+            self._forget(handle, "invalid_request")
+            raise EngineRefusedError(str(exc)) from None
+        except Exception as exc:   # engine gone
+            logger.error("submit failed for request %d: %s", handle.request_id, exc)
+            self._forget(handle, "engine_error")
+            raise EngineFailedError(f"submit failed: {exc}") from None
         self._update_gauges()
         return handle
 
-    def _dispatch_next(self) -> None:
-        while len(self._running) < self.max_num_running and self._waiting and not self.closing:
-            handle = self._waiting.popleft()
-            handle.dispatched_at = time.monotonic()
-            self.metrics.observe_queue_time(handle.dispatched_at - handle.arrival)
-            self._running[handle.request_id] = handle
-            handle._dispatched.set()
-            try:
-                self.supervisor.submit(handle.request, self._callback(handle))
-            except Exception as exc:   # engine gone: fail this request, try the next
-                logger.error("submit failed for request %d: %s", handle.request_id, exc)
-                self._deliver(handle, EngineOutput(handle.request_id, finished=True,
-                                                   finish_reason="error", error=f"submit failed: {exc}"))
-        self._update_gauges()
+    def _forget(self, handle: RequestHandle, failure: str) -> None:
+        handle.finished = True
+        self._handles.pop(handle.request_id, None)
+        self.metrics.record_failure(failure)
 
-    def _callback(self, handle: RequestHandle):
+    def _on_engine_thread(self, callback, handle: RequestHandle):
+        """A callback for the supervisor's thread that runs `callback(handle, *args)` on the loop."""
         loop = self._loop
 
-        def on_output(out: EngineOutput) -> None:      # supervisor thread
+        def on_engine_thread(*args) -> None:
             try:
-                loop.call_soon_threadsafe(self._deliver, handle, out)
+                loop.call_soon_threadsafe(callback, handle, *args)
             except RuntimeError:   # loop closed during shutdown
                 pass
-        return on_output
+        return on_engine_thread
+
+    def _on_started(self, handle: RequestHandle) -> None:
+        """On the loop: the request left the engine's line for the workers."""
+        if handle.finished or handle.is_dispatched:
+            return
+        handle.dispatched_at = time.monotonic()
+        self.metrics.observe_queue_time(handle.dispatched_at - handle.arrival)
+        handle._dispatched.set()
+        self._update_gauges()
 
     def _deliver(self, handle: RequestHandle, out: EngineOutput) -> None:
-        """On the loop: record timings, pass the output on, start the next request when done."""
+        """On the loop: record timings, pass the output on."""
         if handle.finished:
             return
         now = time.monotonic()
@@ -231,35 +247,35 @@ class EngineClient:
             self.metrics.record_finished(reason, now - handle.arrival, out.stats)
             if handle.dispatched_at is not None:
                 self._recent_engine_s.append(now - handle.dispatched_at)
-            if self._running.get(handle.request_id) is handle:
-                del self._running[handle.request_id]
-                self._dispatch_next()
+            self._handles.pop(handle.request_id, None)
+            self._update_gauges()
+        handle._dispatched.set()          # a request answered before it started (cancelled, failed) stops waiting
         handle._outputs.put_nowait(out)
 
-    def _drop_waiting(self, handle: RequestHandle, failure: str | None, notify: bool = False) -> None:
-        try:
-            self._waiting.remove(handle)
-        except ValueError:
+    def _give_up_waiting(self, handle: RequestHandle, failure: str | None, notify: bool = False) -> None:
+        """Take a request that has not started out of the engine's line: a queue timeout (`failure`)
+        or a shutdown (`notify`: the waiter sees a cancelled finish it did not ask for -> 503)."""
+        if handle.finished:
             return
         handle.finished = True
+        self._handles.pop(handle.request_id, None)
         if failure:
             self.metrics.record_failure(failure)
         else:
             self.metrics.record_finished("abort", time.monotonic() - handle.arrival, None)
-        if notify:   # wake the waiter: it sees a cancelled finish it did not ask for -> 503
+        if notify:
             handle._dispatched.set()
             handle._outputs.put_nowait(EngineOutput(handle.request_id, finished=True,
                                                     finish_reason="cancelled", error="server shutting down"))
+        self._abort(handle)
         self._update_gauges()
 
     def _abort(self, handle: RequestHandle) -> None:
-        if handle in self._waiting:
-            self._drop_waiting(handle, failure=None)
-        elif self._running.get(handle.request_id) is handle:
-            try:
-                self.supervisor.cancel(handle.request_id)
-            except Exception as exc:
-                logger.warning("cancel of request %d failed: %s", handle.request_id, exc)
+        """Cancel in the engine: it answers with a cancelled finish (see _deliver)."""
+        try:
+            self.supervisor.cancel(handle.request_id)
+        except Exception as exc:
+            logger.warning("cancel of request %d failed: %s", handle.request_id, exc)
 
     def _update_gauges(self) -> None:
         self.metrics.set_queue_state(self.num_running, self.num_waiting)

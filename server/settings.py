@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM, seconds in-flight requests "
                                     "may take to finish before they are cancelled")
     # ---- limits ------------------------------------------------------------------
-    max_queue_size: int = Field(16, ge=0, description="requests that may wait for the engine; more get 429")
+    max_queue_size: int = Field(16, ge=0, description="requests that may wait in the engine's line; more get 429")
     queue_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")
     max_request_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (also bounded by "

@@ -159,8 +159,9 @@ def fake_server(byte_tokenizer_dir):
     def start(**kw):
         tokenizer_dir = kw.pop("tokenizer_dir", byte_tokenizer_dir)
         fake_kw = {k: kw.pop(k) for k in list(kw) if k not in Settings.model_fields}
-        if "max_model_len" in kw:          # a setting the fake engine reports as its own
-            fake_kw["max_model_len"] = kw["max_model_len"]
+        for name in ("max_model_len", "max_queue_size"):     # settings the fake engine applies itself
+            if name in kw:
+                fake_kw[name] = kw[name]
         sup = FakeSupervisor(tokenizer_dir, **fake_kw)
         app = create_app(Settings(served_model_name="fake", **kw), sup)
         sock = socket.socket()

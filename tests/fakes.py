@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import threading
 import time
 from typing import Callable
 
+from engine.admission import Admission
 from engine.messages import EngineOutput, GenerationRequest, RequestStats, TokenLogprob
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -53,9 +53,12 @@ def build_qwen_like_tokenizer(out_dir: str) -> str:
 
 
 class FakeSupervisor:
+    """The EngineSupervisor interface without workers: the real line (engine/admission.py), and a
+    thread per running request that streams `text` in steps of `tokens_per_step` bytes."""
+
     def __init__(self, tokenizer_dir: str, text: str = "Hello, wörld! 你好. " * 8, delay_s: float = 0.01,
                  tokens_per_step: int = 2, max_model_len: int = 512, start_delay_s: float = 0.0,
-                 max_num_running: int = 1) -> None:
+                 max_num_running: int = 1, max_queue_size: int | None = 16) -> None:
         self.tokenizer_dir = tokenizer_dir
         self.text_ids = list(text.encode("utf-8"))          # byte tokenizer: id == byte
         self.eos_token_ids = [258]
@@ -64,31 +67,38 @@ class FakeSupervisor:
         self.delay_s = delay_s
         self.tokens_per_step = tokens_per_step
         self.start_delay_s = start_delay_s
-        self.max_num_running = max_num_running              # requests decoded at once (one thread each)
+        self._line = Admission(max_model_len, max_queue_size)
+        self._line.max_num_running = max_num_running          # requests decoded at once (one thread each)
         self.num_running_now = self.max_num_running_seen = 0
         self.healthy = True
         self.fail_after_tokens: int | None = None          # emit an error after this many tokens
         self.started = self.shut_down = False
         self.submitted: list[GenerationRequest] = []
-        self._queue: queue.Queue = queue.Queue()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._worker_request_ids = itertools.count(1)
         self.restarts = 0
 
     # -- EngineSupervisor interface ------------------------------------------------
     def start(self) -> None:
         time.sleep(self.start_delay_s)
-        for _ in range(self.max_num_running):
-            self._thread = threading.Thread(target=self._loop, name="fake-supervisor", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name="fake-supervisor", daemon=True)
+        self._thread.start()
         self.started = True
 
-    def submit(self, request: GenerationRequest, on_output: Callable[[EngineOutput], None]) -> None:
+    def submit(self, request: GenerationRequest, on_output: Callable[[EngineOutput], None],
+               on_start: Callable[[], None] | None = None) -> None:
+        request.params.validate()
+        self._line.check_fits(request)
         self.submitted.append(request)
-        self._queue.put((request, on_output))
+        self._line.put(request, on_output, on_start)
 
     def cancel(self, request_id: int) -> None:
+        waiting = self._line.drop(request_id)
+        if waiting is not None:
+            waiting.on_output(EngineOutput(request_id, finished=True, finish_reason="cancelled"))
+            return
         with self._lock:
             self._cancelled.add(request_id)
 
@@ -103,12 +113,17 @@ class FakeSupervisor:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self.shut_down = True
-        for _ in range(self.max_num_running):
-            self._queue.put(None)
+        while (waiting := self._line.take()) is not None:
+            waiting.on_output(EngineOutput(waiting.request.request_id, finished=True, finish_reason="error",
+                                           error="engine shut down"))
+
+    @property
+    def max_num_running(self) -> int:
+        return self._line.max_num_running
 
     @property
     def num_waiting(self) -> int:
-        return self._queue.qsize()
+        return self._line.num_waiting
 
     # -- fake engine -----------------------------------------------------------------
     def _is_cancelled(self, rid: int) -> bool:
@@ -116,21 +131,32 @@ class FakeSupervisor:
             return rid in self._cancelled
 
     def _loop(self) -> None:
-        ids = itertools.count()
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            request, emit = item
-            next(ids)
-            with self._lock:
-                self.num_running_now += 1
-                self.max_num_running_seen = max(self.max_num_running_seen, self.num_running_now)
-            try:
-                self._run(request, emit)
-            finally:
+        """Start whoever may start (the line decides), each on a thread of its own."""
+        while not self.shut_down:
+            if not self._line.wait_for_arrival(timeout_s=0.05):
+                continue
+            waiting = self._line.take_startable(self._is_cancelled)
+            if waiting is None:
+                time.sleep(0.005)
+                continue
+            if self._is_cancelled(waiting.request.request_id):
+                waiting.on_output(EngineOutput(waiting.request.request_id, finished=True, finish_reason="cancelled"))
+                continue
+            wid = next(self._worker_request_ids)
+            self._line.place(wid, waiting)
+            threading.Thread(target=self._run_placed, args=(wid, waiting), daemon=True).start()
+
+    def _run_placed(self, wid: int, waiting) -> None:
+        def emit(out: EngineOutput) -> None:
+            if out.finished:
+                self._line.remove(wid)             # the place is free before the caller hears of the finish
                 with self._lock:
                     self.num_running_now -= 1
+            waiting.on_output(out)
+        with self._lock:
+            self.num_running_now += 1
+            self.max_num_running_seen = max(self.max_num_running_seen, self.num_running_now)
+        self._run(waiting.request, emit)
 
     def _run(self, request: GenerationRequest, emit: Callable[[EngineOutput], None]) -> None:
         rid, params, t0 = request.request_id, request.params, time.monotonic()

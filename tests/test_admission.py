@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.admission import Admission
+from engine.admission import Admission, LineFull
 from engine.kv_budget import GiB, KVBudget, available_host_bytes, kv_bytes_per_token, kv_tokens_needed
 from engine.messages import GenerationRequest, SamplingParams
 
@@ -21,10 +21,9 @@ def _line(max_num_running: int, kv_budget_tokens: int | None) -> Admission:
 
 
 def _start_all_startable(line: Admission, started: list[int]) -> None:
-    while (item := line.take_startable()) is not None:
-        request, on_output = item
-        line.place(request.request_id, request, on_output)
-        started.append(request.request_id)
+    while (waiting := line.take_startable()) is not None:
+        line.place(waiting.request.request_id, waiting)
+        started.append(waiting.request.request_id)
 
 
 def test_places_limit_how_many_run_and_the_line_keeps_its_order():
@@ -57,10 +56,46 @@ def test_a_cancelled_request_waiting_for_room_is_handed_back_at_once():
         line.put(_request(rid, prompt, max_tokens), print)           # 80, then 60 waits for room
     _start_all_startable(line, started)
     assert started == [1] and line.take_startable() is None
-    request, _ = line.take_startable(is_cancelled=lambda rid: rid == 2)
+    request = line.take_startable(is_cancelled=lambda rid: rid == 2).request
     assert request.request_id == 2 and line.num_waiting == 1         # for the caller to answer, not to start
     _start_all_startable(line, started)
     assert started == [1, 3]
+
+
+def test_the_line_refuses_only_when_max_queue_size_already_wait_beyond_the_free_places():
+    line, started = Admission(MAX_MODEL_LEN, max_num_waiting=2), []
+    line.max_num_running = 3
+    for rid in range(1, 6):                              # 3 free places + 2 waiting
+        line.put(_request(rid, 10, 10), print)
+    with pytest.raises(LineFull):
+        line.put(_request(6, 10, 10), print)
+    _start_all_startable(line, started)
+    assert started == [1, 2, 3] and line.num_waiting == 2
+    with pytest.raises(LineFull):                        # no place is free now: 2 already wait
+        line.put(_request(7, 10, 10), print)
+    line.remove(1)                                       # a place frees up: one more may join
+    line.put(_request(8, 10, 10), print)
+    _start_all_startable(line, started)
+    assert started == [1, 2, 3, 4] and line.num_waiting == 2
+    unbounded = Admission(MAX_MODEL_LEN)
+    for rid in range(100):
+        unbounded.put(_request(rid, 10, 10), print)
+    assert unbounded.num_waiting == 100
+
+
+def test_a_waiting_request_leaves_the_line_from_any_place_and_on_start_runs_when_placed():
+    line, events = Admission(MAX_MODEL_LEN, max_num_waiting=8), []
+    for rid in (1, 2, 3):
+        line.put(_request(rid, 10, 10), print, on_start=lambda rid=rid: events.append(rid))
+    assert line.drop(2).request.request_id == 2 and line.drop(2) is None and line.num_waiting == 2
+    assert line.wait_for_arrival(timeout_s=0.0) and events == []
+    started = []
+    _start_all_startable(line, started)
+    assert started == [1] and events == [1]              # one place: the next waits, not started
+    line.remove(1)
+    _start_all_startable(line, started)
+    assert started == [1, 3] and events == [1, 3] and line.take() is None
+    assert not line.wait_for_arrival(timeout_s=0.01)
 
 
 def test_a_request_alone_may_use_the_whole_budget_and_one_over_it_is_refused():
@@ -87,7 +122,7 @@ def test_reservations_are_capped_by_the_context_and_shutdown_takes_the_one_waiti
         line.put(_request(rid, 900, 500), print)
     _start_all_startable(line, started)
     assert started == [1] and line.num_waiting == 1        # 1000 + 1000 > 1500: the second waits for room
-    assert line.take(timeout_s=None)[0].request_id == 2 and line.num_waiting == 0
+    assert line.take().request.request_id == 2 and line.num_waiting == 0
 
 
 def test_the_budget_plan():

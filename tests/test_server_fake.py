@@ -260,3 +260,27 @@ def test_bad_settings_exit_2(capsys):
     assert "mode must be one of" in capsys.readouterr().err
     assert main(["--max-queue-size", "-1"]) == 2
     assert main(["--help"]) == 0
+
+
+def test_a_request_waiting_for_kv_room_counts_as_waiting_and_one_that_never_fits_gets_400(fake_server):
+    """The engine's line (engine/admission.py) is the only queue: a request held back by the KV budget
+    is waiting, not running, and one larger than the whole budget is refused before it queues."""
+    with fake_server(max_num_running=4, delay_s=0.02) as fs:
+        fs.supervisor._line.kv_budget_tokens = 150           # room for one 1 + 100 token reservation
+        body = {"prompt": "x", "max_tokens": 100, "ignore_eos": True}
+        results = {}
+        threads = [threading.Thread(target=lambda i=i: results.setdefault(i, httpx.post(
+            fs.url("/v1/completions"), json=body, timeout=60))) for i in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        metrics = httpx.get(fs.url("/metrics")).text
+        assert "amusd:num_requests_running 1.0" in metrics and "amusd:num_requests_waiting 1.0" in metrics
+        err = assert_openai_error(httpx.post(fs.url("/v1/completions"), json={**body, "max_tokens": 200}), 400)
+        assert "kv_cache_memory_gb" in err["message"]
+        for t in threads:
+            t.join()
+        assert [results[i].status_code for i in range(2)] == [200, 200]
+        assert fs.supervisor.max_num_running_seen == 1
+        metrics = httpx.get(fs.url("/metrics")).text
+        assert "amusd:num_requests_waiting 0.0" in metrics and "amusd:num_requests_running 0.0" in metrics
