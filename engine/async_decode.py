@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import time
 
-from engine.cost_model import SpeculationBudget
 from engine.decoding import Sequence, sync_cache
 from engine.logits_processors import MakeGrammar, build_logits_processors, stop_token_ids
 from engine.messages import StartRequest, TokensOut
@@ -73,9 +72,9 @@ class SharedDraftProposer(NoProposer):
     def start(self, seq: Sequence) -> None:
         self.side.start_request(seq.request_id, seq.token_ids)          # the draft may start now
 
-    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
+    def propose(self, seq: Sequence) -> Proposal:
         c = self.position = seq.num_committed
-        num_to_check = budget.num_to_check()                             # cost model: worth checking now
+        num_to_check = seq.budget.num_to_check()                             # cost model: worth checking now
         num_drafted = self.side.num_consistent_drafted()
         seq.stats.sum_draft_lead += max(0, num_drafted - c)
         draft_ids = self.channel.read_for_verify(c, min(num_drafted, c + num_to_check)) if num_drafted > c else []

@@ -34,14 +34,12 @@ decoder, tests/test_batch_decode.py end to end): greedy and seeded outputs equal
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.batch_draft import BatchDrafter
-from engine.cost_model import SpeculationBudget
 from engine.decoder import KVSlot, LeanDecoder
 from engine.decoding import Sequence, Verifier
 from engine.kv_budget import KVBudget, available_host_bytes, kv_bytes_per_token
@@ -55,7 +53,6 @@ class Running:
     seq: Sequence
     slot: KVSlot                            # the verify's KV of this sequence
     draft_slot: KVSlot | None               # sync: the draft model's (engine/batch_draft.py)
-    budget: SpeculationBudget               # sync: this sequence's draft length, from its own acceptance
     admitted_at: float
     prompt_hidden: list[torch.Tensor] = field(default_factory=list)    # prompt logprobs (echo) only
 
@@ -123,9 +120,8 @@ class BatchDecoder:
             if slot is not None:
                 slot.limit_capacity(seq.max_len)
         seq.stats.num_cached_prompt_tokens = free.slot.num_cached
-        budget = copy.copy(self.verifier.budget)
-        budget.start_request()                       # this sequence's own acceptance estimate
-        self.running[seq.request_id] = Running(seq, free.slot, free.draft_slot, budget, time.perf_counter())
+        self.verifier.start(seq)                     # its own speculation budget (sync: its draft lengths)
+        self.running[seq.request_id] = Running(seq, free.slot, free.draft_slot, time.perf_counter())
         while self._free_slots and self.num_kv_tokens_held > self.kv_budget.num_tokens:
             self._free_slots.pop(0)                                          # its KV goes back to the allocator
 
@@ -196,7 +192,7 @@ class BatchDecoder:
         draft_ids = proposal.draft_ids if proposal else []
         c = seq.num_committed
         out, num_accepted = self.verifier.commit(seq, logits, draft_ids, len(draft_ids),
-                                                 proposal.draft_probs if proposal else None, run.budget)
+                                                 proposal.draft_probs if proposal else None)
         run.slot.num_cached = c + num_accepted
         if self.drafter is not None and proposal is not None:
             self.drafter.observe(run, c, num_accepted, proposal, out)

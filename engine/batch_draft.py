@@ -47,9 +47,9 @@ class BatchDrafter:
         return self.decoder.new_slot()
 
     def propose(self, runs: list) -> dict[int, Proposal]:
-        """Draft tokens for each of `runs` (Running: .seq, .draft_slot, .budget), by request id."""
+        """Draft tokens for each of `runs` (Running: .seq, .draft_slot), by request id; k_i from seq.budget."""
         start = time.perf_counter()
-        proposals = {run.seq.request_id: Proposal(max(0, min(run.budget.num_to_draft(),
+        proposals = {run.seq.request_id: Proposal(max(0, min(run.seq.budget.num_to_draft(),
                                                              run.seq.max_len - run.seq.num_committed - 1)))
                      for run in runs}
         self._fit_verify_rows(list(proposals.values()))

@@ -149,8 +149,9 @@ class AcceptanceEstimator:
 class SpeculationBudget:
     """How many proposed tokens the next verify step should check (a fixed setting wins).
 
-    One per worker. The acceptance estimate restarts from the prior with every request, so a
-    request's proposal sizes depend on that request alone (in `sync` a seeded request is then
+    The worker keeps one with its measured curves; every request gets its own (`for_request`,
+    kept on its Sequence), whose acceptance estimate starts from the prior, so a request's proposal
+    sizes depend on that request alone, batched or not (in `sync` a seeded request is then
     reproducible, rejection sampling included).
     """
 
@@ -161,8 +162,9 @@ class SpeculationBudget:
         self.acceptance_prior = acceptance_prior
         self.acceptance = AcceptanceEstimator(acceptance_prior)
 
-    def start_request(self) -> None:
-        self.acceptance = AcceptanceEstimator(self.acceptance_prior)
+    def for_request(self) -> "SpeculationBudget":
+        """A budget for one request: these cost curves and settings, acceptance from the prior."""
+        return SpeculationBudget(self.verify, self.max_tokens, self.num_fixed, self.draft, self.acceptance_prior)
 
     def num_to_check(self) -> int:
         """Async verify: proposals (draft tokens + n-gram guesses) worth checking in one forward.

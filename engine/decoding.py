@@ -45,6 +45,7 @@ class Sequence:
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     prompt_logprobs: list[TokenLogprob | None] | None = None   # echo: computed at prefill, sent once
+    budget: SpeculationBudget | None = None   # how many tokens its steps propose (Verifier.start, cost model)
 
     @property
     def num_committed(self) -> int:
@@ -70,18 +71,22 @@ def new_sequence(req: StartRequest, eos_token_ids: list[int], max_model_len: int
 class Verifier:
     """Runs verify steps for one sequence on the verify model and commits their tokens.
 
-    `budget` learns the request's acceptance rate from every step and says how many
-    proposed tokens the next step should check (engine/cost_model.py).
+    `budget` holds the worker's measured cost curves; each sequence gets its own copy (`start`),
+    which learns that request's acceptance rate from every step and says how many proposed tokens
+    its next step should check (engine/cost_model.py).
     """
 
     def __init__(self, runner: ModelRunner, budget: SpeculationBudget):
         self.runner = runner
         self.budget = budget
 
+    def start(self, seq: Sequence) -> None:
+        """A new sequence's own speculation budget (acceptance from the prior)."""
+        seq.budget = self.budget.for_request()
+
     def prefill(self, seq: Sequence) -> None:
         """Fill the KV cache with the prompt; with num_prompt_logprobs, also score every prompt token
         (the prefix cache is bypassed then: each position's logits are computed)."""
-        self.budget.start_request()
         start = time.perf_counter()
         num_top = seq.params.num_prompt_logprobs
         if num_top is None:
@@ -121,14 +126,13 @@ class Verifier:
         return out
 
     def commit(self, seq: Sequence, logits: torch.Tensor, proposal: list[int], num_draft_ids: int,
-               draft_probs: torch.Tensor | None = None,
-               budget: SpeculationBudget | None = None) -> tuple[TokensOut, int]:
+               draft_probs: torch.Tensor | None = None) -> tuple[TokensOut, int]:
         """Choose and commit the tokens of one verify forward: logits [K+1, V] over pending + proposal
-        (its first num_draft_ids tokens from the draft). Returns (the output, proposals accepted).
-        `budget` learns the acceptance (default: this verifier's; a batch keeps one per sequence)."""
+        (its first num_draft_ids tokens from the draft). Returns (the output, proposals accepted);
+        the sequence's budget learns the acceptance."""
         num_accepted, new_ids = seq.chooser.verify(logits, seq.output_ids, proposal, draft_probs)
         new_ids = self._truncate_at_stop(seq, new_ids)
-        (budget or self.budget).record(len(proposal), num_accepted)
+        seq.budget.record(len(proposal), num_accepted)
         seq.token_ids.extend(new_ids)
         logprobs = None
         if seq.params.num_logprobs is not None:
@@ -172,13 +176,14 @@ def _count_per_position(counts: list[int], num_positions: int) -> None:
 def run_decode(seq: Sequence, verifier: Verifier, proposer, emit, should_stop) -> None:
     """One request on the verify worker, in every mode: the proposer (engine/proposers.py) says what
     each verify step checks; the step commits 1..K+1 tokens; `emit` streams them."""
+    verifier.start(seq)
     proposer.start(seq)
     verifier.prefill(seq)
     while seq.finish_reason is None:
         if should_stop():
             seq.finish_reason = "cancelled"
             break
-        proposal = proposer.propose(seq, verifier.budget)
+        proposal = proposer.propose(seq)
         out = verifier.step(seq, proposal.draft_ids, proposal.guess_ids, proposal.draft_probs)
         proposer.observe(seq, proposal, out)
         emit(out)

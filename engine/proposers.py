@@ -9,7 +9,7 @@
 A proposer's life for one request (engine/decoding.py, run_decode):
 
     start(seq)                       before the verify's prefill
-    propose(seq, budget) -> Proposal before every verify step
+    propose(seq) -> Proposal         before every verify step (how many: seq.budget)
     observe(seq, proposal, out)      after the step committed out.token_ids
     finish(seq)                      after the last step (stats)
 """
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.cost_model import SpeculationBudget
 from engine.decoding import Sequence, sync_cache
 from engine.messages import TokensOut
 from engine.models import ModelRunner
@@ -43,7 +42,7 @@ class NoProposer:
     def start(self, seq: Sequence) -> None:
         pass
 
-    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
+    def propose(self, seq: Sequence) -> Proposal:
         return Proposal(num_to_check=0)
 
     def observe(self, seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
@@ -64,9 +63,9 @@ class LocalDraftProposer(NoProposer):
     def start(self, seq: Sequence) -> None:
         self.drafter.prefill(seq.token_ids)
 
-    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
+    def propose(self, seq: Sequence) -> Proposal:
         start = time.perf_counter()
-        num_draft = min(budget.num_to_draft(), seq.max_len - seq.num_committed - 1)
+        num_draft = min(seq.budget.num_to_draft(), seq.max_len - seq.num_committed - 1)
         draft_ids: list[int] = []
         q_rows = []
         pending, output_ids = seq.token_ids[-1], seq.output_ids
@@ -115,8 +114,8 @@ class NgramGuesses:
         self.lookup = LookupBudget()
         self.inner.start(seq)
 
-    def propose(self, seq: Sequence, budget: SpeculationBudget) -> Proposal:
-        proposal = self.inner.propose(seq, budget)
+    def propose(self, seq: Sequence) -> Proposal:
+        proposal = self.inner.propose(seq)
         room = proposal.num_to_check - len(proposal.draft_ids)
         if room > 0 and not seq.chooser.is_rejection:    # guesses are not drawn from q: keep rejection sampling pure
             context = np.asarray(seq.token_ids + proposal.draft_ids)

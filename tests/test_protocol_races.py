@@ -109,6 +109,9 @@ class ConcurrentDraftVerifier:
         self.budget.num_to_check = lambda: num_to_check
         self.num_guesses_seen = 0
 
+    def start(self, seq):
+        seq.budget = self.budget
+
     def prefill(self, seq):
         # The draft has reconciled with the new request and drafted one token.
         SharedState.set(self.state, Ctrl.DRAFT_EPOCH, self.state.get(Ctrl.EPOCH))
