@@ -2,6 +2,7 @@
 
     python -m engine.batch_cost --threads 2 [--json out.json]
     python -m engine.batch_cost --threads 2 --join      # a long prompt joins decoding streams
+    python -m engine.batch_cost --threads 2 --verify-quantizations int8,int4    # the verify under each scheme
 
 For the default pair as `quantization: auto` runs it on CPU (fp32 activations; verify int8, draft
 int8-fast): every sequence has a 300-token context in its own KV slot; each pass appends T random
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--join", action="store_true", help="a 1000-token prompt joining 4 decoding streams")
+    parser.add_argument("--verify-quantizations", default="int8",
+                        help="comma-separated schemes to measure the verify under (engine/quantization.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.join:
@@ -94,7 +97,8 @@ def main() -> None:
         _write(args.json, {"threads": args.threads, "join": join_costs(path)})
         return
     results = {"threads": args.threads, "context_tokens": CONTEXT_TOKENS, "ms_per_pass_median": {}}
-    for role, quantization in (("verify", "int8"), ("draft", "int8-fast")):
+    schemes = [("verify", q) for q in args.verify_quantizations.split(",")] + [("draft", "int8-fast")]
+    for role, quantization in schemes:
         path, _ = resolve_model_spec(f"default:{role}", default_cache_dir())
         results["ms_per_pass_median"][f"{role} {quantization}"] = costs = pass_costs_ms(path, quantization)
         print(role, quantization, costs, flush=True)

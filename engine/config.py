@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 MODES = ("auto", "ar", "sync", "async")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
-QUANTIZATIONS = ("auto", "none", "int8", "int8-fast", "int4")   # engine/quantization.py
+QUANTIZATIONS = ("auto", "none", "int8", "int8-fast", "int4", "int4-mixed")   # engine/quantization.py
 SAMPLING_SCHEMES = ("coupled", "rejection")
 DECODERS = ("auto", "lean", "hf")   # engine/decoder.py
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -51,7 +51,7 @@ class EngineConfig:
     verify_device: str = "cpu"
     draft_device: str = "cpu"
     dtype: str = "auto"                  # auto: fp32 under CPU int8 layers, else bf16 where native, else fp32
-    verify_quantization: str = "auto"    # auto | none | int8 | int8-fast | int4 (engine/quantization.py)
+    verify_quantization: str = "auto"    # auto | none | int8 | int8-fast | int4 | int4-mixed (engine/quantization.py)
     draft_quantization: str = "auto"
     decoder: str = "auto"                # auto (lean layers on CPU where supported) | lean | hf (engine/decoder.py)
     # CPU placement. None = no pinning. Defaults suit a 2-core machine. Without a draft worker (ar,

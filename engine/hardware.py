@@ -53,7 +53,7 @@ def has_native_bf16() -> bool:
     return any(flag in cpu_flags() for flag in BF16_FLAGS)
 
 
-FBGEMM_INT8_SCHEMES = ("auto", "int8", "int8-fast")     # CPU schemes whose layers take fp32 activations
+FBGEMM_INT8_SCHEMES = ("auto", "int8", "int8-fast", "int4-mixed")   # CPU schemes with fbgemm layers (fp32 activations)
 
 
 def resolve_dtype(dtype: str, device: str, quantization: str = "none") -> tuple[str, str]:

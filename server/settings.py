@@ -78,9 +78,9 @@ class Settings(BaseSettings):
     dtype: str = Field(_E["dtype"], description="auto | bfloat16 | float16 | float32 | float64 (auto: bf16 "
                        "where the device runs it natively, else fp32)")
     verify_quantization: str = Field(_E["verify_quantization"], description="auto | none | int8 | int8-fast | "
-                                     "int4 (auto: int8 on CPU, none on CUDA)")
+                                     "int4 | int4-mixed (auto: int8 on CPU, none on CUDA)")
     draft_quantization: str = Field(_E["draft_quantization"], description="auto | none | int8 | int8-fast | "
-                                    "int4 (auto: int8-fast on CPU, none on CUDA)")
+                                    "int4 | int4-mixed (auto: int8-fast on CPU, none on CUDA)")
     decoder: str = Field(_E["decoder"], description="auto | lean | hf: the layers that run the model (auto: "
                          "amusd's lean Qwen2/Llama layers on CPU where supported, else transformers'; same logits)")
     verify_device: str = Field(_E["verify_device"], description="cpu or cuda:N")

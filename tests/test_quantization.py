@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized, quantize_model
+from engine.quantization import (INT4_GROUP_SIZE, Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized,
+                                 quantize_int4, quantize_model)
 
-SCHEMES = ["int8", "int8-fast", "int4"]
+SCHEMES = ["int8", "int8-fast", "int4", "int4-mixed"]
 
 
 def _linear(in_features: int = 256, out_features: int = 96, bias: bool = True) -> nn.Linear:
@@ -53,6 +54,47 @@ def test_two_digits_are_more_accurate_than_one():
         reference = linear(x)
         errors = {digits: float((Int8DynamicLinear(linear, digits)(x) - reference).norm()) for digits in (1, 2)}
     assert errors[2] < errors[1] / 2
+
+
+def _on_4bit_grids(out_features: int = 64, in_features: int = 256) -> nn.Linear:
+    """Weights as a dequantized Q4_K tensor holds them: per group of 32, min + q * step, q in
+    [0, 15]; some groups use fewer than 16 levels (their grid is not their min/max's)."""
+    generator = torch.Generator().manual_seed(3)
+    num_groups = out_features * in_features // INT4_GROUP_SIZE
+    steps = torch.rand(num_groups, 1, generator=generator) * 0.01 + 0.001
+    minimums = -8 * steps + torch.randn(num_groups, 1, generator=generator) * 0.002
+    top = torch.randint(6, 16, (num_groups, 1), generator=generator)            # highest level used
+    q = (torch.rand(num_groups, INT4_GROUP_SIZE, generator=generator) * (top + 1)).floor().clamp(max=top)
+    q[:, 0], q[:, 1] = 0, top[:, 0]
+    linear = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_((minimums + q * steps).reshape(out_features, in_features))
+    return linear
+
+
+def test_int4_reencodes_weights_already_on_4bit_grids_exactly():
+    linear = _on_4bit_grids()
+    q, scales_and_zeros, fraction_on_grid = quantize_int4(linear.weight)
+    assert fraction_on_grid == 1.0
+    groups = q.reshape(64, -1, INT4_GROUP_SIZE).float()                          # [N, G, 32]
+    scales, zeros = scales_and_zeros[..., 0].t()[..., None], scales_and_zeros[..., 1].t()[..., None]
+    dequantized = ((groups - 8) * scales + zeros).reshape(64, 256)
+    assert torch.allclose(dequantized, linear.weight, atol=1e-6)
+    _, _, fraction_random = quantize_int4(_linear(bias=False).weight)           # normal weights: off any grid
+    assert fraction_random < 0.1
+
+
+def test_int4_mixed_keeps_4bit_layers_int4_and_the_others_int8():
+    assert isinstance(make_quantized(_on_4bit_grids(), "int4-mixed"), PackedWeightOnlyLinear)
+    assert isinstance(make_quantized(_linear(), "int4-mixed"), Int8DynamicLinear)
+    assert isinstance(make_quantized(nn.Linear(100, 64), "int4-mixed"), Int8DynamicLinear)   # shape int4 cannot take
+    linear = _on_4bit_grids()
+    x = torch.randn(4, 256)
+    with torch.inference_mode():
+        reference = linear(x)
+        errors = {scheme: float((make_quantized(linear, scheme)(x) - reference).norm() / reference.norm())
+                  for scheme in ("int4-mixed", "int8")}
+    assert errors["int4-mixed"] < 0.01 and errors["int4-mixed"] < errors["int8"], errors   # only bf16 rounding left
 
 
 def test_int4_skips_shapes_the_kernel_cannot_take():
