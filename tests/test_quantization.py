@@ -129,3 +129,13 @@ def test_quantize_model_replaces_every_linear_and_unties_the_head(tmp_path):
 def test_unknown_scheme_is_refused():
     with pytest.raises(ValueError, match="quantization must be one of"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), "int3")
+
+
+def test_quant_quality_compares_each_scheme_with_the_first(tmp_path):
+    from engine.quant_quality import compare_schemes
+    from engine.tiny_models import ensure_tiny_model
+    path = ensure_tiny_model("tiny-random/verify", str(tmp_path))
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    none, again, fast = compare_schemes(path, ["none", "none", "int8-fast"], ids)
+    assert none["argmax_agreement"] == again["argmax_agreement"] == 1.0 and again["mean_kl"] == 0.0
+    assert fast["mean_kl"] > 0.0 and 0.5 < fast["argmax_agreement"] <= 1.0
