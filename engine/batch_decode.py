@@ -147,9 +147,11 @@ class BatchDecoder:
         for request_id in list(self.cancelled):
             self.running[request_id].seq.finish_reason = "cancelled"
         self.cancelled.clear()
-        plan = self._plan()                                                     # [(run, ids, is_decoding)]
-        decoding = [run for run, _, is_decoding in plan if is_decoding]
+        live = [run for run in self.running.values() if run.seq.finish_reason is None]
+        decoding = [run for run in live if run.slot.num_cached >= len(run.seq.token_ids) - 1]
         proposals = self.drafter.propose(decoding) if self.drafter and decoding else {}
+        num_decode_tokens = len(decoding) + sum(len(p.draft_ids) for p in proposals.values())
+        plan = self._plan(live, num_decode_tokens)                             # [(run, ids, is_decoding)]
         verify_start = time.perf_counter()
         rows = []
         for run, ids, is_decoding in plan:
@@ -198,12 +200,11 @@ class BatchDecoder:
             self.drafter.observe(run, c, num_accepted, proposal, out)
         emit(out)
 
-    def _plan(self) -> list[tuple[Running, list[int], bool]]:
+    def _plan(self, live: list[Running], num_decode_tokens: int) -> list[tuple[Running, list[int], bool]]:
         """(its Running, token ids to feed, is it decoding) per sequence in this pass: a decoding
-        sequence feeds its pending token (sync: + its draft tokens), a prefilling one its next chunk."""
-        live = [run for run in self.running.values() if run.seq.finish_reason is None]
-        num_decoding = sum(run.slot.num_cached >= len(run.seq.token_ids) - 1 for run in live)
-        room = self._prefill_room(num_decoding)
+        sequence feeds its pending token (sync: + its draft tokens, `num_decode_tokens` in all), a
+        prefilling one its next chunk."""
+        room = self._prefill_room(num_decode_tokens)
         plan = []
         for run in live:
             target, num_cached = len(run.seq.token_ids) - 1, run.slot.num_cached
@@ -219,13 +220,14 @@ class BatchDecoder:
             plan.append((run, ids, num_cached >= target))
         return plan
 
-    def _prefill_room(self, num_decoding: int) -> int:
+    def _prefill_room(self, num_decode_tokens: int) -> int:
         """Prompt tokens this pass may take: a whole chunk when nobody is decoding; beside decoding
-        streams, what max_num_batched_tokens leaves (at least a quarter of it, so prompts advance)."""
-        if num_decoding == 0:
+        streams, what max_num_batched_tokens leaves after their tokens (at least a quarter of it, so
+        prompts advance)."""
+        if num_decode_tokens == 0:
             return self.prefill_chunk_tokens
         budget = self.max_num_batched_tokens
-        return min(self.prefill_chunk_tokens, max(budget - num_decoding, budget // 4, 1))
+        return min(self.prefill_chunk_tokens, max(budget - num_decode_tokens, budget // 4, 1))
 
     def _leave(self, run: Running, emit) -> None:
         del self.running[run.seq.request_id]

@@ -208,6 +208,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(model):
     assert pass_sizes == [CHUNK]
 
 
+def test_in_sync_a_joining_prompt_gets_what_the_draft_tokens_leave_of_max_num_batched_tokens(model, draft_model):
+    """A decoding sequence's row in sync is its pending token + its k draft tokens: the prompt
+    prefilled beside it gets max_num_batched_tokens minus all of them, so no pass holds more."""
+    stream = StartRequest(1, [5, 6, 7], SamplingParams(max_tokens=300, ignore_eos=True))
+    long = StartRequest(99, [i % 200 for i in range(3 * CHUNK)], SamplingParams(max_tokens=3, ignore_eos=True))
+    verifier = Verifier(ModelRunner(model, "cpu", prefill_chunk_tokens=CHUNK, decoder_impl="lean"),
+                        SpeculationBudget(None, 8, num_fixed=3))
+    drafter = BatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), max_catch_up=CHUNK, max_verify_rows=100)
+    batch, outputs, passes = BatchDecoder(verifier, 2, CHUNK, True, KVBudget(100_000, 1, "test"), 17, drafter), [], []
+    forward_batch = batch.decoder.forward_batch
+    batch.decoder.forward_batch = lambda rows: passes.append([len(ids) for _, ids in rows]) or forward_batch(rows)
+    batch.admit(new_sequence(stream, [], MAX_MODEL_LEN, "coupled"))
+    batch.step(outputs.append)                                           # the stream's prompt
+    batch.admit(new_sequence(long, [], MAX_MODEL_LEN, "coupled"))
+    del passes[:]
+    while batch.running[99].slot.num_cached < 3 * CHUNK - 1:
+        batch.step(outputs.append)
+    assert all(rows[0] == 4 for rows in passes), "the stream drafts k = 3 beside the prefill"
+    assert all(sum(rows) == 17 for rows in passes[:-1]) and sum(passes[-1]) <= 17, passes
+
+
 def test_a_new_request_reuses_the_kv_of_a_finished_one_it_shares_a_prefix_with(model):
     shared = [(7 * i) % 200 for i in range(80)]
     first = StartRequest(1, shared + [3, 4], SamplingParams(max_tokens=10, ignore_eos=True))
