@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MODES = ("auto", "ar", "sync", "async")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
@@ -22,6 +23,15 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 class ConfigError(ValueError):
     """A setting is invalid; the message says which and why."""
+
+
+class ModelSettings(NamedTuple):
+    """One model's settings (EngineConfig.model_settings("verify" | "draft"))."""
+    model: str | None
+    gguf_file: str | None
+    device: str
+    quantization: str
+    threads: int
 
 
 def default_cache_dir() -> str:
@@ -169,9 +179,17 @@ class EngineConfig:
             return cores
         return tuple(sorted(set(cores) | set(draft_cores)))
 
+    def model_settings(self, role: str) -> ModelSettings:
+        """The settings of the verify or the draft model: the one place a role picks its fields."""
+        if role == "verify":
+            return ModelSettings(self.verify_model, self.gguf_file, self.verify_device, self.verify_quantization,
+                                 self.verify_threads)
+        return ModelSettings(self.draft_model, self.draft_gguf_file, self.draft_device, self.draft_quantization,
+                             self.draft_threads)
+
     def threads_of(self, role: str) -> int | None:
         """torch threads of a worker: as set, else one per core it runs on (None: unpinned, torch's default)."""
-        threads = self.verify_threads if role == "verify" else self.draft_threads
+        threads = self.model_settings(role).threads
         if threads:
             return int(threads)
         cores = self.cores_of(role)

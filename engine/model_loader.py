@@ -38,12 +38,10 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     """
     from engine.calibration import cost_digest, cost_key, load_or_measure
     from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
-    spec, gguf_file = (config.verify_model, config.gguf_file) if role == "verify" else \
-        (config.draft_model, config.draft_gguf_file)
-    configured_quantization = config.verify_quantization if role == "verify" else config.draft_quantization
-    dtype, dtype_reason = resolve_dtype(config.dtype, device, configured_quantization)
-    quantization, quantization_reason = resolve_quantization(configured_quantization, device, dtype, role)
-    path, gguf = resolve_model_spec(spec, config.cache_dir, gguf_file)
+    settings = config.model_settings(role)
+    dtype, dtype_reason = resolve_dtype(config.dtype, device, settings.quantization)
+    quantization, quantization_reason = resolve_quantization(settings.quantization, device, dtype, role)
+    path, gguf = resolve_model_spec(settings.model, config.cache_dir, settings.gguf_file)
     model = load_causal_lm(path, gguf, device, dtype, quantization)
     try:
         runner = ModelRunner(model, device, config.prefill_chunk_tokens, config.prefix_caching, config.decoder)

@@ -26,11 +26,11 @@ def resolve_model_spec(spec: str, cache_dir: str, gguf_file: str | None = None) 
     """Return (local dir or hub id, gguf file name or None) for a model spec."""
     if spec.startswith("default:"):
         from engine.fetch import ensure_default_models
-        verify_dir, draft_dir = ensure_default_models(cache_dir)
+        dirs = dict(zip(("verify", "draft"), ensure_default_models(cache_dir)))
         role = spec.split(":", 1)[1]
-        if role not in ("verify", "draft"):
+        if role not in dirs:
             raise ConfigError(f"unknown default model {spec!r}: use default:verify or default:draft")
-        return (verify_dir if role == "verify" else draft_dir), None
+        return dirs[role], None
     if spec.startswith(TINY_PREFIX):
         return ensure_tiny_model(spec, cache_dir), None
     if spec.endswith(".gguf"):

@@ -46,6 +46,9 @@ class Clock(IntEnum):
     NUM_FIELDS = 2
 
 
+HEARTBEAT_OF = {"verify": Clock.VERIFY_HEARTBEAT, "draft": Clock.DRAFT_HEARTBEAT}    # by worker role
+
+
 class SharedState:
     """Views over one shared-memory segment. `create` in the supervisor, `attach` in workers."""
 

@@ -24,7 +24,7 @@ import traceback
 from engine.config import EngineConfig
 from engine.messages import (CancelRequest, Measure, Measured, MeasureStop, RequestDone, Shutdown, StartRequest,
                              WorkerFailed, WorkerReady)
-from engine.shared_state import Clock, SharedState, VerifySide
+from engine.shared_state import HEARTBEAT_OF, Clock, SharedState, VerifySide
 
 PR_SET_PDEATHSIG = 1
 
@@ -41,7 +41,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _place(config: EngineConfig, role: str) -> None:
     import torch
     cores = config.cores_of(role)
-    device = config.verify_device if role == "verify" else config.draft_device
+    device = config.model_settings(role).device
     if cores and device == "cpu" and hasattr(os, "sched_setaffinity"):
         available = os.sched_getaffinity(0)
         wanted = {c for c in cores if c in available} or available
@@ -62,10 +62,10 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_c
     try:
         _place(config, role)
         state = SharedState.attach(shm_name, config.max_model_len)
-        worker = VerifyWorker(config, state, peer_conn) if role == "verify" else DraftWorker(config, state, peer_conn)
+        worker = {"verify": VerifyWorker, "draft": DraftWorker}[role](config, state, peer_conn)
         out_conn.send(worker.ready_message())
         while True:
-            state.beat(Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT)
+            state.beat(HEARTBEAT_OF[role])
             try:               # a batching worker with requests running only looks: it has steps to run
                 msg = cmd_queue.get_nowait() if worker.is_busy else cmd_queue.get(timeout=0.1)
             except queue.Empty:

@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from engine.messages import RequestDone, WorkerFailed
-from engine.shared_state import Clock, cancel_request, release_draft
+from engine.shared_state import HEARTBEAT_OF, cancel_request, release_draft
 from engine.worker_handle import EngineStartError, WorkerHandle, await_ready, receive_any
 
 POLL_S = 0.02
@@ -111,8 +111,8 @@ class WorkerRecovery:
         verify_end, draft_end = self._ctx.Pipe()
         try:
             for worker in workers:
-                self._state.clock[_heartbeat_of(worker.role)] = time.monotonic()
-                peer_end = verify_end if worker.role == "verify" else draft_end
+                self._state.clock[HEARTBEAT_OF[worker.role]] = time.monotonic()
+                peer_end = {"verify": verify_end, "draft": draft_end}[worker.role]
                 worker.spawn(self._ctx, self.config, self._state.name, peer_end)
         finally:
             verify_end.close()     # the children hold their own copies now
@@ -128,8 +128,4 @@ class WorkerRecovery:
     def _heartbeat_age(self, worker: WorkerHandle) -> float:
         if self._state is None or worker.ready is None:
             return 0.0
-        return self._state.heartbeat_age(_heartbeat_of(worker.role))
-
-
-def _heartbeat_of(role: str) -> Clock:
-    return Clock.VERIFY_HEARTBEAT if role == "verify" else Clock.DRAFT_HEARTBEAT
+        return self._state.heartbeat_age(HEARTBEAT_OF[worker.role])
