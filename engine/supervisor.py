@@ -173,8 +173,9 @@ class EngineSupervisor(WorkerRecovery):
 
     def submit(self, request: GenerationRequest, on_output: OnOutput, on_start: OnStart | None = None) -> None:
         """Validate (ValueError), seed, and put the request in the engine's line (LineFull when
-        max_queue_size already wait). Its outputs go to on_output (thread: the scheduler's);
-        on_start is called when it leaves the line for the workers."""
+        max_queue_size already wait). Its outputs go to on_output, on the scheduler's thread (a
+        waiting request that is cancelled is answered on the cancelling thread); on_start is called
+        when it leaves the line for the workers."""
         request.params.validate()
         if not request.prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
