@@ -56,6 +56,11 @@ class Running:
     admitted_at: float
     prompt_hidden: list[torch.Tensor] = field(default_factory=list)    # prompt logprobs (echo) only
 
+    @property
+    def is_decoding(self) -> bool:
+        """Its KV holds every committed token but the pending one: the prompt is prefilled."""
+        return self.slot.num_cached >= len(self.seq.token_ids) - 1
+
 
 @dataclass
 class FreeSlot:
@@ -148,7 +153,7 @@ class BatchDecoder:
             self.running[request_id].seq.finish_reason = "cancelled"
         self.cancelled.clear()
         live = [run for run in self.running.values() if run.seq.finish_reason is None]
-        decoding = [run for run in live if run.slot.num_cached >= len(run.seq.token_ids) - 1]
+        decoding = [run for run in live if run.is_decoding]
         proposals = self.drafter.propose(decoding) if self.drafter and decoding else {}
         num_decode_tokens = len(decoding) + sum(len(p.draft_ids) for p in proposals.values())
         plan = self._plan(live, num_decode_tokens)                             # [(run, ids, is_decoding)]
@@ -207,8 +212,8 @@ class BatchDecoder:
         room = self._prefill_room(num_decode_tokens)
         plan = []
         for run in live:
-            target, num_cached = len(run.seq.token_ids) - 1, run.slot.num_cached
-            if num_cached < target:                                             # prefill, in chunks
+            is_decoding, target, num_cached = run.is_decoding, len(run.seq.token_ids) - 1, run.slot.num_cached
+            if not is_decoding:                                                 # prefill, in chunks
                 if room <= 0:
                     continue
                 ids = run.seq.token_ids[num_cached:min(target, num_cached + room)]
@@ -217,7 +222,7 @@ class BatchDecoder:
                     run.seq.stats.prefill_s = time.perf_counter() - run.admitted_at
             else:
                 ids = run.seq.token_ids[-1:]                                    # the pending token
-            plan.append((run, ids, num_cached >= target))
+            plan.append((run, ids, is_decoding))
         return plan
 
     def _prefill_room(self, num_decode_tokens: int) -> int:

@@ -97,6 +97,7 @@ class PackedWeightOnlyLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, scheme: str, int4_groups: tuple | None = None):
+        """int4_groups: quantize_int4(linear.weight), for scheme int4."""
         super().__init__()
         weight = linear.weight.detach().float()
         self.scheme = scheme
@@ -108,7 +109,7 @@ class PackedWeightOnlyLinear(nn.Module):
             self.register_buffer("qweight", torch.clamp(torch.round(weight / scales[:, None]), -127, 127).to(torch.int8))
             self.register_buffer("scales", scales.to(torch.bfloat16))
             return
-        q, scales_and_zeros, _ = int4_groups if int4_groups is not None else quantize_int4(weight)
+        q, scales_and_zeros, _ = int4_groups
         if self.is_cuda:
             packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), _INT4_INNER_K_TILES)
         else:
