@@ -1,5 +1,5 @@
-"""Continuous batching (`ar`, and `sync` with engine/batch_draft.py): the verify worker decodes every
-running request in one pass per step.
+"""Continuous batching (`ar`; `sync` with engine/batch_draft.py; `async` with engine/async_batch.py):
+the verify worker decodes every running request in one pass per step.
 
     batch = batch_decoder_for(verifier, config)     # max_num_seqs, prefill_chunk_tokens, the KV budget
     batch.admit(seq)                 # a request joins: a KV slot of its own (engine/decoder.py: KVSlot)
@@ -11,7 +11,8 @@ One step, for the running sequences s (in admission order):
     rows    s still prefilling: the next chunk of its prompt (all chunks together at most
             prefill_chunk_tokens per pass, and while others decode at most what
             max_num_batched_tokens leaves beside their tokens: a long prompt never freezes them)
-            s decoding: its pending token, + its K_s draft tokens in sync    [1 + K_s]
+            s decoding: its pending token, + its K_s proposed tokens (sync: drafted here; async:
+            what the draft worker has drafted in its row, + n-gram guesses)    [1 + K_s]
     pass    forward_batch(rows) -> hidden [N, H]; the output layer once, over the decode rows
     commit  Verifier.commit per decoding sequence (the same choice, stop and stats code as a lone
             request): 1..K_s + 1 tokens; its KV slot then keeps the pending and accepted positions,
@@ -70,16 +71,19 @@ class FreeSlot:
     token_ids: list[int]                    # what the verify slot holds
 
 
-def batch_decoder_for(verifier: Verifier, config, draft_runner=None) -> "BatchDecoder":
-    """The batch an EngineConfig asks for (`sync`: with the local draft model); ValueError where
-    batching cannot run."""
+def batch_decoder_for(verifier: Verifier, config, draft_runner=None, shared_drafts=None,
+                      draft_kv_bytes_per_token: int = 0) -> "BatchDecoder":
+    """The batch an EngineConfig asks for (`sync`: with the local draft model; `async`: with the
+    draft worker's rows, engine/async_batch.py, whose KV, `draft_kv_bytes_per_token`, counts in the
+    budget too); ValueError where batching cannot run."""
     decoder = verifier.runner.decoder
     if not isinstance(decoder, LeanDecoder):
         raise ValueError("continuous batching needs the lean decoder (decoder: lean / auto on CPU)")
     drafter = BatchDrafter(draft_runner, config.max_num_batched_tokens, config.max_verify_tokens + 1) \
-        if draft_runner is not None else None
-    per_token = sum(kv_bytes_per_token(len(d.layers), d.num_kv_heads, d.head_dim, d.dtype.itemsize)
-                    for d in [decoder] + ([drafter.decoder] if drafter else []))
+        if draft_runner is not None else shared_drafts
+    per_token = draft_kv_bytes_per_token + sum(
+        kv_bytes_per_token(len(d.layers), d.num_kv_heads, d.head_dim, d.dtype.itemsize)
+        for d in [decoder] + ([drafter.decoder] if draft_runner is not None else []))
     available = available_host_bytes() if decoder.device.type == "cpu" else torch.cuda.mem_get_info(decoder.device)[0]
     budget = KVBudget.plan(config.kv_cache_memory_gb, config.max_num_seqs, config.max_model_len, per_token, available)
     return BatchDecoder(verifier, config.max_num_seqs, config.prefill_chunk_tokens, config.prefix_caching, budget,
@@ -126,6 +130,8 @@ class BatchDecoder:
                 slot.limit_capacity(seq.max_len)
         seq.stats.num_cached_prompt_tokens = free.slot.num_cached
         self.verifier.start(seq)                     # its own speculation budget (sync: its draft lengths)
+        if self.drafter is not None:
+            self.drafter.start(seq)                  # async: the draft worker may start on it now
         self.running[seq.request_id] = Running(seq, free.slot, free.draft_slot, time.perf_counter())
         while self._free_slots and self.num_kv_tokens_held > self.kv_budget.num_tokens:
             self._free_slots.pop(0)                                          # its KV goes back to the allocator
@@ -155,13 +161,13 @@ class BatchDecoder:
         live = [run for run in self.running.values() if run.seq.finish_reason is None]
         decoding = [run for run in live if run.is_decoding]
         proposals = self.drafter.propose(decoding) if self.drafter and decoding else {}
-        num_decode_tokens = len(decoding) + sum(len(p.draft_ids) for p in proposals.values())
+        num_decode_tokens = len(decoding) + sum(len(p.draft_ids) + len(p.guess_ids) for p in proposals.values())
         plan = self._plan(live, num_decode_tokens)                             # [(run, ids, is_decoding)]
         verify_start = time.perf_counter()
         rows = []
         for run, ids, is_decoding in plan:
             proposal = proposals.get(run.seq.request_id) if is_decoding else None
-            ids = ids + proposal.draft_ids if proposal else ids                # sync: pending + draft tokens
+            ids = ids + proposal.draft_ids + proposal.guess_ids if proposal else ids   # pending + proposed tokens
             rows.append((run.slot, torch.tensor(ids, dtype=torch.long, device=self.runner.device)))
         if decoding:
             _count_pass(decoding[0].seq.stats, len(plan))
@@ -198,8 +204,8 @@ class BatchDecoder:
             run.prompt_hidden = []
         draft_ids = proposal.draft_ids if proposal else []
         c = seq.num_committed
-        out, num_accepted = self.verifier.commit(seq, logits, draft_ids, len(draft_ids),
-                                                 proposal.draft_probs if proposal else None)
+        out, num_accepted = self.verifier.commit(seq, logits, draft_ids + (proposal.guess_ids if proposal else []),
+                                                 len(draft_ids), proposal.draft_probs if proposal else None)
         run.slot.num_cached = c + num_accepted
         if self.drafter is not None and proposal is not None:
             self.drafter.observe(run, c, num_accepted, proposal, out)

@@ -33,7 +33,7 @@ import torch
 from engine.decoder import KVSlot, LeanDecoder
 from engine.messages import TokensOut
 from engine.models import ModelRunner
-from engine.proposers import Proposal, count_local_draft_waste, count_local_rollback
+from engine.proposers import Proposal, count_local_draft_waste, count_local_rollback, fit_verify_rows
 
 
 class BatchDrafter:
@@ -45,6 +45,9 @@ class BatchDrafter:
 
     def new_slot(self) -> KVSlot:
         return self.decoder.new_slot()
+
+    def start(self, seq) -> None:
+        pass                                                         # its draft slot comes with its verify slot
 
     def propose(self, runs: list) -> dict[int, Proposal]:
         """Draft tokens for each of `runs` (Running: .seq, .draft_slot), by request id; k_i from seq.budget."""
@@ -89,13 +92,9 @@ class BatchDrafter:
 
     def _fit_verify_rows(self, proposals: list[Proposal]) -> None:
         """Cut the largest proposals by one until sum(1 + k_i) <= max_verify_rows (or all are 0)."""
-        num_rows = sum(1 + p.num_to_check for p in proposals)
-        while num_rows > self.max_verify_rows:
-            largest = max(proposals, key=lambda p: p.num_to_check)
-            if largest.num_to_check == 0:
-                return
-            largest.num_to_check -= 1
-            num_rows -= 1
+        sizes = fit_verify_rows([p.num_to_check for p in proposals], self.max_verify_rows)
+        for proposal, size in zip(proposals, sizes):
+            proposal.num_to_check = size
 
     def observe(self, run, num_committed_before: int, num_accepted: int, proposal: Proposal,
                 out: TokensOut) -> None:

@@ -76,7 +76,7 @@ class EngineConfig:
     max_verify_tokens: int = 8            # most proposed tokens checked in one verify forward (cost model's cap)
     acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
     prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
-    max_num_seqs: int = 1                 # ar, sync: requests decoded at once, one pass for all (engine/batch_decode.py)
+    max_num_seqs: int = 1                 # requests decoded at once, one pass for all (engine/batch_decode.py)
     max_num_batched_tokens: int = 64      # batching: tokens per pass while requests decode (prompt chunks fill it)
     max_queue_size: int = 16              # requests that may wait in the engine's line; more: LineFull (engine/admission.py)
     prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
@@ -144,9 +144,9 @@ class EngineConfig:
     def warnings(self) -> list[str]:
         """Settings that work but probably do not do what the user wants."""
         found = []
-        if self.max_num_seqs > 1 and self.mode == "async":
-            found.append(f"max_num_seqs {self.max_num_seqs} batches modes ar and sync: async runs one request "
-                         "at a time")
+        if self.max_num_seqs > 1 and self.mode == "async" and self.async_unbatched_reason:
+            found.append(f"max_num_seqs {self.max_num_seqs}: async runs one request at a time here "
+                         f"({self.async_unbatched_reason})")
         if self.uses_draft_worker and self.verify_device == self.draft_device and self.verify_device != "cpu":
             found.append(f"draft and verify workers share {self.verify_device}: without CUDA MPS their kernels "
                          "time-slice rather than run concurrently, so async speculation gains little")
@@ -159,6 +159,27 @@ class EngineConfig:
         `auto` starts as async (both workers measure their forward costs), then settles on a mode.
         """
         return self.mode in ("async", "auto")
+
+    @property
+    def async_unbatched_reason(self) -> str | None:
+        """Why async cannot batch with these settings (None: it can; engine/async_batch.py)."""
+        if "cuda" in self.verify_device + self.draft_device:
+            return "async batching runs on CPU workers only (the lean decoder)"
+        if self.decoder == "hf":
+            return "batching needs the lean decoder"
+        if self.sampling_scheme == "rejection":
+            return "async batching samples with the coupled scheme only"
+        return None
+
+    @property
+    def is_async_batched(self) -> bool:
+        """async with one row of shared state per sequence and both workers batching."""
+        return self.mode == "async" and self.max_num_seqs > 1 and self.async_unbatched_reason is None
+
+    @property
+    def num_shared_slots(self) -> int:
+        """Rows of shared state (engine/shared_state.py): one per sequence when async batches."""
+        return self.max_num_seqs if self.is_async_batched else 1
 
     @property
     def has_peer_buffers(self) -> bool:

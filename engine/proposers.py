@@ -88,6 +88,17 @@ class LocalDraftProposer(NoProposer):
         count_local_draft_waste(seq)
 
 
+def fit_verify_rows(sizes: list[int], max_rows: int) -> list[int]:
+    """Proposal sizes k_i cut, the largest first, one at a time, until a batched verify pass holds at
+    most max_rows rows (sum of 1 + k_i) or every k_i is 0: the verify's cost curve goes that far."""
+    sizes = list(sizes)
+    num_rows = sum(1 + k for k in sizes)
+    while num_rows > max_rows and sizes and max(sizes) > 0:
+        sizes[sizes.index(max(sizes))] -= 1
+        num_rows -= 1
+    return sizes
+
+
 def count_local_rollback(seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
     """sync (alone or batched): a step that committed fewer tokens than it drafted rolled the draft back."""
     seq.stats.num_rollbacks += len(out.token_ids) <= len(proposal.draft_ids) and seq.finish_reason is None

@@ -1,12 +1,16 @@
 """The shared buffers that join the supervisor, the draft worker and the verify worker.
 
 One POSIX shared-memory segment (`multiprocessing.shared_memory`, a unique random name, created
-and unlinked by the supervisor) holds:
+and unlinked by the supervisor) holds, for each of `num_slots` sequences (one; `max_num_seqs` when
+async batches, engine/async_batch.py), a row:
 
     ctrl[Ctrl.*]            int64 control fields (who writes which: see engine/async_decode.py)
-    clock[Clock.*]          float64 heartbeats (time.monotonic(), system-wide on Linux)
     committed_tokens[L]     int64, written by the verify worker only
     draft_tokens[L]         int64, written by the draft worker only
+
+and once: clock[Clock.*] (float64 heartbeats, time.monotonic(), system-wide on Linux) and
+LAST_PUBLISHED_REQUEST_ID (verify: the newest request it put in a row; async batching only).
+`SharedState` itself reads and writes row 0 (one sequence at a time); `state.slots[i]` is row i.
 
 This module is torch-free so the supervisor can create and inspect it. A CUDA draft worker moves
 its tokens here through a pinned host ring (engine/token_channel.py): the verify never touches the
@@ -49,43 +53,60 @@ class Clock(IntEnum):
 HEARTBEAT_OF = {"verify": Clock.VERIFY_HEARTBEAT, "draft": Clock.DRAFT_HEARTBEAT}    # by worker role
 
 
+class SlotState:
+    """One sequence's row: its control fields and token buffers (views into the segment)."""
+
+    def __init__(self, ctrl: np.ndarray, committed_tokens: np.ndarray, draft_tokens: np.ndarray):
+        self.ctrl, self.committed_tokens, self.draft_tokens = ctrl, committed_tokens, draft_tokens
+
+    def get(self, field: Ctrl) -> int:
+        return int(self.ctrl[field])
+
+    def set(self, field: Ctrl, value: int) -> None:
+        self.ctrl[field] = value
+
+
 class SharedState:
     """Views over one shared-memory segment. `create` in the supervisor, `attach` in workers."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, max_len: int, is_owner: bool):
+    def __init__(self, shm: shared_memory.SharedMemory, max_len: int, is_owner: bool, num_slots: int = 1):
         self.shm = shm
         self.name = shm.name
         self.max_len = max_len
         self.is_owner = is_owner
         buf = shm.buf
-        offset = 0
-        self.ctrl = np.ndarray((Ctrl.NUM_FIELDS,), dtype=np.int64, buffer=buf, offset=offset)
-        offset += 8 * Ctrl.NUM_FIELDS
-        self.clock = np.ndarray((Clock.NUM_FIELDS,), dtype=np.float64, buffer=buf, offset=offset)
-        offset += 8 * Clock.NUM_FIELDS
-        self.committed_tokens = np.ndarray((max_len,), dtype=np.int64, buffer=buf, offset=offset)
-        offset += 8 * max_len
-        self.draft_tokens = np.ndarray((max_len,), dtype=np.int64, buffer=buf, offset=offset)
+        self.last_published = np.ndarray((1,), dtype=np.int64, buffer=buf, offset=0)
+        self.clock = np.ndarray((Clock.NUM_FIELDS,), dtype=np.float64, buffer=buf, offset=8)
+        offset = 8 * (1 + Clock.NUM_FIELDS)
+        ctrl = np.ndarray((num_slots, Ctrl.NUM_FIELDS), dtype=np.int64, buffer=buf, offset=offset)
+        offset += 8 * num_slots * Ctrl.NUM_FIELDS
+        committed = np.ndarray((num_slots, max_len), dtype=np.int64, buffer=buf, offset=offset)
+        offset += 8 * num_slots * max_len
+        drafts = np.ndarray((num_slots, max_len), dtype=np.int64, buffer=buf, offset=offset)
+        self.slots = [SlotState(ctrl[i], committed[i], drafts[i]) for i in range(num_slots)]
+        self.ctrl, self.committed_tokens, self.draft_tokens = ctrl[0], committed[0], drafts[0]   # row 0
 
     @staticmethod
-    def num_bytes(max_len: int) -> int:
-        return 8 * (Ctrl.NUM_FIELDS + Clock.NUM_FIELDS + 2 * max_len)
+    def num_bytes(max_len: int, num_slots: int = 1) -> int:
+        return 8 * (1 + Clock.NUM_FIELDS + num_slots * (Ctrl.NUM_FIELDS + 2 * max_len))
 
     @classmethod
-    def create(cls, max_len: int) -> "SharedState":
+    def create(cls, max_len: int, num_slots: int = 1) -> "SharedState":
         name = f"amusd-{secrets.token_hex(6)}"
-        shm = shared_memory.SharedMemory(name=name, create=True, size=cls.num_bytes(max_len))
-        state = cls(shm, max_len, is_owner=True)
-        state.ctrl[:] = 0
+        shm = shared_memory.SharedMemory(name=name, create=True, size=cls.num_bytes(max_len, num_slots))
+        state = cls(shm, max_len, is_owner=True, num_slots=num_slots)
+        state.last_published[:] = 0
+        for slot in state.slots:
+            slot.ctrl[:] = 0
         state.clock[:] = time.monotonic()
         return state
 
     @classmethod
-    def attach(cls, name: str, max_len: int) -> "SharedState":
+    def attach(cls, name: str, max_len: int, num_slots: int = 1) -> "SharedState":
         # track=False: the supervisor owns the segment; a worker must not unlink it on exit.
         shm = shared_memory.SharedMemory(name=name, create=False, track=False) \
             if _supports_track() else shared_memory.SharedMemory(name=name, create=False)
-        return cls(shm, max_len, is_owner=False)
+        return cls(shm, max_len, is_owner=False, num_slots=num_slots)
 
     def get(self, field: Ctrl) -> int:
         return int(self.ctrl[field])
@@ -101,7 +122,8 @@ class SharedState:
 
     def close(self) -> None:
         # Drop numpy views first: SharedMemory.close() fails while exported buffers exist.
-        self.ctrl = self.clock = self.committed_tokens = self.draft_tokens = None
+        self.ctrl = self.clock = self.committed_tokens = self.draft_tokens = self.last_published = None
+        self.slots = []
         try:
             self.shm.close()
         except BufferError:
@@ -204,13 +226,26 @@ class DraftSide:
         self.state.set(Ctrl.DRAFT_NUM_FORWARDS, num_forwards)
 
 
+def publish_started(state: SharedState, request_id: int) -> None:
+    """Verify, async batching: after a row's REQUEST_ID = request_id (VerifySide.start_request), so a
+    draft that reads this first and then finds the request in no row knows it has already finished."""
+    state.last_published[0] = request_id
+
+
+def newest_started(state: SharedState) -> int:
+    return int(state.last_published[0])
+
+
 def cancel_request(state: SharedState, request_id: int) -> None:
     """The supervisor's field: the verify checks it before every step."""
     state.set(Ctrl.CANCEL_REQUEST_ID, request_id)
 
 
-def release_draft(state: SharedState, request_id: int) -> None:
+def release_draft(state: SharedState, newest_request_id: int) -> None:
     """The supervisor's one write of verify-owned fields, made only once the verify process is dead
-    (so there is still a single writer): end `request_id` as the verify would, freeing the draft."""
-    state.set(Ctrl.REQUEST_ID, 0)
-    state.set(Ctrl.LAST_FINISHED_REQUEST_ID, request_id)
+    (so there is still a single writer): end every request up to `newest_request_id` (the newest
+    sent to the workers) in every row as the verify would, freeing the draft."""
+    for slot in state.slots:
+        slot.set(Ctrl.REQUEST_ID, 0)
+        slot.set(Ctrl.LAST_FINISHED_REQUEST_ID, newest_request_id)
+    state.last_published[0] = newest_request_id

@@ -83,7 +83,7 @@ class EngineSupervisor(WorkerRecovery):
         check_memory_ordering(self.config)
         for warning in self.config.warnings():
             logger.warning(warning)
-        self._state = SharedState.create(self.config.max_model_len)
+        self._state = SharedState.create(self.config.max_model_len, self.config.num_shared_slots)
         try:
             self._spawn(list(self._workers.values()))
             self._await_ready(list(self._workers.values()))
@@ -148,17 +148,17 @@ class EngineSupervisor(WorkerRecovery):
         save_decision(self.requested_config, plan.mode, plan.reason, verify_costs_id)
 
     def _batching_note(self, mode: str) -> str:
-        """Mode auto decides by one stream's speed; say so when that costs the batch."""
-        num_seqs = self.requested_config.max_num_seqs
-        if mode != "async" or num_seqs <= 1:
+        """Mode auto decides by one stream's speed; say so when async cannot batch here."""
+        config = self._config_for(mode)
+        if mode != "async" or self.requested_config.max_num_seqs <= 1 or config.is_async_batched:
             return ""
-        return (f" (async decodes one request at a time: max_num_seqs {num_seqs} batches ar and sync only; "
+        return (f" (async decodes one request at a time here: {config.async_unbatched_reason}; "
                 "set mode: ar to serve many users at once)")
 
     def _config_for(self, mode: str) -> EngineConfig:
-        """The configuration run as `mode` (max_num_seqs batches ar and sync, not async yet)."""
-        batch = self.requested_config.max_num_seqs if mode in ("ar", "sync") else 1
-        return self.requested_config.replace(mode=mode, max_num_seqs=batch)
+        """The configuration run as `mode` (async: one request at a time where it cannot batch)."""
+        config = self.requested_config.replace(mode=mode)
+        return config if mode != "async" or config.is_async_batched else config.replace(max_num_seqs=1)
 
     def _restart_as(self, mode: str) -> None:
         for worker in self._workers.values():
@@ -250,7 +250,7 @@ class EngineSupervisor(WorkerRecovery):
     def _loop(self) -> None:
         while not self._is_stopping:
             if not self._line.wait_for_arrival(timeout_s=0.1) or (waiting := self._line.take()) is None:
-                self._check_workers(None, None)
+                self._check_workers(None, [])
                 continue
             rid, on_output = waiting.request.request_id, waiting.on_output
             if self._answer_if_cancelled(rid, on_output):
@@ -278,15 +278,15 @@ class EngineSupervisor(WorkerRecovery):
         while self._line.running:
             self._start_waiting()
             msg = self._next_message(POLL_S)
-            sole_wid = next(iter(self._line.running)) if len(self._line.running) == 1 else None
+            wids = list(self._line.running)
             if isinstance(msg, WorkerFailed):
                 self._fail_running(f"{msg.role} worker failed: {msg.error}")
-                self._recover(self._workers[msg.role], sole_wid)
+                self._recover(self._workers[msg.role], wids)
                 return
             if isinstance(msg, (TokensOut, RequestDone)) and msg.request_id in self._line.running:
                 self._deliver(msg)
             self._send_cancels()
-            if self._line.running and self._check_workers(self._fail_running, sole_wid):
+            if self._line.running and self._check_workers(self._fail_running, list(self._line.running)):
                 return
 
     def _start(self, waiting: Waiting) -> None:

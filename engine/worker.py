@@ -61,7 +61,7 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_c
     request_id = None
     try:
         _place(config, role)
-        state = SharedState.attach(shm_name, config.max_model_len)
+        state = SharedState.attach(shm_name, config.max_model_len, config.num_shared_slots)
         worker = {"verify": VerifyWorker, "draft": DraftWorker}[role](config, state, peer_conn)
         out_conn.send(worker.ready_message())
         while True:
@@ -129,15 +129,26 @@ class VerifyWorker:
             verify.runner.prefill_placement = PrefillPlacement(prefill_cores)
         # The verify reads draft tokens from host memory whatever the draft's device (engine/token_channel.py).
         self.channel = HostDraftChannel(state, _share_draft_probs(config, peer_conn, "verify", 0))
-        self.batch = None                         # ar / sync with max_num_seqs > 1: engine/batch_decode.py
+        self.batch = None                         # max_num_seqs > 1: engine/batch_decode.py
         if config.mode in ("ar", "sync") and config.max_num_seqs > 1:
             from engine.batch_decode import batch_decoder_for
             try:
                 self.batch = batch_decoder_for(self.verifier, config, self.drafter)
-                self.runtime = {**self.runtime, **self.batch.kv_budget.as_runtime()}
             except ValueError as exc:
                 logging.getLogger("amusd.verify").warning("max_num_seqs %d: %s; decoding one request at a time",
                                                           config.max_num_seqs, exc)
+        elif config.is_async_batched:             # the draft worker batches the same rows: no fallback
+            from engine.async_batch import SharedDrafts
+            from engine.batch_decode import batch_decoder_for
+            from engine.kv_budget import kv_bytes_per_token
+            shape = draft_model.config
+            draft_kv = kv_bytes_per_token(shape.num_hidden_layers, shape.num_key_value_heads,
+                                          getattr(shape, "head_dim", None) or shape.hidden_size // shape.num_attention_heads,
+                                          verify.runner.decoder.dtype.itemsize)
+            shared = SharedDrafts(state, config.max_verify_tokens + 1, config.verify_lookup_ngram)
+            self.batch = batch_decoder_for(self.verifier, config, shared_drafts=shared, draft_kv_bytes_per_token=draft_kv)
+        if self.batch is not None:
+            self.runtime = {**self.runtime, **self.batch.kv_budget.as_runtime()}
         self.runtime = {**self.runtime, "max_num_seqs": self.batch.max_num_seqs if self.batch else 1}
         self.load_seconds = time.perf_counter() - start
 
@@ -195,6 +206,13 @@ class DraftWorker:
         self.config = config
         draft = load_model("draft", config, config.draft_device, 1 + min(config.max_draft_lead, 4))
         self.model_dir, self.runtime, runner = draft.model_dir, draft.runtime, draft.runner
+        self.batch = None                         # async with max_num_seqs > 1: engine/async_batch.py
+        if config.is_async_batched:
+            from engine.async_batch import AsyncBatchDrafter
+            self.batch = AsyncBatchDrafter(runner, state, config.max_draft_lead, config.max_model_len,
+                                           config.prefill_chunk_tokens, config.max_num_batched_tokens,
+                                           config.step_timeout_s, eos_token_ids_of(runner.model),
+                                           LazyGrammarFactory(draft.model_dir, runner.vocab_size))
         channel = _draft_channel(config, state, _share_draft_probs(config, peer_conn, "draft", runner.vocab_size))
         self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
                                wait_timeout_s=config.step_timeout_s,
@@ -204,7 +222,9 @@ class DraftWorker:
                                make_grammar=LazyGrammarFactory(draft.model_dir, runner.vocab_size))
         self.load_seconds = time.perf_counter() - start
 
-    is_busy = False                               # the draft worker never batches
+    @property
+    def is_busy(self) -> bool:
+        return self.batch is not None and self.batch.is_busy
 
     def measure(self, placement: str, should_stop) -> tuple[float, ...]:
         """c(1) again (`mode: auto`); "together": one-token forwards until the supervisor says stop,
@@ -219,6 +239,9 @@ class DraftWorker:
                            self.runtime)
 
     def run(self, req: StartRequest, emit) -> None:
+        if self.batch is not None:
+            self.batch.add(req)                   # it starts once the verify puts it in a row
+            return
         self.drafter.run(req)
 
 

@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from engine.messages import RequestDone, WorkerFailed
-from engine.shared_state import HEARTBEAT_OF, cancel_request, release_draft
+from engine.shared_state import HEARTBEAT_OF, release_draft
 from engine.worker_handle import EngineStartError, WorkerHandle, await_ready, receive_any
 
 POLL_S = 0.02
@@ -19,8 +19,8 @@ logger = logging.getLogger("amusd.engine")
 
 
 class WorkerRecovery:
-    def _check_workers(self, on_failure: Callable[[str], None] | None, wid: int | None) -> bool:
-        """Detect dead or hung workers; end the running request(s) with an error and restart them."""
+    def _check_workers(self, on_failure: Callable[[str], None] | None, wids: list[int]) -> bool:
+        """Detect dead or hung workers; end the running requests (`wids`) with an error and restart them."""
         if self._is_stopping or self._state is None:
             return False
         for worker in self._workers.values():
@@ -29,38 +29,40 @@ class WorkerRecovery:
                 continue
             reason = "stopped answering (heartbeat timeout)" if worker.is_alive else \
                 f"died (exit code {worker.process.exitcode if worker.process else None})"
-            logger.warning("%s worker %s during request %s: restarting it", worker.role, reason, wid)
+            logger.warning("%s worker %s during requests %s: restarting it", worker.role, reason, wids)
             if on_failure is not None:
                 on_failure(f"{worker.role} worker {reason}")
-            self._recover(worker, wid)
+            self._recover(worker, wids)
             return True
         return False
 
-    def _recover(self, worker: WorkerHandle, wid: int | None) -> None:
-        """Kill the failed worker, end the running request on the other, restart what must restart."""
+    def _recover(self, worker: WorkerHandle, wids: list[int]) -> None:
+        """Kill the failed worker, end the requests it ran (`wids`) on the other, restart what must restart."""
         self._is_restarting = True
         try:
             worker.kill()
-            if wid is not None:
-                cancel_request(self._state, wid)
-                if self._workers["verify"].is_alive:
-                    self._drain_until_done(wid)
-                else:
-                    release_draft(self._state, wid)     # the verify is dead: stand in for it
+            if wids and self._workers["verify"].is_alive:     # the draft died: the verify ends its requests
+                for wid in wids:
+                    self._cancel_on_workers(wid)
+                self._drain_until_done(set(wids))
+            elif wids:
+                release_draft(self._state, max(wids))       # the verify is dead: stand in for it
             self._ensure_workers()
         finally:
             self._is_restarting = False
 
-    def _drain_until_done(self, wid: int) -> None:
+    def _drain_until_done(self, wids: set[int]) -> None:
         deadline = time.monotonic() + self.config.step_timeout_s
-        while time.monotonic() < deadline:
+        while wids and time.monotonic() < deadline:
             msg = self._next_message(POLL_S)
             if msg is None:
                 if not self._workers["verify"].is_alive:
                     return
                 continue
-            if isinstance(msg, (RequestDone, WorkerFailed)) and getattr(msg, "request_id", None) in (wid, None):
+            if isinstance(msg, WorkerFailed):
                 return
+            if isinstance(msg, RequestDone):
+                wids.discard(msg.request_id)
 
     def _ensure_workers(self) -> bool:
         """Restart dead workers (up to max_restarts consecutive failed starts).

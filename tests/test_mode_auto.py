@@ -58,18 +58,27 @@ def test_a_decision_belongs_to_its_configuration(tmp_path):
     assert load_decision(_config(tmp_path, acceptance_prior=0.9)) is None      # any other setting decides anew
 
 
-def test_max_num_seqs_batches_ar_and_sync_and_says_so_for_async(tmp_path):
-    assert not _config(tmp_path, max_num_seqs=8).warnings()                  # auto: applies if it picks ar / sync
+def test_max_num_seqs_batches_every_mode_and_says_where_async_cannot(tmp_path):
+    assert not _config(tmp_path, max_num_seqs=8).warnings()                  # auto: applies to the mode it picks
     assert not _config(tmp_path, max_num_seqs=8).replace(mode="sync").warnings()
-    warnings = _config(tmp_path, max_num_seqs=8).replace(mode="async").warnings()
-    assert any("batches modes ar and sync" in w for w in warnings)
+    batched = _config(tmp_path, max_num_seqs=8).replace(mode="async")
+    assert not batched.warnings() and batched.is_async_batched and batched.num_shared_slots == 8
+    for change, why in [(dict(sampling_scheme="rejection"), "coupled scheme only"), (dict(decoder="hf"), "lean decoder"),
+                        (dict(draft_device="cuda:0"), "CPU workers only")]:
+        config = batched.replace(**change)
+        assert not config.is_async_batched and config.num_shared_slots == 1
+        assert any(why in w and "one request at a time" in w for w in config.warnings()), change
     with pytest.raises(Exception, match="max_num_seqs must be >= 1"):
         _config(tmp_path, max_num_seqs=0)
 
 
 def test_mode_auto_says_when_its_choice_does_not_batch(tmp_path):
     from engine.supervisor import EngineSupervisor
-    sup = EngineSupervisor(_config(tmp_path, max_num_seqs=8))
-    assert "max_num_seqs 8 batches ar and sync only; set mode: ar" in sup._batching_note("async")
+    assert EngineSupervisor(_config(tmp_path, max_num_seqs=8))._batching_note("async") == ""    # async batches
+    assert EngineSupervisor(_config(tmp_path, max_num_seqs=8))._config_for("async").max_num_seqs == 8
+    sup = EngineSupervisor(_config(tmp_path, max_num_seqs=8, sampling_scheme="rejection"))
+    assert "async decodes one request at a time here: async batching samples with the coupled scheme only" \
+        in sup._batching_note("async")
+    assert sup._config_for("async").max_num_seqs == 1 and sup._config_for("ar").max_num_seqs == 8
     assert sup._batching_note("ar") == sup._batching_note("sync") == ""
     assert EngineSupervisor(_config(tmp_path, max_num_seqs=1))._batching_note("async") == ""

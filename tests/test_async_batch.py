@@ -1,0 +1,189 @@
+"""engine/async_batch.py in one process: async speculation with continuous batching gives every
+request what it gets alone (`ar`), whatever the interleaving of the two workers' steps.
+
+The verify's BatchDecoder (with SharedDrafts) and the draft's AsyncBatchDrafter share one
+SharedState with a row per sequence; a seeded schedule runs 0..3 draft steps between verify steps,
+so the draft is sometimes ahead, sometimes behind, and the random draft model disagrees with the
+verify often (rollbacks in most rows). Float64 tiny models.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.async_batch import AsyncBatchDrafter, SharedDrafts
+from engine.batch_decode import BatchDecoder
+from engine.cost_model import SpeculationBudget
+from engine.decoding import Verifier, new_sequence
+from engine.kv_budget import KVBudget
+from engine.messages import RequestDone, SamplingParams, StartRequest
+from engine.models import ModelRunner, load_causal_lm
+from engine.shared_state import Ctrl, SharedState
+from engine.tiny_models import ensure_tiny_model
+from tests.test_batch_decode import CHUNK, MAX_MODEL_LEN, _alone, _assert_each_as_alone, _collect, _requests
+
+
+@pytest.fixture(scope="module")
+def model(session_cache_dir):
+    return load_causal_lm(ensure_tiny_model("tiny-random/verify", session_cache_dir), None, "cpu", "float64")
+
+
+@pytest.fixture(scope="module")
+def draft_model(session_cache_dir):
+    return load_causal_lm(ensure_tiny_model("tiny-random/draft", session_cache_dir), None, "cpu", "float64")
+
+
+class Pair:
+    """Both workers' halves over one shared segment, stepped by hand."""
+
+    def __init__(self, model, draft_model, max_num_seqs: int, num_to_check: int = 4, lookup_ngram: int = 0,
+                 max_draft_lead: int = 6):
+        self.state = SharedState.create(MAX_MODEL_LEN, max_num_seqs)
+        verifier = Verifier(ModelRunner(model, "cpu", prefill_chunk_tokens=CHUNK, decoder_impl="lean"),
+                            SpeculationBudget(None, 8, num_fixed=num_to_check))
+        self.batch = BatchDecoder(verifier, max_num_seqs, CHUNK, True, KVBudget(100_000, 1, "test"), 64,
+                                  SharedDrafts(self.state, 100, lookup_ngram))
+        self.drafter = AsyncBatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), self.state,
+                                         max_draft_lead, MAX_MODEL_LEN, CHUNK, 64, wait_timeout_s=60)
+
+    def close(self):
+        self.state.close()
+
+
+def _assert_invariant_i(state: SharedState) -> None:
+    """engine/async_decode.py's invariant, per row: while DRAFT_EPOCH == EPOCH the draft's tokens
+    agree with the commit wherever both exist."""
+    for slot in state.slots:
+        if slot.get(Ctrl.REQUEST_ID) and slot.get(Ctrl.DRAFT_EPOCH) == slot.get(Ctrl.EPOCH):
+            n = min(slot.get(Ctrl.NUM_DRAFTED), slot.get(Ctrl.NUM_COMMITTED))
+            assert (slot.draft_tokens[:n] == slot.committed_tokens[:n]).all()
+
+
+def _run_interleaved(pair: Pair, requests, seed: int) -> tuple[list, int]:
+    """Requests join mid-flight (the draft gets its StartRequest before or after the verify admits
+    it); request 6 is cancelled once it has 5 tokens; 0..3 draft steps between verify steps."""
+    rng = random.Random(seed)
+    batch, drafter = pair.batch, pair.drafter
+    outputs, waiting, num_steps, max_batch = [], list(requests), 0, 0
+    late_starts = []
+    while waiting or batch.is_busy:
+        if waiting and len(batch.running) < batch.max_num_seqs and num_steps % 2 == 0:
+            req = waiting.pop(0)
+            if rng.random() < 0.5:
+                drafter.add(req)
+            else:
+                late_starts.append(req)
+            batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+        if 6 in batch.running and len(batch.running[6].seq.output_ids) >= 5:
+            batch.cancel(6)
+        for _ in range(rng.randrange(4)):
+            if late_starts and rng.random() < 0.5:
+                drafter.add(late_starts.pop(0))
+            drafter.step()
+            _assert_invariant_i(pair.state)
+        if batch.is_busy:
+            batch.step(outputs.append)
+            _assert_invariant_i(pair.state)
+        max_batch = max(max_batch, len(batch.running))
+        num_steps += 1
+    return outputs, max_batch
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_async_batch_gives_every_request_what_it_gets_alone(model, draft_model, seed):
+    requests = _requests(model.config.vocab_size)
+    pair = Pair(model, draft_model, 4)
+    try:
+        outputs, max_batch = _run_interleaved(pair, requests, seed)
+        assert max_batch == 4
+        _assert_each_as_alone(_collect(outputs), _alone(model, requests), requests)
+        stats = [out.stats for out in outputs if isinstance(out, RequestDone)]
+        assert sum(st.num_accepted_tokens for st in stats) > 0, "draft tokens must be accepted"
+        assert sum(st.num_rollbacks for st in stats) > 0, "the random draft must be rolled back"
+        assert sum(st.num_draft_tokens_produced for st in stats) > 0
+        # every row is free again, and the draft follows: it holds nothing once it has looked
+        assert all(slot.get(Ctrl.REQUEST_ID) == 0 for slot in pair.state.slots)
+        pair.drafter.step()
+        assert not pair.drafter.is_busy
+    finally:
+        pair.close()
+
+
+def test_verify_lookup_guesses_ride_along_in_the_batch(model, draft_model):
+    """n-gram guesses after each row's draft tokens (repetitive prompts, so they hit) stay lossless."""
+    rng = random.Random(3)
+    vocab = model.config.vocab_size
+    motif = [rng.randrange(vocab) for _ in range(6)]
+    requests = [StartRequest(i + 1, motif * 5 + [rng.randrange(vocab)], SamplingParams(max_tokens=25, ignore_eos=True))
+                for i in range(3)]
+    pair = Pair(model, draft_model, 3, num_to_check=6, lookup_ngram=3)
+    try:
+        outputs, _ = _run_interleaved(pair, requests, seed=5)
+        got, want = _collect(outputs), _alone(model, requests)
+        assert {rid: g["tokens"] for rid, g in got.items()} == {rid: w["tokens"] for rid, w in want.items()}
+        assert sum(out.stats.num_lookup_tokens for out in outputs if isinstance(out, RequestDone)) > 0
+    finally:
+        pair.close()
+
+
+def test_a_start_the_draft_receives_after_its_request_finished_is_dropped(model, draft_model):
+    pair = Pair(model, draft_model, 2)
+    try:
+        req = StartRequest(1, [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+        pair.batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+        outputs = []
+        while pair.batch.is_busy:
+            pair.batch.step(outputs.append)
+        pair.drafter.add(req)                       # the draft's queue was slow: the request is already over
+        pair.drafter.step()
+        assert not pair.drafter.is_busy
+        # the next request takes the freed row and the draft starts it there
+        nxt = StartRequest(2, [9, 9, 9, 9], SamplingParams(max_tokens=8, ignore_eos=True))
+        pair.drafter.add(nxt)
+        pair.batch.admit(new_sequence(nxt, [], MAX_MODEL_LEN, "coupled"))
+        pair.drafter.step()
+        assert [row.request_id for row in pair.drafter.rows.values()] == [2]
+    finally:
+        pair.close()
+
+
+# ---- through the supervisor and live workers ---------------------------------------------------
+
+@pytest.mark.parametrize("victim", ["draft", "verify"])
+def test_the_engine_batches_async_requests_each_gets_what_ar_gives_and_survives_a_kill(session_cache_dir, victim):
+    import os
+    import signal
+
+    from tests.engine_helpers import random_prompts, run, start_engine, tiny_config, wait_until
+    from tests.test_batch_decode import _largest_batch, _submit_all
+    prompts = random_prompts(6, seed=11)
+    params = dict(max_tokens=24, temperature=0.7, seed=4, ignore_eos=True)
+    ar = start_engine(tiny_config(session_cache_dir, "ar"))
+    try:
+        expected = [run(ar, p, **params)[0] for p in prompts]
+    finally:
+        ar.shutdown()
+    sup = start_engine(tiny_config(session_cache_dir, "async", max_num_seqs=3))
+    try:
+        assert sup.max_num_running == 3 and sup.health()["workers"]["verify"]["max_num_seqs"] == 3
+        outputs = _submit_all(sup, prompts, **params)
+        assert wait_until(lambda: all(o and o[-1].finished for o in outputs.values()), 60)
+        assert [[t for o in outs for t in o.token_ids] for outs in outputs.values()] == expected
+        stats = [outs[-1].stats for outs in outputs.values()]
+        assert _largest_batch(stats) == 3
+        assert sum(st.num_draft_tokens_produced for st in stats) > 0 and sum(st.num_accepted_tokens for st in stats) > 0
+        # kill -9 one worker mid-batch: the running requests end with an error, the engine comes back
+        outputs = _submit_all(sup, prompts[:4], max_tokens=400, ignore_eos=True)
+        assert wait_until(lambda: sum(bool(o) for o in outputs.values()) >= 3, 30)
+        os.kill(sup.worker_pids()[victim], signal.SIGKILL)
+        assert wait_until(lambda: all(o and o[-1].finished for o in outputs.values()), 60)
+        reasons = [o[-1].finish_reason for o in outputs.values()]
+        assert reasons.count("error") >= 3 and set(reasons) <= {"error", "length"}, reasons
+        assert wait_until(sup.is_healthy, 60)
+        again = _submit_all(sup, prompts[:4], **params)
+        assert wait_until(lambda: all(o and o[-1].finished for o in again.values()), 60)
+        assert [[t for o in outs for t in o.token_ids] for outs in again.values()] == expected[:4]
+        assert sup.num_waiting == 0 and not sup._line.running
+    finally:
+        sup.shutdown()
