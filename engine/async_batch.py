@@ -16,6 +16,9 @@ What batching adds:
                                                LAST_PUBLISHED_REQUEST_ID = R (rows fill in request order)
     row i free                        verify   SharedDrafts.finish: finish_request (REQUEST_ID = 0);
                                                the row's next request bumps its EPOCH again
+    IS_DRAFT_PAUSED                   verify   1 before a pass widens onto the draft's cores, 0 after it
+                                               narrows again (SharedDrafts: wide passes); while 1 the
+                                               draft follows the rows but does not draft
     the draft follows the rows        draft    reads LAST_PUBLISHED first, then every row's REQUEST_ID:
                                                a request it holds a StartRequest for that sits in a row
                                                starts there; one <= LAST_PUBLISHED in no row has already
@@ -46,33 +49,53 @@ the verify decides); rejection sampling keeps one request at a time (config.asyn
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.async_decode import IDLE_SLEEP_S, SharedDraftProposer
+from engine.cost_model import ForwardCosts, prefer_wide_pass
 from engine.decoder import KVSlot, LeanDecoder
 from engine.kv_budget import kv_tokens_needed
 from engine.logits_processors import MakeGrammar, build_logits_processors, stop_token_ids
 from engine.messages import StartRequest, TokensOut
-from engine.models import ModelRunner
+from engine.models import MIN_WIDE_PREFILL_TOKENS, ModelRunner
 from engine.proposers import NgramGuesses, Proposal, fit_verify_rows
-from engine.shared_state import Ctrl, DraftSide, SharedState, SlotState, VerifySide, newest_started, publish_started
+from engine.shared_state import (Ctrl, DraftSide, SharedState, SlotState, VerifySide, is_draft_paused, newest_started,
+                                 pause_draft, publish_started)
 from engine.token_channel import HostDraftChannel
 from engine.token_chooser import DRAFT_STREAM, TokenChooser
 
 
-class SharedDrafts:
-    """The verify's half: each running sequence proposes what the draft worker drafted in its row."""
+PAUSED_SLEEP_S = 0.005     # a paused draft looks this seldom: its polling would slow the widened verify
 
-    def __init__(self, state: SharedState, max_verify_rows: int, verify_lookup_ngram: int = 0):
+
+class SharedDrafts:
+    """The verify's half: each running sequence proposes what the draft worker drafted in its row.
+
+    Wide passes: with the measured costs (PassCosts) and `wide` (the draft's cores as well), each
+    pass first asks the cost model (prefer_wide_pass) whether checking every row's proposals beside
+    the draft beats checking pending tokens only on both workers' cores; when it does not, the draft
+    is paused and the pass runs wide, as `ar` batched would (a full CPU batch is compute-bound).
+    """
+
+    def __init__(self, state: SharedState, max_verify_rows: int, verify_lookup_ngram: int = 0, wide=None):
         self.state, self.max_verify_rows, self.lookup_ngram = state, max_verify_rows, verify_lookup_ngram
         for slot in state.slots:                 # a restarted verify ends what its predecessor left in a row
             if slot.get(Ctrl.REQUEST_ID):
                 VerifySide(slot).finish_request(slot.get(Ctrl.REQUEST_ID))
+        pause_draft(state, False)
         self.free_rows = list(range(len(state.slots)))
         self.proposers: dict[int, tuple[int, object]] = {}       # request id -> (row, its proposer)
+        self.wide = wide                                          # engine.models.PrefillPlacement | None
+        self.costs: tuple[ForwardCosts, ForwardCosts, ForwardCosts] | None = None     # (narrow, wide, draft)
+        self.is_wide = False
+        self._widened = contextlib.ExitStack()
+
+    def use_costs(self, narrow: ForwardCosts, wide: ForwardCosts, draft: ForwardCosts) -> None:
+        self.costs = (narrow, wide, draft)
 
     def new_slot(self) -> None:
         return None                              # the draft's KV lives in the draft worker
@@ -87,14 +110,40 @@ class SharedDrafts:
         publish_started(self.state, seq.request_id)
         self.proposers[seq.request_id] = (row, proposer)
 
-    def propose(self, runs: list) -> dict[int, Proposal]:
-        """What each row has drafted (+ n-gram guesses), cut so the pass has at most max_verify_rows rows."""
+    def propose(self, runs: list, num_prompt_left: int = 0) -> dict[int, Proposal]:
+        """What each row has drafted (+ n-gram guesses), cut so the pass has at most max_verify_rows
+        rows; none in a wide pass (num_prompt_left: prompt tokens the batch still has to prefill)."""
         proposals = {run.seq.request_id: self.proposers[run.seq.request_id][1].propose(run.seq) for run in runs}
+        is_wide = self._set_wide(self._prefers_wide(runs, num_prompt_left))
         sizes = fit_verify_rows([len(p.draft_ids) + len(p.guess_ids) for p in proposals.values()], self.max_verify_rows)
         for proposal, size in zip(proposals.values(), sizes):
-            proposal.draft_ids = proposal.draft_ids[:size]
-            proposal.guess_ids = proposal.guess_ids[:size - len(proposal.draft_ids)]
+            proposal.draft_ids = proposal.draft_ids[:0 if is_wide else size]
+            proposal.guess_ids = proposal.guess_ids[:0 if is_wide else size - len(proposal.draft_ids)]
         return proposals
+
+    def _prefers_wide(self, runs: list, num_prompt_left: int) -> bool:
+        """Wide while a long prompt is prefilled (as engine/models.py's PrefillPlacement does alone),
+        else as the cost model says for the decoding rows."""
+        if self.wide is None:
+            return False
+        if num_prompt_left >= MIN_WIDE_PREFILL_TOKENS:
+            return True
+        if not runs or self.costs is None:
+            return False
+        budgets = [run.seq.budget for run in runs]
+        sizes = fit_verify_rows([budget.num_to_check() for budget in budgets], self.max_verify_rows)
+        return prefer_wide_pass(*self.costs, [(n, budget.acceptance.rate) for n, budget in zip(sizes, budgets)])
+
+    def _set_wide(self, is_wide: bool) -> bool:
+        """Pause the draft, then widen onto its cores; or come back, then let it draft again."""
+        if is_wide and not self.is_wide:
+            pause_draft(self.state, True)
+            self._widened.enter_context(self.wide.widened())
+        elif self.is_wide and not is_wide:
+            self._widened.close()
+            pause_draft(self.state, False)
+        self.is_wide = is_wide
+        return is_wide
 
     def observe(self, run, num_committed_before: int, num_accepted: int, proposal: Proposal, out: TokensOut) -> None:
         self.proposers[run.seq.request_id][1].observe(run.seq, proposal, out)
@@ -103,6 +152,8 @@ class SharedDrafts:
         row, proposer = self.proposers.pop(seq.request_id)
         proposer.finish(seq)                                     # REQUEST_ID = 0: the draft leaves the row
         self.free_rows.append(row)
+        if not self.proposers:
+            self._set_wide(False)                                # idle: the draft's cores are its own again
 
 
 @dataclass
@@ -158,6 +209,9 @@ class AsyncBatchDrafter:
     @torch.inference_mode()
     def step(self, emit=None) -> None:
         self._follow_rows()
+        if is_draft_paused(self.state):
+            time.sleep(PAUSED_SLEEP_S)                   # the verify's second thread runs on this core now
+            return
         feeds = self._plan()                                                 # [(row, ids, is_drafting)]
         if not feeds:
             time.sleep(IDLE_SLEEP_S)

@@ -160,7 +160,8 @@ class BatchDecoder:
         self.cancelled.clear()
         live = [run for run in self.running.values() if run.seq.finish_reason is None]
         decoding = [run for run in live if run.is_decoding]
-        proposals = self.drafter.propose(decoding) if self.drafter and decoding else {}
+        num_prompt_left = sum(len(run.seq.token_ids) - 1 - run.slot.num_cached for run in live if not run.is_decoding)
+        proposals = self.drafter.propose(decoding, num_prompt_left) if self.drafter else {}
         num_decode_tokens = len(decoding) + sum(len(p.draft_ids) + len(p.guess_ids) for p in proposals.values())
         plan = self._plan(live, num_decode_tokens)                             # [(run, ids, is_decoding)]
         verify_start = time.perf_counter()

@@ -49,8 +49,10 @@ class BatchDrafter:
     def start(self, seq) -> None:
         pass                                                         # its draft slot comes with its verify slot
 
-    def propose(self, runs: list) -> dict[int, Proposal]:
+    def propose(self, runs: list, num_prompt_left: int = 0) -> dict[int, Proposal]:
         """Draft tokens for each of `runs` (Running: .seq, .draft_slot), by request id; k_i from seq.budget."""
+        if not runs:
+            return {}
         start = time.perf_counter()
         proposals = {run.seq.request_id: Proposal(max(0, min(run.seq.budget.num_to_draft(),
                                                              run.seq.max_len - run.seq.num_committed - 1)))

@@ -77,6 +77,22 @@ def predict_tokens_per_s(mode: str, verify: ForwardCosts, draft: ForwardCosts | 
                for n in range(max_proposed + 1))
 
 
+def prefer_wide_pass(narrow: ForwardCosts, wide: ForwardCosts, draft: ForwardCosts,
+                     proposals: list[tuple[int, float]]) -> bool:
+    """Async batching: is the next verify pass faster on both workers' cores, the draft paused and
+    every row checking its pending token only, than beside the draft checking its proposals?
+
+    proposals: (n_i tokens row i would check, its acceptance a_i), i = 1..B.
+        beside the draft   sum E(n_i, a_i) tokens in max(narrow c(B + sum n_i), max n_i * draft c(B))
+        wide               B tokens in wide c(B)
+    One sequence's c(k) stands in for a pass of k rows (the same weights read, the same rows multiplied).
+    """
+    num_rows = len(proposals)
+    num_tokens = sum(n for n, _ in proposals)
+    beside = max(narrow.cost(num_rows + num_tokens), max(n for n, _ in proposals) * draft.cost(num_rows))
+    return num_rows / wide.cost(num_rows) > sum(expected_committed(n, a) for n, a in proposals) / beside
+
+
 @dataclass(frozen=True)
 class ModeCosts:
     """Forward costs as each mode meets them (`mode: auto`, engine/mode_auto.py).

@@ -121,6 +121,16 @@ class MeasureStop:
     pass
 
 
+@dataclass
+class PassCosts:
+    """Async batching (engine/async_batch.py): the verify's c(1..K) beside the running draft
+    (`narrow`) and on both workers' cores (`wide`), and the draft's own c(1..K): what each pass
+    decides with. Sent by the supervisor once the pair is ready (mode auto's measurements, cached)."""
+    narrow: list[float]
+    wide: list[float]
+    draft: list[float]
+
+
 # ---- workers -> supervisor -------------------------------------------------------
 
 @dataclass

@@ -9,7 +9,7 @@ async batches, engine/async_batch.py), a row:
     draft_tokens[L]         int64, written by the draft worker only
 
 and once: clock[Clock.*] (float64 heartbeats, time.monotonic(), system-wide on Linux) and
-LAST_PUBLISHED_REQUEST_ID (verify: the newest request it put in a row; async batching only).
+batch[Batch.*] (int64, written by the verify; async batching only, engine/async_batch.py).
 `SharedState` itself reads and writes row 0 (one sequence at a time); `state.slots[i]` is row i.
 
 This module is torch-free so the supervisor can create and inspect it. A CUDA draft worker moves
@@ -44,6 +44,12 @@ class Ctrl(IntEnum):
     NUM_FIELDS = 12
 
 
+class Batch(IntEnum):
+    LAST_PUBLISHED_REQUEST_ID = 0   # verify: the newest request it put in a row
+    IS_DRAFT_PAUSED = 1             # verify: 1 while its passes run on the draft's cores too
+    NUM_FIELDS = 2
+
+
 class Clock(IntEnum):
     VERIFY_HEARTBEAT = 0
     DRAFT_HEARTBEAT = 1
@@ -75,9 +81,10 @@ class SharedState:
         self.max_len = max_len
         self.is_owner = is_owner
         buf = shm.buf
-        self.last_published = np.ndarray((1,), dtype=np.int64, buffer=buf, offset=0)
-        self.clock = np.ndarray((Clock.NUM_FIELDS,), dtype=np.float64, buffer=buf, offset=8)
-        offset = 8 * (1 + Clock.NUM_FIELDS)
+        self.batch = np.ndarray((Batch.NUM_FIELDS,), dtype=np.int64, buffer=buf, offset=0)
+        offset = 8 * Batch.NUM_FIELDS
+        self.clock = np.ndarray((Clock.NUM_FIELDS,), dtype=np.float64, buffer=buf, offset=offset)
+        offset += 8 * Clock.NUM_FIELDS
         ctrl = np.ndarray((num_slots, Ctrl.NUM_FIELDS), dtype=np.int64, buffer=buf, offset=offset)
         offset += 8 * num_slots * Ctrl.NUM_FIELDS
         committed = np.ndarray((num_slots, max_len), dtype=np.int64, buffer=buf, offset=offset)
@@ -88,14 +95,14 @@ class SharedState:
 
     @staticmethod
     def num_bytes(max_len: int, num_slots: int = 1) -> int:
-        return 8 * (1 + Clock.NUM_FIELDS + num_slots * (Ctrl.NUM_FIELDS + 2 * max_len))
+        return 8 * (Batch.NUM_FIELDS + Clock.NUM_FIELDS + num_slots * (Ctrl.NUM_FIELDS + 2 * max_len))
 
     @classmethod
     def create(cls, max_len: int, num_slots: int = 1) -> "SharedState":
         name = f"amusd-{secrets.token_hex(6)}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=cls.num_bytes(max_len, num_slots))
         state = cls(shm, max_len, is_owner=True, num_slots=num_slots)
-        state.last_published[:] = 0
+        state.batch[:] = 0
         for slot in state.slots:
             slot.ctrl[:] = 0
         state.clock[:] = time.monotonic()
@@ -122,7 +129,7 @@ class SharedState:
 
     def close(self) -> None:
         # Drop numpy views first: SharedMemory.close() fails while exported buffers exist.
-        self.ctrl = self.clock = self.committed_tokens = self.draft_tokens = self.last_published = None
+        self.ctrl = self.clock = self.committed_tokens = self.draft_tokens = self.batch = None
         self.slots = []
         try:
             self.shm.close()
@@ -229,11 +236,21 @@ class DraftSide:
 def publish_started(state: SharedState, request_id: int) -> None:
     """Verify, async batching: after a row's REQUEST_ID = request_id (VerifySide.start_request), so a
     draft that reads this first and then finds the request in no row knows it has already finished."""
-    state.last_published[0] = request_id
+    state.batch[Batch.LAST_PUBLISHED_REQUEST_ID] = request_id
 
 
 def newest_started(state: SharedState) -> int:
-    return int(state.last_published[0])
+    return int(state.batch[Batch.LAST_PUBLISHED_REQUEST_ID])
+
+
+def pause_draft(state: SharedState, is_paused: bool) -> None:
+    """Verify, async batching: the draft stops drafting (1) before the verify widens onto its cores,
+    and may start again (0) after the verify is back on its own."""
+    state.batch[Batch.IS_DRAFT_PAUSED] = int(is_paused)
+
+
+def is_draft_paused(state: SharedState) -> bool:
+    return bool(state.batch[Batch.IS_DRAFT_PAUSED])
 
 
 def cancel_request(state: SharedState, request_id: int) -> None:
@@ -248,4 +265,5 @@ def release_draft(state: SharedState, newest_request_id: int) -> None:
     for slot in state.slots:
         slot.set(Ctrl.REQUEST_ID, 0)
         slot.set(Ctrl.LAST_FINISHED_REQUEST_ID, newest_request_id)
-    state.last_published[0] = newest_request_id
+    state.batch[Batch.LAST_PUBLISHED_REQUEST_ID] = newest_request_id
+    state.batch[Batch.IS_DRAFT_PAUSED] = 0

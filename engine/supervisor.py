@@ -38,8 +38,8 @@ import threading
 from engine.admission import Admission, OnOutput, OnStart, Waiting
 from engine.config import EngineConfig
 from engine.hardware import check_memory_ordering, has_ordered_stores
-from engine.messages import (CancelRequest, EngineOutput, GenerationRequest, RequestDone, StartRequest, TokensOut,
-                             WorkerFailed)
+from engine.messages import (CancelRequest, EngineOutput, GenerationRequest, PassCosts, RequestDone, StartRequest,
+                             TokensOut, WorkerFailed)
 from engine.shared_state import SharedState, cancel_request
 from engine.worker_handle import EngineStartError, WorkerHandle
 from engine.worker_recovery import POLL_S, WorkerRecovery
@@ -89,6 +89,7 @@ class EngineSupervisor(WorkerRecovery):
             self._await_ready(list(self._workers.values()))
             if self.requested_mode == "auto":
                 self._settle_mode()
+            self._send_pass_costs()
         except EngineStartError:
             self.shutdown()
             raise
@@ -146,6 +147,19 @@ class EngineSupervisor(WorkerRecovery):
             self._restart_as(plan.mode)
         verify_costs_id = self._workers["verify"].ready.runtime.get("costs_id")
         save_decision(self.requested_config, plan.mode, plan.reason, verify_costs_id)
+
+    def _send_pass_costs(self) -> None:
+        """Async batching: give the verify mode auto's measurements (cached after the first start), so
+        that each pass can run wide, the draft paused, when speculation beside it would not pay."""
+        if not self.config.is_async_batched:
+            return
+        from engine.mode_auto import MeasureError, measure_mode_costs
+        try:
+            costs = measure_mode_costs(self._workers, self.config, self._next_message)
+        except MeasureError as exc:
+            raise EngineStartError(str(exc)) from exc
+        narrow, wide = costs.for_mode("async")[0], costs.verify_wide or costs.verify
+        self._workers["verify"].cmd_queue.put(PassCosts(list(narrow.seconds), list(wide.seconds), list(costs.draft.seconds)))
 
     def _batching_note(self, mode: str) -> str:
         """Mode auto decides by one stream's speed; say so when async cannot batch here."""

@@ -22,8 +22,8 @@ import time
 import traceback
 
 from engine.config import EngineConfig
-from engine.messages import (CancelRequest, Measure, Measured, MeasureStop, RequestDone, Shutdown, StartRequest,
-                             WorkerFailed, WorkerReady)
+from engine.messages import (CancelRequest, Measure, Measured, MeasureStop, PassCosts, RequestDone, Shutdown,
+                             StartRequest, WorkerFailed, WorkerReady)
 from engine.shared_state import HEARTBEAT_OF, Clock, SharedState, VerifySide
 
 PR_SET_PDEATHSIG = 1
@@ -78,6 +78,8 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_c
                 request_id = None
             elif isinstance(msg, CancelRequest) and worker.is_busy:
                 worker.batch.cancel(msg.request_id)
+            elif isinstance(msg, PassCosts):
+                worker.use_pass_costs(msg)
             elif isinstance(msg, Measure):
                 with _placement(config, msg.placement):
                     seconds = worker.measure(msg.placement, lambda: _is_stop_sent(cmd_queue))
@@ -130,6 +132,7 @@ class VerifyWorker:
         # The verify reads draft tokens from host memory whatever the draft's device (engine/token_channel.py).
         self.channel = HostDraftChannel(state, _share_draft_probs(config, peer_conn, "verify", 0))
         self.batch = None                         # max_num_seqs > 1: engine/batch_decode.py
+        self.shared_drafts = None                 # async batching: the rows' drafts (engine/async_batch.py)
         if config.mode in ("ar", "sync") and config.max_num_seqs > 1:
             from engine.batch_decode import batch_decoder_for
             try:
@@ -145,8 +148,10 @@ class VerifyWorker:
             draft_kv = kv_bytes_per_token(shape.num_hidden_layers, shape.num_key_value_heads,
                                           getattr(shape, "head_dim", None) or shape.hidden_size // shape.num_attention_heads,
                                           verify.runner.decoder.dtype.itemsize)
-            shared = SharedDrafts(state, config.max_verify_tokens + 1, config.verify_lookup_ngram)
-            self.batch = batch_decoder_for(self.verifier, config, shared_drafts=shared, draft_kv_bytes_per_token=draft_kv)
+            wide = verify.runner.prefill_placement             # the draft's cores too (None: no wide passes)
+            self.shared_drafts = SharedDrafts(state, config.max_verify_tokens + 1, config.verify_lookup_ngram, wide)
+            self.batch = batch_decoder_for(self.verifier, config, shared_drafts=self.shared_drafts,
+                                           draft_kv_bytes_per_token=draft_kv)
         if self.batch is not None:
             self.runtime = {**self.runtime, **self.batch.kv_budget.as_runtime()}
         self.runtime = {**self.runtime, "max_num_seqs": self.batch.max_num_seqs if self.batch else 1}
@@ -155,6 +160,12 @@ class VerifyWorker:
     @property
     def is_busy(self) -> bool:
         return self.batch is not None and self.batch.is_busy
+
+    def use_pass_costs(self, msg: PassCosts) -> None:
+        """Async batching: the costs each pass decides wide or beside the draft with (engine/async_batch.py)."""
+        from engine.cost_model import ForwardCosts
+        if self.shared_drafts is not None:
+            self.shared_drafts.use_costs(*(ForwardCosts(tuple(c)) for c in (msg.narrow, msg.wide, msg.draft)))
 
     def measure(self, placement: str, should_stop) -> tuple[float, ...]:
         """c(1..K) again (`mode: auto`, engine/mode_auto.py); the draft keeps running meanwhile when "together"."""

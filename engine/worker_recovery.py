@@ -85,6 +85,7 @@ class WorkerRecovery:
                 self._spawn(dead)
                 try:
                     self._await_ready(dead)
+                    self._send_pass_costs()
                     logger.info("restarted the %s worker(s)", " and ".join(w.role for w in dead))
                     return True
                 except EngineStartError as exc:

@@ -187,3 +187,87 @@ def test_the_engine_batches_async_requests_each_gets_what_ar_gives_and_survives_
         assert sup.num_waiting == 0 and not sup._line.running
     finally:
         sup.shutdown()
+
+
+# ---- wide passes: the draft steps aside when speculation beside it would not pay -----------------
+
+def test_the_cost_model_goes_wide_for_a_full_compute_bound_batch_and_speculates_for_one_stream():
+    from engine.cost_model import ForwardCosts, prefer_wide_pass
+    # AVX512_BF16 EPYC, 1.5B int8 (README): narrow = one core, wide = two; the 0.5B draft on one core
+    narrow = ForwardCosts((0.097, 0.113, 0.14, 0.166, 0.19, 0.22, 0.25, 0.29, 0.32))
+    wide = ForwardCosts((0.064, 0.075, 0.09, 0.114, 0.13, 0.15, 0.165, 0.183, 0.2))
+    draft = ForwardCosts((0.048, 0.047, 0.05, 0.054, 0.06))
+    assert prefer_wide_pass(narrow, wide, draft, [(1, 0.7)] * 8)                 # 8 streams: as ar batched
+    assert not prefer_wide_pass(narrow, wide, draft, [(4, 0.9)])                 # one stream the draft reads well
+    flat = ForwardCosts((0.02,) * 9)                                             # a memory-bound verify (a GPU)
+    assert not prefer_wide_pass(flat, ForwardCosts((0.018,) * 9), ForwardCosts((0.005,) * 5), [(4, 0.7)] * 8)
+
+
+class RecordingPlacement:
+    """Stands in for PrefillPlacement: records when passes run widened."""
+
+    def __init__(self):
+        self.is_widened, self.num_widenings = False, 0
+
+    def widened(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            self.is_widened, self.num_widenings = True, self.num_widenings + 1
+            try:
+                yield
+            finally:
+                self.is_widened = False
+        return scope()
+
+
+def test_a_full_batch_runs_wide_with_the_draft_paused_and_every_request_gets_what_it_gets_alone(model, draft_model):
+    from engine.cost_model import ForwardCosts
+    from engine.shared_state import is_draft_paused
+    requests = _requests(model.config.vocab_size)
+    pair = Pair(model, draft_model, 4)
+    placement = RecordingPlacement()
+    pair.batch.drafter.wide = placement
+    # speculation beside the draft pays for one or two streams, not for three or four
+    # (4 proposed tokens a row: one row costs c(5), two c(10), three c(15) = 11 beside the draft)
+    pair.batch.drafter.use_costs(ForwardCosts((1.0,) * 10 + (3.0, 5.0)),
+                                 ForwardCosts((0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)), ForwardCosts((0.01,) * 5))
+    seen = {"wide_passes": 0, "narrow_passes": 0, "drafted_while_paused": 0}
+    step = pair.drafter.step
+
+    def draft_step():
+        before = {row.request_id: row.num_drafted_total for row in pair.drafter.rows.values()}
+        was_paused = is_draft_paused(pair.state)
+        step()
+        if was_paused:
+            seen["drafted_while_paused"] += sum(row.num_drafted_total - before.get(row.request_id, 0)
+                                                for row in pair.drafter.rows.values())
+    pair.drafter.step = draft_step
+    verify_step = pair.batch.step
+
+    def batch_step(emit):
+        verify_step(emit)
+        seen["wide_passes" if placement.is_widened else "narrow_passes"] += 1
+        assert placement.is_widened == is_draft_paused(pair.state)
+    pair.batch.step = batch_step
+    try:
+        outputs, _ = _run_interleaved(pair, requests, seed=2)
+        _assert_each_as_alone(_collect(outputs), _alone(model, requests), requests)
+        assert seen["wide_passes"] > 0 and seen["narrow_passes"] > 0 and placement.num_widenings > 0
+        assert seen["drafted_while_paused"] == 0
+        assert not placement.is_widened and not is_draft_paused(pair.state)     # idle: narrow, the draft free
+        stats = [out.stats for out in outputs if isinstance(out, RequestDone)]
+        assert sum(st.num_accepted_tokens for st in stats) > 0
+    finally:
+        pair.close()
+
+
+def test_a_long_prompt_is_prefilled_wide_and_without_costs_or_cores_nothing_widens():
+    state = SharedState.create(64, 2)
+    try:
+        shared = SharedDrafts(state, 9, wide=RecordingPlacement())
+        assert shared._prefers_wide([], 64) and not shared._prefers_wide([], 63)   # engine/models.py's threshold
+        assert not SharedDrafts(state, 9)._prefers_wide([], 500)                  # no other cores to widen onto
+    finally:
+        state.close()
