@@ -39,6 +39,7 @@ Rollback on the draft (reconcile): find the first position p where its tokens di
 commit, crop its KV cache to p and feed committed[p:c-1] (usually nothing: p = c-1), so the
 pending token is committed[c-1] and no token is fed twice (the reference re-feeds one).
 The draft never runs more than `max_draft_lead` tokens past NUM_COMMITTED.
+With `max_num_seqs` > 1 (CPU) every sequence has a row of these fields: engine/async_batch.py.
 """
 from __future__ import annotations
 

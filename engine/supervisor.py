@@ -12,8 +12,9 @@ Process topology (the supervisor lives in the frontend process; torch is importe
         CANCEL_REQUEST_ID, heartbeats ------> |      v  committed_tokens, NUM_COMMITTED, EPOCH
                                               | verify worker process: ar / sync / async verify
 
-One request runs at a time, or in `ar` / `sync` with `max_num_seqs` > 1 up to that many in the verify
-worker's batch (engine/batch_decode.py), as their KV reservations fit its budget (engine/admission.py:
+One request runs at a time, or with `max_num_seqs` > 1 up to that many in the verify worker's batch
+(engine/batch_decode.py; async: the draft worker's too, one shared row each, engine/async_batch.py),
+as their KV reservations fit its budget (engine/admission.py:
 who waits, who runs, who starts next). The scheduler thread starts requests on the workers,
 forwards their outputs to each request's callback, applies cancellation (one request: through
 shared memory, so it takes effect before the next verify step; a batch: a CancelRequest message,
