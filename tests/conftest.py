@@ -7,6 +7,7 @@
                          Use server.base_url / server.url("/v1/...") / server.model / server.openai().
     LiveServer(...)      start another real server with extra CLI flags (see tests/test_server_busy.py)
     fake_server          factory: uvicorn in a thread with create_app(Settings(**kw), FakeSupervisor)
+    model, draft_model   (module) the tiny random verify / draft model in float64, loaded in-process
 """
 from __future__ import annotations
 
@@ -118,6 +119,20 @@ def session_cache_dir(tmp_path_factory):
         os.environ.pop("AMUSD_CACHE_DIR", None)
     else:
         os.environ["AMUSD_CACHE_DIR"] = saved
+
+
+@pytest.fixture(scope="module")
+def model(session_cache_dir):
+    from engine.models import load_causal_lm
+    from engine.tiny_models import ensure_tiny_model
+    return load_causal_lm(ensure_tiny_model("tiny-random/verify", session_cache_dir), None, "cpu", "float64")
+
+
+@pytest.fixture(scope="module")
+def draft_model(session_cache_dir):
+    from engine.models import load_causal_lm
+    from engine.tiny_models import ensure_tiny_model
+    return load_causal_lm(ensure_tiny_model("tiny-random/draft", session_cache_dir), None, "cpu", "float64")
 
 
 @pytest.fixture(scope="session")

@@ -18,20 +18,9 @@ from engine.cost_model import SpeculationBudget
 from engine.decoding import Verifier, new_sequence
 from engine.kv_budget import KVBudget
 from engine.messages import RequestDone, SamplingParams, StartRequest
-from engine.models import ModelRunner, load_causal_lm
+from engine.models import ModelRunner
 from engine.shared_state import Ctrl, SharedState
-from engine.tiny_models import ensure_tiny_model
 from tests.test_batch_decode import CHUNK, MAX_MODEL_LEN, _alone, _assert_each_as_alone, _collect, _requests
-
-
-@pytest.fixture(scope="module")
-def model(session_cache_dir):
-    return load_causal_lm(ensure_tiny_model("tiny-random/verify", session_cache_dir), None, "cpu", "float64")
-
-
-@pytest.fixture(scope="module")
-def draft_model(session_cache_dir):
-    return load_causal_lm(ensure_tiny_model("tiny-random/draft", session_cache_dir), None, "cpu", "float64")
 
 
 class Pair:

@@ -21,22 +21,12 @@ from engine.cost_model import SpeculationBudget
 from engine.decoding import Verifier, new_sequence, run_decode
 from engine.kv_budget import KVBudget
 from engine.messages import GenerationRequest, RequestDone, SamplingParams, StartRequest, TokensOut
-from engine.models import ModelRunner, load_causal_lm
+from engine.models import ModelRunner
 from engine.proposers import LocalDraftProposer, NoProposer, Proposal
 from engine.tiny_models import ensure_tiny_model
 
 MAX_MODEL_LEN = 1024
 CHUNK = 64
-
-
-@pytest.fixture(scope="module")
-def model(session_cache_dir):
-    return load_causal_lm(ensure_tiny_model("tiny-random/verify", session_cache_dir), None, "cpu", "float64")
-
-
-@pytest.fixture(scope="module")
-def draft_model(session_cache_dir):
-    return load_causal_lm(ensure_tiny_model("tiny-random/draft", session_cache_dir), None, "cpu", "float64")
 
 
 def _requests(vocab: int) -> list[StartRequest]:
@@ -344,7 +334,6 @@ def test_the_kv_budget_limits_how_many_requests_run_at_once(session_cache_dir):
     from transformers import AutoConfig
 
     from engine.kv_budget import GiB, kv_bytes_per_token
-    from engine.tiny_models import ensure_tiny_model
     from tests.engine_helpers import random_prompts, run, start_engine, tiny_config, wait_until
     cfg = AutoConfig.from_pretrained(ensure_tiny_model("tiny-random/verify", session_cache_dir))
     per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
