@@ -3,10 +3,12 @@
     amusd bench --dataset humaneval --methods ar:1,sync:1,async,ar,sync,hf \\
         --num-samples 5 --max-new-tokens 128 --json bench.json --plot bench.png
 
-A method string is NAME[:CORES]. ar and sync run on the verify worker with CORES threads pinned to
-cores 0..CORES-1 (default 2 = equal resources); async always runs one worker per core (draft on
-core 1, verify on core 0); hf is transformers' `generate(assistant_model=...)` in this process
-with CORES threads. Mean token time = total time / total tokens, prefill included (as the paper).
+A method string is NAME[:CORES][@BATCH]. ar and sync run on the verify worker with CORES threads
+pinned to cores 0..CORES-1 (default 2 = equal resources); async always runs one worker per core
+(draft on core 1, verify on core 0); hf is transformers' `generate(assistant_model=...)` in this
+process with CORES threads. @BATCH (ar, sync, async): an engine with max_num_seqs BATCH gets all the
+prompts at once, so the comparison with `ar` checks batch invariance on the real pair (token times
+are then each stream's, not one request's alone). Mean token time = total time / total tokens, prefill included (as the paper).
 Outputs that differ from the `ar` reference are reported with the first differing position and
 the verify model's top-2 logit gap there (a bf16 near-tie vs a protocol bug).
 """
@@ -31,54 +33,74 @@ PEER_METHOD = "peer"
 
 
 def parse_method(method: str) -> tuple[str, int]:
-    name, _, cores = method.partition(":")
+    name, _, cores = method.partition("@")[0].partition(":")
     if name not in METHOD_NAMES:
         raise SystemExit(f"unknown method {method!r}: use {', '.join(METHOD_NAMES)} with an optional :CORES")
+    if batch_of(method) > 1 and name == "hf":
+        raise SystemExit(f"{method}: hf runs one request at a time")
     num_cores = int(cores) if cores else 2
     if num_cores < 1 or num_cores > (os.cpu_count() or 1):
         raise SystemExit(f"{method}: this machine has {os.cpu_count()} cores")
     return name, num_cores
 
 
-def engine_config(args, name: str, num_cores: int) -> EngineConfig:
+def batch_of(method: str) -> int:
+    """BATCH of NAME[:CORES]@BATCH (1 without it)."""
+    batch = method.partition("@")[2]
+    if batch and (not batch.isdigit() or int(batch) < 1):
+        raise SystemExit(f"{method}: @BATCH must be a positive integer")
+    return int(batch) if batch else 1
+
+
+def engine_config(args, name: str, num_cores: int, batch: int = 1) -> EngineConfig:
     common = dict(verify_model=args.verify_model, draft_model=args.draft_model, dtype=args.dtype,
                   verify_quantization=args.verify_quantization, draft_quantization=args.draft_quantization,
                   decoder=args.decoder, max_model_len=args.max_model_len, num_speculative_tokens=args.k,
                   max_draft_lead=args.max_draft_lead, max_verify_tokens=args.max_verify_tokens,
                   draft_lookup_ngram=args.draft_lookup_ngram, verify_lookup_ngram=args.verify_lookup_ngram,
                   draft_vocab_size=args.draft_vocab_size,
-                  sampling_scheme=args.sampling)
+                  sampling_scheme=args.sampling, max_num_seqs=batch, max_queue_size=max(16, args.num_samples))
     if name == "async":
         return EngineConfig(mode="async", verify_cores="0", draft_cores="1", verify_threads=1, draft_threads=1, **common)
     return EngineConfig(mode=name, verify_cores=f"0-{num_cores - 1}", verify_threads=num_cores, **common)
 
 
-def run_engine_method(args, name: str, num_cores: int, prompts, params: SamplingParams) -> list[dict]:
-    sup = EngineSupervisor(engine_config(args, name, num_cores))
+def run_engine_method(args, name: str, num_cores: int, prompts, params: SamplingParams, batch: int = 1) -> list[dict]:
+    sup = EngineSupervisor(engine_config(args, name, num_cores, batch))
     sup.start()
     request_ids = itertools.count(1)
     try:
         sup.generate(GenerationRequest(next(request_ids), prompts[0][:32], SamplingParams(max_tokens=4)))  # warm-up
-        samples = []
-        for prompt in tqdm(prompts, desc=f"{name}:{num_cores}", unit="prompt"):
-            results: queue.Queue = queue.Queue()
-            start = time.perf_counter()
-            sup.submit(GenerationRequest(next(request_ids), prompt, SamplingParams(**vars(params))),
-                       lambda out: results.put((time.perf_counter(), out)))
-            token_ids, times = [], []
-            while True:
-                t, out = results.get(timeout=args.request_timeout_s)
-                token_ids += out.token_ids
-                times += [t - start] * len(out.token_ids)
-                if out.finished:
-                    break
-            if out.finish_reason == "error":
-                raise RuntimeError(f"{name}: request failed: {out.error}")
-            samples.append({"token_ids": token_ids, "elapsed_s": time.perf_counter() - start,
-                            "token_times_s": times, "stats": vars(out.stats)})
-        return samples
+        if batch > 1:                                    # all at once: each sample is one stream of the batch
+            pending = [_submit(sup, next(request_ids), prompt, params) for prompt in prompts]
+            return [_collect(name, *sent, args.request_timeout_s) for sent in tqdm(pending, desc=f"{name}@{batch}")]
+        return [_collect(name, *_submit(sup, next(request_ids), prompt, params), args.request_timeout_s)
+                for prompt in tqdm(prompts, desc=f"{name}:{num_cores}", unit="prompt")]
     finally:
         sup.shutdown()
+
+
+def _submit(sup: EngineSupervisor, request_id: int, prompt, params: SamplingParams) -> tuple[queue.Queue, float]:
+    results: queue.Queue = queue.Queue()
+    start = time.perf_counter()
+    sup.submit(GenerationRequest(request_id, prompt, SamplingParams(**vars(params))),
+               lambda out: results.put((time.perf_counter(), out)))
+    return results, start
+
+
+def _collect(name: str, results: queue.Queue, start: float, timeout_s: float) -> dict:
+    """One request's sample: its tokens, when each arrived, its stats."""
+    token_ids, times = [], []
+    while True:
+        t, out = results.get(timeout=timeout_s)
+        token_ids += out.token_ids
+        times += [t - start] * len(out.token_ids)
+        if out.finished:
+            break
+    if out.finish_reason == "error":
+        raise RuntimeError(f"{name}: request failed: {out.error}")
+    return {"token_ids": token_ids, "elapsed_s": t - start,                     # until its last output arrived
+            "token_times_s": times, "stats": vars(out.stats)}
 
 
 def run_hf_method(args, num_cores: int, prompts, params: SamplingParams) -> list[dict]:
@@ -148,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amusd bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="humaneval", help="humaneval | chat | PATH.jsonl")
-    p.add_argument("--methods", default="ar:1,sync:1,async,ar,sync,hf", help="comma-separated NAME[:CORES]")
+    p.add_argument("--methods", default="ar:1,sync:1,async,ar,sync,hf", help="comma-separated NAME[:CORES][@BATCH]")
     p.add_argument("--num-samples", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -203,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "hf":
             raw[method] = run_hf_method(args, num_cores, prompts, params)
         else:
-            raw[method] = run_engine_method(args, name, num_cores, prompts, params)
+            raw[method] = run_engine_method(args, name, num_cores, prompts, params, batch_of(method))
     reference = next((m for m in methods if parsed[m][0] == "ar"), None)
     report = {"machine": machine_info(), "args": vars(args), "reference": reference,
               "methods": summarise(raw, parsed, reference)}

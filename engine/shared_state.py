@@ -9,7 +9,8 @@ async batches, engine/async_batch.py), a row:
     draft_tokens[L]         int64, written by the draft worker only
 
 and once: clock[Clock.*] (float64 heartbeats, time.monotonic(), system-wide on Linux) and
-batch[Batch.*] (int64, written by the verify; async batching only, engine/async_batch.py).
+batch[Batch.*] (int64: the number of rows, written at creation; the verify's fields of async
+batching, engine/async_batch.py).
 `SharedState` itself reads and writes row 0 (one sequence at a time); `state.slots[i]` is row i.
 
 This module is torch-free so the supervisor can create and inspect it. A CUDA draft worker moves
@@ -47,7 +48,8 @@ class Ctrl(IntEnum):
 class Batch(IntEnum):
     LAST_PUBLISHED_REQUEST_ID = 0   # verify: the newest request it put in a row
     IS_DRAFT_PAUSED = 1             # verify: 1 while its passes run on the draft's cores too
-    NUM_FIELDS = 2
+    NUM_SLOTS = 2                   # supervisor, once at creation: rows in the segment
+    NUM_FIELDS = 3
 
 
 class Clock(IntEnum):
@@ -75,13 +77,14 @@ class SlotState:
 class SharedState:
     """Views over one shared-memory segment. `create` in the supervisor, `attach` in workers."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, max_len: int, is_owner: bool, num_slots: int = 1):
+    def __init__(self, shm: shared_memory.SharedMemory, max_len: int, is_owner: bool):
         self.shm = shm
         self.name = shm.name
         self.max_len = max_len
         self.is_owner = is_owner
         buf = shm.buf
         self.batch = np.ndarray((Batch.NUM_FIELDS,), dtype=np.int64, buffer=buf, offset=0)
+        num_slots = int(self.batch[Batch.NUM_SLOTS])           # every process lays the rows out alike
         offset = 8 * Batch.NUM_FIELDS
         self.clock = np.ndarray((Clock.NUM_FIELDS,), dtype=np.float64, buffer=buf, offset=offset)
         offset += 8 * Clock.NUM_FIELDS
@@ -101,19 +104,22 @@ class SharedState:
     def create(cls, max_len: int, num_slots: int = 1) -> "SharedState":
         name = f"amusd-{secrets.token_hex(6)}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=cls.num_bytes(max_len, num_slots))
-        state = cls(shm, max_len, is_owner=True, num_slots=num_slots)
-        state.batch[:] = 0
+        header = np.ndarray((Batch.NUM_FIELDS,), dtype=np.int64, buffer=shm.buf, offset=0)
+        header[:] = 0
+        header[Batch.NUM_SLOTS] = num_slots
+        del header                                             # (close() fails while views exist)
+        state = cls(shm, max_len, is_owner=True)
         for slot in state.slots:
             slot.ctrl[:] = 0
         state.clock[:] = time.monotonic()
         return state
 
     @classmethod
-    def attach(cls, name: str, max_len: int, num_slots: int = 1) -> "SharedState":
+    def attach(cls, name: str, max_len: int) -> "SharedState":
         # track=False: the supervisor owns the segment; a worker must not unlink it on exit.
         shm = shared_memory.SharedMemory(name=name, create=False, track=False) \
             if _supports_track() else shared_memory.SharedMemory(name=name, create=False)
-        return cls(shm, max_len, is_owner=False, num_slots=num_slots)
+        return cls(shm, max_len, is_owner=False)
 
     def get(self, field: Ctrl) -> int:
         return int(self.ctrl[field])

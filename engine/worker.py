@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.messages import (CancelRequest, Measure, Measured, MeasureStop, PassCosts, RequestDone, Shutdown,
                              StartRequest, WorkerFailed, WorkerReady)
 from engine.shared_state import HEARTBEAT_OF, Clock, SharedState, VerifySide
@@ -61,7 +61,7 @@ def worker_main(role: str, config: EngineConfig, shm_name: str, cmd_queue, out_c
     request_id = None
     try:
         _place(config, role)
-        state = SharedState.attach(shm_name, config.max_model_len, config.num_shared_slots)
+        state = SharedState.attach(shm_name, config.max_model_len)
         worker = {"verify": VerifyWorker, "draft": DraftWorker}[role](config, state, peer_conn)
         out_conn.send(worker.ready_message())
         while True:
@@ -150,8 +150,12 @@ class VerifyWorker:
                                           verify.runner.decoder.dtype.itemsize)
             wide = verify.runner.prefill_placement             # the draft's cores too (None: no wide passes)
             self.shared_drafts = SharedDrafts(state, config.max_verify_tokens + 1, config.verify_lookup_ngram, wide)
-            self.batch = batch_decoder_for(self.verifier, config, shared_drafts=self.shared_drafts,
-                                           draft_kv_bytes_per_token=draft_kv)
+            try:
+                self.batch = batch_decoder_for(self.verifier, config, shared_drafts=self.shared_drafts,
+                                               draft_kv_bytes_per_token=draft_kv)
+            except ValueError as exc:
+                raise ConfigError(f"mode async with max_num_seqs {config.max_num_seqs}: {exc}; "
+                                  "set max_num_seqs: 1 (or mode: ar) for this model") from exc
         if self.batch is not None:
             self.runtime = {**self.runtime, **self.batch.kv_budget.as_runtime()}
         self.runtime = {**self.runtime, "max_num_seqs": self.batch.max_num_seqs if self.batch else 1}

@@ -260,3 +260,22 @@ def test_a_long_prompt_is_prefilled_wide_and_without_costs_or_cores_nothing_wide
         assert not SharedDrafts(state, 9)._prefers_wide([], 500)                  # no other cores to widen onto
     finally:
         state.close()
+
+
+def test_bench_sends_a_batch_method_its_prompts_at_once_and_each_gets_what_ar_gets_alone(session_cache_dir):
+    """`amusd bench --methods ar,async@3`: the real-pair batch-invariance check, here on the tiny pair."""
+    from engine.bench import batch_of, build_parser, parse_method, run_engine_method
+    from tests.engine_helpers import random_prompts
+    assert (parse_method("async@8"), batch_of("async@8"), batch_of("ar:1"), parse_method("ar:1@4")) == \
+        (("async", 2), 8, 1, ("ar", 1))
+    for bad in ("hf@2", "ar@x", "ar@0"):
+        with pytest.raises(SystemExit):
+            parse_method(bad)
+    args = build_parser().parse_args(["--verify-model", "tiny-random/verify", "--draft-model", "tiny-random/draft",
+                                      "--dtype", "float64", "--max-model-len", "512"])
+    prompts = random_prompts(4, seed=3)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = run_engine_method(args, "ar", 1, prompts, params)
+    batched = run_engine_method(args, "async", 2, prompts, params, batch=3)
+    assert [s["token_ids"] for s in batched] == [s["token_ids"] for s in alone]
+    assert max(size for s in batched for size, n in enumerate(s["stats"]["num_passes_by_batch_size"], 1) if n) == 3
