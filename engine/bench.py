@@ -59,7 +59,8 @@ def engine_config(args, name: str, num_cores: int, batch: int = 1) -> EngineConf
                   max_draft_lead=args.max_draft_lead, max_verify_tokens=args.max_verify_tokens,
                   draft_lookup_ngram=args.draft_lookup_ngram, verify_lookup_ngram=args.verify_lookup_ngram,
                   draft_vocab_size=args.draft_vocab_size,
-                  sampling_scheme=args.sampling, max_num_seqs=batch, max_queue_size=max(16, args.num_samples))
+                  sampling_scheme=args.sampling, max_num_seqs=batch, max_queue_size=max(16, args.num_samples),
+                  prefill_cores=args.prefill_cores)
     if name == "async":
         return EngineConfig(mode="async", verify_cores="0", draft_cores="1", verify_threads=1, draft_threads=1, **common)
     return EngineConfig(mode=name, verify_cores=f"0-{num_cores - 1}", verify_threads=num_cores, **common)
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="async draft: score only token ids < N plus the prompt's ids (0 = full vocabulary)")
     p.add_argument("--verify-lookup-ngram", type=int, default=EngineConfig.verify_lookup_ngram,
                    help="async: the verify appends n-gram guesses after the draft's tokens (0 = off)")
+    p.add_argument("--prefill-cores", default="auto",
+                   help="cores the verify prefills on (and async batching's wide passes run on); "
+                        "the verify's own cores: never wider")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--no-gap-check", action="store_true", help="skip the top-2 logit gap of differing outputs")
