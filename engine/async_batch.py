@@ -115,6 +115,8 @@ class SharedDrafts:
         rows; none in a wide pass (num_prompt_left: prompt tokens the batch still has to prefill)."""
         proposals = {run.seq.request_id: self.proposers[run.seq.request_id][1].propose(run.seq) for run in runs}
         is_wide = self._set_wide(self._prefers_wide(runs, num_prompt_left))
+        for run in runs:
+            run.seq.stats.num_wide_steps += is_wide
         sizes = fit_verify_rows([len(p.draft_ids) + len(p.guess_ids) for p in proposals.values()], self.max_verify_rows)
         for proposal, size in zip(proposals.values(), sizes):
             proposal.draft_ids = proposal.draft_ids[:0 if is_wide else size]

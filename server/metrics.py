@@ -128,6 +128,9 @@ class ServerMetrics:
         self._rollbacks = make(Counter, "spec_decode_num_rollbacks", "Draft rollbacks")
         self._wasted_tokens = make(Counter, "spec_decode_num_draft_tokens_wasted",
                                    "Draft tokens computed but never accepted")
+        self._wide_steps = make(Counter, "spec_decode_num_wide_steps",
+                                "Verify steps of async batching run on both workers' cores, the draft paused "
+                                "(speculation beside it would not have paid)")
         self._busy = make(Counter, "worker_busy_seconds", "Seconds a worker spent computing", ("worker",))
         if not self.is_vllm_names:
             self._create_children()
@@ -186,7 +189,8 @@ class ServerMetrics:
                               (self._num_drafts, stats.num_drafts), (self._draft_tokens, stats.num_draft_tokens),
                               (self._accepted_tokens, stats.num_accepted_tokens),
                               (self._rollbacks, stats.num_rollbacks),
-                              (self._wasted_tokens, stats.num_draft_tokens_wasted)):
+                              (self._wasted_tokens, stats.num_draft_tokens_wasted),
+                              (self._wide_steps, stats.num_wide_steps)):
             self._one(metric).inc(max(0, value))
         for metric, counts in ((self._draft_tokens_per_pos, stats.num_draft_tokens_per_pos),
                                (self._accepted_per_pos, stats.num_accepted_tokens_per_pos)):

@@ -248,6 +248,7 @@ def test_a_full_batch_runs_wide_with_the_draft_paused_and_every_request_gets_wha
         assert not placement.is_widened and not is_draft_paused(pair.state)     # idle: narrow, the draft free
         stats = [out.stats for out in outputs if isinstance(out, RequestDone)]
         assert sum(st.num_accepted_tokens for st in stats) > 0
+        assert 0 < sum(st.num_wide_steps for st in stats) < sum(st.num_verify_steps for st in stats)
     finally:
         pair.close()
 
@@ -279,3 +280,11 @@ def test_bench_sends_a_batch_method_its_prompts_at_once_and_each_gets_what_ar_ge
     batched = run_engine_method(args, "async", 2, prompts, params, batch=3)
     assert [s["token_ids"] for s in batched] == [s["token_ids"] for s in alone]
     assert max(size for s in batched for size, n in enumerate(s["stats"]["num_passes_by_batch_size"], 1) if n) == 3
+
+
+def test_wide_steps_are_exported_as_a_counter():
+    from engine.messages import RequestStats
+    from server.metrics import ServerMetrics
+    metrics = ServerMetrics()
+    metrics.record_finished("length", 1.0, RequestStats(num_verify_steps=5, num_wide_steps=3))
+    assert "amusd:spec_decode_num_wide_steps_total 3.0" in metrics.render().decode()
