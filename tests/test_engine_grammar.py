@@ -36,6 +36,7 @@ SPEC_ENGINES = {
     "sync-wrong": dict(mode="sync", draft="tiny-random/wrong", num_speculative_tokens=3),
     "async": dict(mode="async"),
     "async-wrong": dict(mode="async", draft="tiny-random/wrong"),
+    "async-batched": dict(mode="async", max_num_seqs=4, max_queue_size=16),
 }
 MAX_TOKENS = 160
 
@@ -94,3 +95,20 @@ def test_spec_modes_equal_ar_under_a_grammar(engines, ar_outputs, name):
         assert num_rollbacks > 0, "rollbacks inside the constrained region must be exercised"
     if name == "sync-self":
         assert num_drafted > 0 and num_accepted >= 0.9 * num_drafted, (num_accepted, num_drafted)
+
+
+def test_async_batched_requests_under_grammars_together_each_equal_ar(engines, ar_outputs):
+    """Every grammar request at once into async's batch (engine/async_batch.py): the draft's rows
+    and the verify's each follow their own grammar state, rollbacks included."""
+    from engine.messages import GenerationRequest, SamplingParams
+    from tests.engine_helpers import wait_until
+    sup, outputs = engines["async-batched"], {}
+    for n, ((kind, i, j), _) in enumerate(ar_outputs.items()):
+        outputs[kind, i, j] = []
+        params = SamplingParams(max_tokens=MAX_TOKENS, grammar=GRAMMARS[kind], **SAMPLINGS[j])
+        sup.submit(GenerationRequest(9000 + n, list(PROMPTS[i]), params), outputs[kind, i, j].append)
+    assert wait_until(lambda: all(o and o[-1].finished for o in outputs.values()), 120)
+    for key, (expected, _) in ar_outputs.items():
+        assert [t for out in outputs[key] for t in out.token_ids] == expected, key
+    assert max(size for outs in outputs.values() for size, n in
+               enumerate(outs[-1].stats.num_passes_by_batch_size, 1) if n) > 1
