@@ -173,7 +173,7 @@ def test_the_engine_batches_async_requests_each_gets_what_ar_gives_and_survives_
         again = _submit_all(sup, prompts[:4], **params)
         assert wait_until(lambda: all(o and o[-1].finished for o in again.values()), 60)
         assert [[t for o in outs for t in o.token_ids] for outs in again.values()] == expected[:4]
-        assert sup.num_waiting == 0 and not sup._line.running
+        assert sup.num_waiting == 0 and sup.health()["kv_cache"]["reserved_tokens"] == 0
     finally:
         sup.shutdown()
 
