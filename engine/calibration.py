@@ -6,7 +6,9 @@ The cache file is <cache_dir>/costs/<sha1 of the key>.json; the key names everyt
 depend on (CPU model and SIMD flags, torch version, model dir and its config, dtype, quantization,
 device, threads, cores), so a restart on the same machine pays nothing and any change re-measures.
 Measurement: a 64-token random context, then for each k the median of a few forwards of k random
-tokens, cropping the cache back after each (~5-15 s for the default pair on one CPU core).
+tokens, cropping the cache back after each (~5-15 s for the default pair on one CPU core); then
+c(1) once more: a curve whose c(1) drifted by more than MAX_DRIFT meanwhile (another process
+started or stopped) is used but not cached, so a passing load is not kept for good.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 
 import torch
 
-from engine.cost_model import ForwardCosts
+from engine.cost_model import MIN_GUARDED_S, ForwardCosts
 from engine.hardware import cpu_summary
 from engine.models import ModelRunner
 from engine.quantization import KERNELS_VERSION
@@ -27,6 +29,7 @@ from engine.quantization import KERNELS_VERSION
 logger = logging.getLogger("amusd.engine")
 CONTEXT_TOKENS = 64
 NUM_REPEATS = 3
+MAX_DRIFT = 0.3        # c(1) measured again after the curve may differ this much (a fraction) for it to be cached
 
 
 def cost_key(model_dir: str, **settings) -> dict:
@@ -97,6 +100,13 @@ def load_or_measure(runner: ModelRunner, key: dict, cache_dir: str, max_tokens: 
     logger.info("measuring forward costs for k = 1..%d tokens (%s, once per machine and model)",
                 max_tokens, key.get("role", ""))
     costs = measure_forward_costs(runner, max_tokens)
+    again = measure_forward_costs(runner, 1).cost(1)
+    first = costs.cost(1)
+    if min(again, first) >= MIN_GUARDED_S and abs(again - first) > MAX_DRIFT * min(again, first):
+        logger.warning("forward costs drifted while measuring (c(1) %.1f ms, then %.1f ms): the load on this "
+                       "machine changed; used now, not cached (measured again at the next start)",
+                       costs.cost(1) * 1e3, again * 1e3)
+        return costs
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = f"{path}.{os.getpid()}.tmp"
     with open(tmp_path, "w") as f:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_ACCEPTANCE_PRIOR = 0.7
+MIN_GUARDED_S = 0.01     # measurements of forwards faster than this are not checked for load (timer jitter)
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,13 @@ import os
 import time
 
 from engine.config import EngineConfig
-from engine.cost_model import ForwardCosts, ModeCosts
+from engine.cost_model import MIN_GUARDED_S, ForwardCosts, ModeCosts
 from engine.messages import Measure, Measured, MeasureStop, WorkerFailed
 from engine.worker_handle import WorkerHandle
 
 logger = logging.getLogger("amusd.engine")
 FORMAT_VERSION = 1
+MAX_WIDE_SLOWDOWN = 1.25      # more cores never make a forward this much slower unless something else ran
 
 
 class MeasureError(RuntimeError):
@@ -61,7 +62,12 @@ def measure_mode_costs(workers: dict[str, WorkerHandle], config: EngineConfig, r
     for role in ("verify", "draft"):
         workers[role].cmd_queue.put(Measure("wide"))
         _await(workers, f"{role}_wide", measured, receive, config.step_timeout_s)
-    _write_json(path, {"seconds": measured})
+    if verify.cost(1) >= MIN_GUARDED_S and measured["verify_wide"][0] > MAX_WIDE_SLOWDOWN * verify.cost(1):
+        logger.warning("mode auto: the verify measured slower on all cores (%.1f ms) than alone on its own "
+                       "(%.1f ms): something else was running; these costs are used now but not cached",
+                       measured["verify_wide"][0] * 1e3, verify.cost(1) * 1e3)
+    else:
+        _write_json(path, {"seconds": measured})
     return _mode_costs(verify, draft, measured)
 
 

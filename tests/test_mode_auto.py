@@ -82,3 +82,52 @@ def test_mode_auto_says_when_its_choice_does_not_batch(tmp_path):
     assert sup._config_for("async").max_num_seqs == 1 and sup._config_for("ar").max_num_seqs == 8
     assert sup._batching_note("ar") == sup._batching_note("sync") == ""
     assert EngineSupervisor(_config(tmp_path, max_num_seqs=1))._batching_note("async") == ""
+
+
+def test_wide_costs_slower_than_one_core_alone_are_used_but_not_cached(tmp_path):
+    """Something else ran while measuring (another server starting): keeping those costs would make
+    every later start of this pair decide with them."""
+    workers = {"verify": FakeWorker("verify", [0.08, 0.09]), "draft": FakeWorker("draft", [0.04])}
+    answers = [Measured("verify", "together", [0.1, 0.11]), Measured("draft", "together", [0.05]),
+               Measured("verify", "wide", [0.3, 0.3]), Measured("draft", "wide", [0.03])]
+    replies = iter(answers)
+    costs = measure_mode_costs(workers, _config(tmp_path), lambda timeout_s: next(replies))
+    assert costs.verify_wide.seconds == (0.3, 0.3)
+    replies = iter(answers)                                     # not cached: the next start measures again
+    measure_mode_costs(workers, _config(tmp_path), lambda timeout_s: next(replies))
+    assert len([m for m in workers["verify"].cmd_queue if isinstance(m, Measure)]) == 4
+
+
+class SleepingRunner:
+    """Stands in for a ModelRunner: a forward of k tokens sleeps k * step_s; `slow_after` forwards
+    in, steps take twice as long (the machine got busier)."""
+
+    def __init__(self, step_s: float, slow_after: int | None = None):
+        self.step_s, self.slow_after, self.num_forwards, self.vocab_size = step_s, slow_after, 0, 10
+        self.device = __import__("torch").device("cpu")
+
+    def prefill(self, token_ids):
+        pass
+
+    def forward(self, token_ids):
+        import time
+        self.num_forwards += 1
+        is_slow = self.slow_after is not None and self.num_forwards > self.slow_after
+        time.sleep(len(token_ids) * self.step_s * (2 if is_slow else 1))
+
+    def crop(self, num_tokens):
+        pass
+
+    def reset(self):
+        pass
+
+
+@pytest.mark.parametrize("slow_after, is_cached", [(None, True), (8, False)])
+def test_forward_costs_that_drift_while_measured_are_used_but_not_cached(tmp_path, slow_after, is_cached):
+    import glob
+    import os
+
+    from engine.calibration import load_or_measure
+    costs = load_or_measure(SleepingRunner(0.015, slow_after), {"role": "verify"}, str(tmp_path), 2)
+    assert costs.cost(1) >= 0.015
+    assert bool(glob.glob(os.path.join(tmp_path, "costs", "*.json"))) == is_cached
