@@ -105,7 +105,7 @@ def load_or_measure(runner: ModelRunner, key: dict, cache_dir: str, max_tokens: 
     if min(again, first) >= MIN_GUARDED_S and abs(again - first) > MAX_DRIFT * min(again, first):
         logger.warning("forward costs drifted while measuring (c(1) %.1f ms, then %.1f ms): the load on this "
                        "machine changed; used now, not cached (measured again at the next start)",
-                       costs.cost(1) * 1e3, again * 1e3)
+                       first * 1e3, again * 1e3)
         return costs
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = f"{path}.{os.getpid()}.tmp"

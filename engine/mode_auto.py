@@ -11,7 +11,8 @@ workers' cores. So, with both workers of an async start up and idle (supervisor 
     2. "wide"      the verify alone on ar's cores, then the draft alone on the same cores
 
 ~10 s on the default pair's first start; the result is cached in <cache_dir>/costs/mode-<hash>.json,
-keyed by what both workers' start-up costs depended on (their `costs_id`s) and the cores.
+keyed by what both workers' start-up costs depended on (their `costs_id`s) and the cores, unless the
+verify ran slower on all cores than alone on its own (something else was running: used, not kept).
 
 The decision itself is kept too (costs/mode-decision-<hash of the configuration>.json, with the
 verify worker's `costs_id` in the chosen mode): a later start with the same configuration starts in
