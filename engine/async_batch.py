@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.async_decode import IDLE_SLEEP_S, SharedDraftProposer
+from engine.async_decode import IDLE_SLEEP_S, SharedDraftProposer, first_disagreement
 from engine.cost_model import ForwardCosts, prefer_wide_pass
 from engine.decoder import KVSlot, LeanDecoder
 from engine.kv_budget import kv_tokens_needed
@@ -205,9 +205,6 @@ class AsyncBatchDrafter:
         """A StartRequest for the draft: it starts once the verify puts it in a row."""
         self.starts[req.request_id] = (req, time.monotonic() + self.wait_timeout_s)
 
-    def cancel(self, request_id: int) -> None:
-        pass                                     # the verify ends it; the draft follows the row
-
     @torch.inference_mode()
     def step(self, emit=None) -> None:
         self._follow_rows()
@@ -284,27 +281,26 @@ class AsyncBatchDrafter:
                 row.record_stats()
             if row.length - row.side.num_committed() < self.max_draft_lead and row.length < row.max_len:
                 ready.append(row)
-        lags = [row.slot.draft_tokens[row.kv.num_cached:row.length].tolist() for row in ready]
-        num_level = sum(len(lag) <= 1 for lag in lags)
+        lags = [row.length - row.kv.num_cached for row in ready]                 # tokens its KV lacks
+        num_level = sum(lag <= 1 for lag in lags)
         room = self.prefill_chunk_tokens if num_level == 0 else \
             max(self.max_num_batched_tokens - num_level, self.max_num_batched_tokens // 4, 1)
         feeds = []
         for row, lag in zip(ready, lags):
-            if len(lag) <= 1:
-                feeds.append((row, lag, True))               # the pending token: draft the next one
-            elif room > 0:
-                ids = lag[:room] if len(lag) > room else lag
-                room -= len(ids)
-                feeds.append((row, ids, len(ids) == len(lag)))
+            num_fed = lag if lag <= 1 else min(lag, room)       # the pending token, or a chunk of the lag
+            if lag > 1:
+                if room <= 0:
+                    continue
+                room -= num_fed
+            ids = row.slot.draft_tokens[row.kv.num_cached:row.kv.num_cached + num_fed].tolist()
+            feeds.append((row, ids, num_fed == lag))              # level with its tokens: draft the next one
         return feeds
 
     def _reconcile(self, row: DraftRow) -> None:
         """Make the row's draft tokens agree with its commit; crop its KV to the first difference."""
-        committed, drafts = row.slot.committed_tokens, row.slot.draft_tokens
-        num_committed, n_prompt = row.side.num_committed(), row.num_prompt_tokens
-        overlap = min(row.length, num_committed)
-        mismatch = (drafts[n_prompt:overlap] != committed[n_prompt:overlap]).nonzero()[0]
-        first_bad = n_prompt + int(mismatch[0]) if len(mismatch) else overlap
+        committed, num_committed = row.slot.committed_tokens, row.side.num_committed()
+        first_bad = first_disagreement(row.slot.draft_tokens, committed, row.num_prompt_tokens, row.length,
+                                       num_committed)
         if first_bad >= num_committed:                       # agrees with everything committed: keep it all
             return
         row.num_discarded += max(0, row.length - first_bad)

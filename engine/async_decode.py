@@ -58,6 +58,16 @@ from engine.token_chooser import DRAFT_STREAM, TokenChooser
 IDLE_SLEEP_S = 0.0002
 
 
+def first_disagreement(draft_tokens, committed_tokens, num_prompt_tokens: int, num_drafted: int,
+                       num_committed: int) -> int:
+    """Reconciliation: the first position where the draft's tokens differ from the commit (both
+    numpy rows), or min(num_drafted, num_committed) if they agree that far."""
+    overlap = min(num_drafted, num_committed)
+    start = num_prompt_tokens                  # the prompt is committed and copied as it is
+    mismatch = (draft_tokens[start:overlap] != committed_tokens[start:overlap]).nonzero()[0]
+    return start + int(mismatch[0]) if len(mismatch) else overlap
+
+
 class SharedDraftProposer(NoProposer):
     """The verify half of the protocol: propose what the draft worker has drafted, commit, invalidate.
 
@@ -231,13 +241,10 @@ class Drafter:
         state = self.state
         self.channel.sync_host()
         num_committed = self.side.num_committed()
-        committed = state.committed_tokens[:num_committed]
-        overlap = min(length, num_committed)
-        mismatch = (state.draft_tokens[n_prompt:overlap] != committed[n_prompt:overlap]).nonzero()[0]
-        first_bad = n_prompt + int(mismatch[0]) if len(mismatch) else overlap
+        first_bad = first_disagreement(state.draft_tokens, state.committed_tokens, n_prompt, length, num_committed)
         if first_bad >= num_committed:         # draft agrees with everything committed: keep it all
             return length
         self.num_discarded += max(0, length - first_bad)
-        self.channel.overwrite(first_bad, committed[first_bad:num_committed])
+        self.channel.overwrite(first_bad, state.committed_tokens[first_bad:num_committed])
         sync_cache(self.runner, state.draft_tokens[:num_committed], num_consistent=first_bad)
         return num_committed
