@@ -103,7 +103,8 @@ class ModeCosts:
                                    machine's memory system (on one CPU socket a second core adds
                                    ~1.2x bandwidth, not 2x), so each runs slower than alone
     verify_wide, draft_wide        alone on the cores of both workers: ar and sync run in one worker there
-    A missing measurement falls back to the alone one.
+    A missing measurement falls back to the alone one. is_disturbed: something else ran while they
+    were measured (engine/mode_auto.py): use them now, keep nothing decided from them.
     """
     verify: ForwardCosts
     draft: ForwardCosts | None = None
@@ -111,6 +112,7 @@ class ModeCosts:
     draft_together: ForwardCosts | None = None
     verify_wide: ForwardCosts | None = None
     draft_wide: ForwardCosts | None = None
+    is_disturbed: bool = False
 
     def for_mode(self, mode: str) -> tuple[ForwardCosts, ForwardCosts | None]:
         """(verify, draft) costs that `mode` runs at."""

@@ -12,12 +12,13 @@ workers' cores. So, with both workers of an async start up and idle (supervisor 
 
 ~10 s on the default pair's first start; the result is cached in <cache_dir>/costs/mode-<hash>.json,
 keyed by what both workers' start-up costs depended on (their `costs_id`s) and the cores, unless the
-verify ran slower on all cores than alone on its own (something else was running: used, not kept).
+verify ran slower on all cores than alone on its own (something else was running: used now, marked
+`is_disturbed`, and neither they nor the mode chosen from them are kept).
 
-The decision itself is kept too (costs/mode-decision-<hash of the configuration>.json, with the
-verify worker's `costs_id` in the chosen mode): a later start with the same configuration starts in
-that mode directly instead of starting async, measuring and restarting; if the verify's costs_id
-differs then (other kernels, model files, CPU or torch), it decides again.
+The decision itself is kept too, unless its costs were disturbed (costs/mode-decision-<hash of the
+configuration>.json, with the verify worker's `costs_id` in the chosen mode): a later start with the
+same configuration starts in that mode directly instead of starting async, measuring and restarting;
+if the verify's costs_id differs then (other kernels, model files, CPU or torch), it decides again.
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def measure_mode_costs(workers: dict[str, WorkerHandle], config: EngineConfig, r
         logger.warning("mode auto: the verify measured slower on all cores (%.1f ms) than alone on its own "
                        "(%.1f ms): something else was running; these costs are used now but not cached",
                        measured["verify_wide"][0] * 1e3, verify.cost(1) * 1e3)
-    else:
-        _write_json(path, {"seconds": measured})
+        return dataclasses.replace(_mode_costs(verify, draft, measured), is_disturbed=True)
+    _write_json(path, {"seconds": measured})
     return _mode_costs(verify, draft, measured)
 
 

@@ -146,6 +146,8 @@ class EngineSupervisor(WorkerRecovery):
         logger.info(self.mode_reason)
         if plan.mode != "async":
             self._restart_as(plan.mode)
+        if costs.is_disturbed:                 # the next start measures and decides again
+            return
         verify_costs_id = self._workers["verify"].ready.runtime.get("costs_id")
         save_decision(self.requested_config, plan.mode, plan.reason, verify_costs_id)
 

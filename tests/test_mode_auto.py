@@ -32,7 +32,7 @@ def test_answers_in_any_order_are_kept_and_the_draft_is_stopped(tmp_path):
     assert costs.for_mode("async")[0].seconds == (0.15, 0.16) and costs.for_mode("async")[1].seconds == (0.06,)
     assert costs.for_mode("ar") == (costs.verify_wide, None) and costs.draft_wide.seconds == (0.03,)
     assert [type(m) for m in workers["draft"].cmd_queue] == [Measure, MeasureStop, Measure]
-    assert [m.placement for m in workers["verify"].cmd_queue] == ["together", "wide"]
+    assert [m.placement for m in workers["verify"].cmd_queue] == ["together", "wide"] and not costs.is_disturbed
     # cached: a second call asks nothing
     again = {"verify": FakeWorker("verify", [0.1, 0.11]), "draft": FakeWorker("draft", [0.04])}
     assert measure_mode_costs(again, _config(tmp_path), lambda timeout_s: pytest.fail("measured again")) == costs
@@ -92,7 +92,7 @@ def test_wide_costs_slower_than_one_core_alone_are_used_but_not_cached(tmp_path)
                Measured("verify", "wide", [0.3, 0.3]), Measured("draft", "wide", [0.03])]
     replies = iter(answers)
     costs = measure_mode_costs(workers, _config(tmp_path), lambda timeout_s: next(replies))
-    assert costs.verify_wide.seconds == (0.3, 0.3)
+    assert costs.verify_wide.seconds == (0.3, 0.3) and costs.is_disturbed
     replies = iter(answers)                                     # not cached: the next start measures again
     measure_mode_costs(workers, _config(tmp_path), lambda timeout_s: next(replies))
     assert len([m for m in workers["verify"].cmd_queue if isinstance(m, Measure)]) == 4
@@ -131,3 +131,19 @@ def test_forward_costs_that_drift_while_measured_are_used_but_not_cached(tmp_pat
     costs = load_or_measure(SleepingRunner(0.015, slow_after), {"role": "verify"}, str(tmp_path), 2)
     assert costs.cost(1) >= 0.015
     assert bool(glob.glob(os.path.join(tmp_path, "costs", "*.json"))) == is_cached
+
+
+@pytest.mark.parametrize("verify_wide, is_kept", [([0.3, 0.3], False), ([0.09, 0.095], True)])
+def test_a_mode_chosen_from_disturbed_costs_is_not_kept(tmp_path, monkeypatch, verify_wide, is_kept):
+    """A decision made while something else ran would otherwise start every later server in that mode."""
+    from engine.supervisor import EngineSupervisor
+    sup = EngineSupervisor(_config(tmp_path))
+    sup._workers = {"verify": FakeWorker("verify", [0.08, 0.09]), "draft": FakeWorker("draft", [0.01])}
+    replies = iter([Measured("verify", "together", [0.085, 0.09]), Measured("draft", "together", [0.012]),
+                    Measured("verify", "wide", verify_wide), Measured("draft", "wide", [0.01])])
+    monkeypatch.setattr(sup, "_next_message", lambda timeout_s: next(replies))
+    sup._settle_mode()
+    assert sup.mode_reason.startswith("mode auto chose async: predicted")       # no restart in either case
+    decision = load_decision(sup.requested_config)
+    assert (decision is not None) == is_kept
+    assert decision is None or decision == {"mode": "async", "reason": decision["reason"], "verify_costs_id": "verify-id"}
