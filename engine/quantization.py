@@ -23,11 +23,14 @@ Schemes (`verify_quantization` / `draft_quantization`):
     int8 on CUDA: weight-only `_weight_int8pack_mm` (fbgemm is CPU-only).
 
 Row independence (why a k-token verify equals k one-token forwards): every scale above belongs
-to one token (row) or one weight channel, never to the whole [k, K] input. fbgemm computes one
-activation scale per call from the input's min/max; a constant extra row [-64, 63, 0, ...] pins
-it to exactly 1 with zero point 64, so integer rows pass through unchanged and each output row
+to one token (row) or one weight channel, never to the whole [k, K] input. The digits go to
+fbgemm as integer-valued floats with the activation scale given as exactly 1 and zero point 64
+(`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`: `linear_dynamic` would compute one
+scale per call from the input's min/max), so they pass through unchanged and each output row
 depends on its own input row only, bit for bit (tests/test_quantization.py). 7-bit digits keep
-AVX2's u8*s8 pair sums (vpmaddubsw) below int16 saturation: 127 * 127 * 2 < 32767.
+AVX2's u8*s8 pair sums (vpmaddubsw) below int16 saturation: 127 * 127 * 2 < 32767. The wrapper
+around the kernel is a handful of in-place ops: at one token its elementwise work, not the
+kernel, was ~40 % of a small layer's time.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed")
-KERNELS_VERSION = 4                 # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 5                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 MIN_FRACTION_ON_GRID = 0.9          # int4-mixed: a layer is 4-bit when this share of its groups lie on a grid
 _ON_GRID_RESIDUAL = 0.1             # a group is on its grid when every weight is within 0.1 step of a level
@@ -63,30 +66,34 @@ class Int8DynamicLinear(nn.Module):
                                                  0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        pin = torch.zeros(1, self.in_features)
-        pin[0, 0], pin[0, 1] = -_DIGIT_MAX - 1, _DIGIT_MAX                           # min/max -> scale 1, zp 64
-        self.register_buffer("pin_row", pin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features).float()                                 # [M, K]
+        x = x.reshape(-1, self.in_features)
+        x = x if x.dtype == torch.float32 else x.float()                           # [M, K]
         num_rows = x.shape[0]
-        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _DIGIT_MAX     # [M, 1]
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(_DIGIT_MAX)  # [M, 1]
         scaled = x / scale
-        digits = [torch.round(scaled)]                                             # a: [M, K]
-        if self.num_digits == 2:
-            digits.append(torch.round((scaled - digits[0]) * _DIGIT_BASE))         # b: [M, K]
-        out = torch.ops.quantized.linear_dynamic(torch.cat([*digits, self.pin_row]), self.packed, True)
-        y = out[:num_rows]                                                          # W a  [M, N]
-        if self.num_digits == 2:
-            y = y + out[num_rows:2 * num_rows] / _DIGIT_BASE                        # + W b / 126
-        y = y * scale
+        if self.num_digits == 1:
+            y = _integer_rows_linear(scaled.round_(), self.packed)                # W a  [M, N]
+        else:
+            digits = torch.empty((2 * num_rows, self.in_features))                 # [a; b]  [2M, K]
+            a = torch.round(scaled, out=digits[:num_rows])
+            torch.sub(scaled, a, out=digits[num_rows:]).mul_(_DIGIT_BASE).round_()
+            out = _integer_rows_linear(digits, self.packed)                        # [W a; W b]  [2M, N]
+            y = out[num_rows:].div_(_DIGIT_BASE).add_(out[:num_rows])             # W a + W b / 126
+        y.mul_(scale)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, activation_digits={self.num_digits}"
+
+
+def _integer_rows_linear(rows: torch.Tensor, packed) -> torch.Tensor:
+    """fbgemm's u8 x s8 matmul of rows of integers in [-64, 63] (fp32) -> fp32 [M, N]: scale 1, zero point 64."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, _DIGIT_MAX + 1, packed)
 
 
 class PackedWeightOnlyLinear(nn.Module):

@@ -56,6 +56,25 @@ def test_two_digits_are_more_accurate_than_one():
     assert errors[2] < errors[1] / 2
 
 
+@pytest.mark.parametrize("num_digits", [1, 2])
+def test_int8_layer_computes_its_documented_digits_exactly(num_digits):
+    """y[m] = s[m] * (W a[m] + W b[m] / 126) * w_scale, from the integer weights: the digits reach
+    the kernel unchanged (scale 1, zero point 64), whatever the other rows hold."""
+    layer = Int8DynamicLinear(_linear(), num_digits)
+    qweight, _ = torch.ops.quantized.linear_unpack(layer.packed)
+    weight = qweight.int_repr().double() * qweight.q_per_channel_scales()[:, None]         # [N, K]
+    x = torch.randn(5, 256) * torch.logspace(-2, 1, 5)[:, None]
+    scale = x.abs().amax(dim=1, keepdim=True) / 63                       # the digits in fp32, as the layer
+    a = torch.round(x / scale)
+    y = a.double() @ weight.T                                            # the sums exactly, in float64
+    if num_digits == 2:
+        y = y + torch.round((x / scale - a) * 126).double() @ weight.T / 126
+    reference = y * scale.double() + layer.bias.double()
+    with torch.inference_mode():
+        out = layer(x).double()
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-6), (out - reference).abs().max()
+
+
 def _on_4bit_grids(out_features: int = 64, in_features: int = 256) -> nn.Linear:
     """Weights as a dequantized Q4_K tensor holds them: per group of 32, min + q * step, q in
     [0, 15]; some groups use fewer than 16 levels (their grid is not their min/max's)."""
