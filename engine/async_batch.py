@@ -242,6 +242,7 @@ class AsyncBatchDrafter:
             row = self.rows.get(index)
             if row is not None and row.request_id != request_id:
                 del self.rows[index]                         # it ended; the KV slot stays for the row's next request
+                self.runner.forget_prompt(index)
                 row = None
             if row is None and request_id in self.starts:
                 self.rows[index] = self._start(index, self.starts.pop(request_id)[0])
@@ -262,6 +263,7 @@ class AsyncBatchDrafter:
                        TokenChooser(req.params, "coupled", DRAFT_STREAM, processors), len(prompt), max_len, len(prompt))
         row.channel.overwrite(0, prompt)
         row.record_stats()
+        self.runner.score_prompt(index, prompt)               # draft_vocab_size: its prompt's ids too
         return row
 
     def _plan(self) -> list[tuple[DraftRow, list[int], bool]]:

@@ -128,13 +128,12 @@ class Drafter:
 
     def __init__(self, runner: ModelRunner, state: SharedState, channel: HostDraftChannel,
                  max_draft_lead: int, max_model_len: int, wait_timeout_s: float, lookup_ngram: int = 0,
-                 vocab_size: int = 0, scheme: str = "coupled", eos_token_ids: list[int] = (),
+                 scheme: str = "coupled", eos_token_ids: list[int] = (),
                  make_grammar: MakeGrammar | None = None):
         self.runner = runner
         self.eos_token_ids = list(eos_token_ids)    # the draft model's own: min_tokens masks them like the verify's
         self.make_grammar = make_grammar
         self.scheme = scheme
-        self.vocab_size = vocab_size
         self.lookup_ngram = lookup_ngram
         self.state = state
         self.side = DraftSide(state)
@@ -161,8 +160,7 @@ class Drafter:
         num_drafted_total = num_forwards = self.num_discarded = 0
         side.record_stats(0, 0, 0.0, 0)
         start = time.perf_counter()
-        if self.vocab_size:
-            self.runner.restrict_vocab(list(range(self.vocab_size)) + list(prompt))
+        self.runner.score_prompt("running", prompt)      # one request at a time: replaces the last one's
         self.runner.prefill(prompt)
         busy_s += time.perf_counter() - start
         self.channel.overwrite(0, prompt)

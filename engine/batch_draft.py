@@ -46,8 +46,8 @@ class BatchDrafter:
     def new_slot(self) -> KVSlot:
         return self.decoder.new_slot()
 
-    def start(self, seq) -> None:
-        pass                                                         # its draft slot comes with its verify slot
+    def start(self, seq) -> None:                                    # its draft slot comes with its verify slot
+        self.runner.score_prompt(seq.request_id, seq.token_ids)      # draft_vocab_size: its prompt's ids too
 
     def propose(self, runs: list, num_prompt_left: int = 0) -> dict[int, Proposal]:
         """Draft tokens for each of `runs` (Running: .seq, .draft_slot), by request id; k_i from seq.budget."""
@@ -105,6 +105,7 @@ class BatchDrafter:
         count_local_rollback(run.seq, proposal, out)
 
     def finish(self, seq) -> None:
+        self.runner.forget_prompt(seq.request_id)
         count_local_draft_waste(seq)
 
     def _ids(self, ids: list[int]) -> torch.Tensor:

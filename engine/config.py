@@ -83,7 +83,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 0.0       # KV the running requests may reserve; 0 = auto (engine/kv_budget.py)
     prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
     draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
-    draft_vocab_size: int = 0             # async/sync draft: score only ids < N plus the prompt's ids (0 = all)
+    draft_vocab_size: int = 0             # draft scores only ids < N + running prompts' ids (0 = all; engine/draft_head.py)
     verify_lookup_ngram: int = 3          # async: verify appends n-gram guesses after the draft's tokens (0 = off)
     sampling_scheme: str = "coupled"      # how temperature > 0 stays lossless
     max_model_len: int = 2048

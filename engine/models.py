@@ -42,8 +42,12 @@ def resolve_model_spec(spec: str, cache_dir: str, gguf_file: str | None = None) 
     return os.path.expanduser(spec), gguf_file
 
 
-def load_causal_lm(path: str, gguf_file: str | None, device: str, dtype: str, quantization: str = "none"):
-    """Load a causal LM in `dtype` (concrete, not "auto") on `device`, then quantize its linears."""
+def load_causal_lm(path: str, gguf_file: str | None, device: str, dtype: str, quantization: str = "none",
+                   keep_float_head: bool = False):
+    """Load a causal LM in `dtype` (concrete, not "auto") on `device`, then quantize its linears.
+
+    keep_float_head: keep the output matrix in float (`amusd_float_head`, bf16 when untied: the
+    checkpoint's own precision) for a draft vocabulary subset (engine/draft_head.py)."""
     from transformers import AutoModelForCausalLM
 
     from engine.quantization import quantize_model
@@ -51,9 +55,11 @@ def load_causal_lm(path: str, gguf_file: str | None, device: str, dtype: str, qu
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-    # A tied head shares the input embedding: keep that float matrix for a restricted draft head.
+    # A tied head shares the input embedding: that float matrix stays anyway.
     is_tied = bool(getattr(model.config, "tie_word_embeddings", False))
     model.amusd_float_head = model.get_input_embeddings().weight if is_tied else None
+    if keep_float_head and not is_tied and quantization != "none":
+        model.amusd_float_head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
     with torch.inference_mode():
         quantize_model(model, quantization)
     return model
@@ -161,25 +167,29 @@ class ModelRunner:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.is_prefix_cached = is_prefix_cached
         self.prefill_placement: PrefillPlacement | None = None     # set by the verify worker on CPU
-        self.head_ids: torch.Tensor | None = None      # restricted output vocabulary (draft only)
-        self.head_weight: torch.Tensor | None = None
+        self.subset_head = None                        # draft_vocab_size: engine/draft_head.py
 
-    def restrict_vocab(self, token_ids) -> None:
-        """Compute logits only for `token_ids` (others get -inf); None restores the full head.
-
-        A draft-only speed-up: the output layer is ~20 % of a 0.5B model's forward on one CPU core.
-        The verify model still scores the full vocabulary, so output is unchanged.
-        """
-        if token_ids is None or len(token_ids) >= self.vocab_size:
-            self.head_ids = self.head_weight = None
+    def use_vocab_subset(self, num_ids: int, quantization: str) -> None:
+        """Score only ids < num_ids (+ the running prompts' ids) from now on: a draft-only speed-up
+        (the verify scores the whole vocabulary, so output is unchanged)."""
+        from engine.draft_head import SubsetHead
+        if not 0 < num_ids < self.vocab_size:
             return
-        full_head = getattr(self.lm_head, "weight", None)
-        if full_head is None:
-            full_head = getattr(self.model, "amusd_float_head", None)
-        if full_head is None:
-            raise ValueError("draft_vocab_size needs a float output layer: a tied one, or draft_quantization none")
-        self.head_ids = torch.as_tensor(sorted(set(token_ids)), dtype=torch.long, device=self.device)
-        self.head_weight = full_head.index_select(0, self.head_ids).contiguous()
+        float_head = getattr(self.lm_head, "weight", None)
+        if float_head is None:
+            float_head = getattr(self.model, "amusd_float_head", None)
+        if float_head is None:
+            raise ValueError("draft_vocab_size needs the float output matrix (load_causal_lm(keep_float_head=True))")
+        self.subset_head = SubsetHead(float_head.detach(), num_ids, quantization, self.decoder.dtype)
+
+    def score_prompt(self, key, prompt_ids) -> None:
+        """With a vocabulary subset: a running request's prompt ids are scored too, until forget_prompt(key)."""
+        if self.subset_head is not None:
+            self.subset_head.score_prompt(key, prompt_ids)
+
+    def forget_prompt(self, key) -> None:
+        if self.subset_head is not None:
+            self.subset_head.forget_prompt(key)
 
     def reset(self) -> None:
         self.decoder.reset()
@@ -219,11 +229,7 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output layer: last-layer hidden states [n, H] -> logits [n, V]."""
-        if self.head_ids is None:
-            return self.lm_head(hidden)
-        sub_logits = torch.nn.functional.linear(hidden, self.head_weight)             # [n, len(head_ids)]
-        logits = sub_logits.new_full((sub_logits.shape[0], self.vocab_size), float("-inf"))
-        return logits.index_copy_(1, self.head_ids, sub_logits)
+        return self.lm_head(hidden) if self.subset_head is None else self.subset_head(hidden)
 
     def _input_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """A draft beside a verify with padded rows may be fed a padding id the verify committed: it

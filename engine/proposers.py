@@ -61,6 +61,7 @@ class LocalDraftProposer(NoProposer):
         self.drafter = drafter
 
     def start(self, seq: Sequence) -> None:
+        self.drafter.score_prompt(seq.request_id, seq.token_ids)     # draft_vocab_size: its prompt's ids too
         self.drafter.prefill(seq.token_ids)
 
     def propose(self, seq: Sequence) -> Proposal:
@@ -85,6 +86,7 @@ class LocalDraftProposer(NoProposer):
         count_local_rollback(seq, proposal, out)
 
     def finish(self, seq: Sequence) -> None:
+        self.drafter.forget_prompt(seq.request_id)
         count_local_draft_waste(seq)
 
 

@@ -232,7 +232,7 @@ class DraftWorker:
         self.drafter = Drafter(runner, state, channel, config.max_draft_lead, config.max_model_len,
                                wait_timeout_s=config.step_timeout_s,
                                lookup_ngram=0 if config.draft_device.startswith("cuda") else config.draft_lookup_ngram,
-                               vocab_size=config.draft_vocab_size, scheme=config.sampling_scheme,
+                               scheme=config.sampling_scheme,
                                eos_token_ids=eos_token_ids_of(runner.model),
                                make_grammar=LazyGrammarFactory(draft.model_dir, runner.vocab_size))
         self.load_seconds = time.perf_counter() - start

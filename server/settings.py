@@ -114,8 +114,8 @@ class Settings(BaseSettings):
                                    "(the cost model's cap)")
     draft_lookup_ngram: int = Field(_E["draft_lookup_ngram"], description="async: prompt-lookup n-gram "
                                     "self-speculation in the draft (0 = off)")
-    draft_vocab_size: int = Field(_E["draft_vocab_size"], description="async draft: score only token ids < N "
-                                  "plus the prompt's ids (0 = full vocabulary)")
+    draft_vocab_size: int = Field(_E["draft_vocab_size"], description="draft (sync, async): score only token "
+                                  "ids < N plus the running prompts' ids (0 = full vocabulary)")
     verify_lookup_ngram: int = Field(_E["verify_lookup_ngram"], description="async: n-gram guesses the verify "
                                      "appends after the draft's tokens (0 = off)")
     sampling_scheme: str = Field(_E["sampling_scheme"], description="lossless sampling at temperature > 0: "
