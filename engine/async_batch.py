@@ -107,6 +107,8 @@ class SharedDrafts:
         proposer = SharedDraftProposer(VerifySide(slot), HostDraftChannel(slot))
         proposer = NgramGuesses(proposer, self.lookup_ngram) if self.lookup_ngram else proposer
         proposer.start(seq)
+        if self.costs is not None:
+            seq.budget.price_with(self.costs[0])     # beside the draft it runs at the narrow curve, not alone
         publish_started(self.state, seq.request_id)
         self.proposers[seq.request_id] = (row, proposer)
 

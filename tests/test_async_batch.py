@@ -192,6 +192,30 @@ def test_the_cost_model_goes_wide_for_a_full_compute_bound_batch_and_speculates_
     assert not prefer_wide_pass(flat, ForwardCosts((0.018,) * 9), ForwardCosts((0.005,) * 5), [(4, 0.7)] * 8)
 
 
+def test_one_stream_sizes_its_proposals_by_the_curve_it_runs_at_beside_the_draft():
+    """Measured (AVX512_BF16 EPYC, session 10): alone, checking 3 more tokens cost the verify 1.26x
+    c(1); beside the draft 2.1x. Sized by the alone curve, a 0.5-acceptance stream asked for 3 and
+    the wide rule, pricing 3 beside the draft, sent 43 of 50 passes wide, the draft paused (so the
+    acceptance never moved again); sized by the narrow curve it checks 1 and stays beside the draft."""
+    from engine.cost_model import ForwardCosts
+    alone = ForwardCosts((0.098, 0.108, 0.123, 0.123, 0.187, 0.187, 0.207, 0.226, 0.226))
+    narrow = ForwardCosts((0.097, 0.106, 0.169, 0.207, 0.207, 0.207, 0.209, 0.229, 0.258))
+    wide = ForwardCosts((0.089, 0.094, 0.094, 0.094, 0.094, 0.122, 0.122, 0.124, 0.132))
+    state = SharedState.create(64, 2)
+    try:
+        shared = SharedDrafts(state, 9, wide=RecordingPlacement())
+        shared.use_costs(narrow, wide, ForwardCosts((0.035, 0.036, 0.038, 0.038, 0.042)))
+        seq = new_sequence(StartRequest(1, [5, 6, 7], SamplingParams(max_tokens=8)), [], 64, "coupled")
+        seq.budget = SpeculationBudget(alone, 8, acceptance_prior=0.5)
+        assert seq.budget.num_to_check() == 3
+        shared.start(seq)
+        assert seq.budget.num_to_check() == 1
+        assert not shared._prefers_wide([type("Run", (), {"seq": seq})()], 0)
+        shared.finish(seq)
+    finally:
+        state.close()
+
+
 class RecordingPlacement:
     """Stands in for PrefillPlacement: records when passes run widened."""
 
