@@ -53,48 +53,71 @@ def _parse_cores(spec: str | None) -> tuple[int, ...] | None:
     return tuple(cores)
 
 
+def setting(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, **bounds):
+    """A field of EngineConfig with the help text `amusd serve --help` shows for it (and bounds such
+    as ge=0 that the server's settings check before the engine does)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help, "bounds": bounds})
+
+
 @dataclass
 class EngineConfig:
-    verify_model: str
-    draft_model: str | None = None
-    mode: str = "auto"                   # auto | ar | sync | async (auto: fastest predicted, see cost_model)
-    verify_device: str = "cpu"
-    draft_device: str = "cpu"
-    dtype: str = "auto"                  # auto: fp32 under CPU int8 layers, else bf16 where native, else fp32
-    verify_quantization: str = "auto"    # auto | none | int8 | int8-fast | int4 | int4-mixed (engine/quantization.py)
-    draft_quantization: str = "auto"
-    decoder: str = "auto"                # auto (lean layers on CPU where supported) | lean | hf (engine/decoder.py)
-    # CPU placement. None = no pinning. Defaults suit a 2-core machine. Without a draft worker (ar,
-    # sync) the verify worker also takes the draft's cores, which would sit idle otherwise.
-    verify_cores: str | None = "0"
-    draft_cores: str | None = "1"
-    verify_threads: int = 0               # 0 = one per core the worker runs on
-    draft_threads: int = 0
+    """Every engine setting: its type, default and help (server/settings.py makes the flags, env
+    vars and YAML keys of the same names from these fields)."""
+    verify_model: str = setting(help="verify (target) model: local dir, hub id, 'tiny-random/verify', or "
+                                     "'default' (fetched 1.5B)")
+    draft_model: str | None = setting(None, "draft model (same forms; 'default' = fetched 0.5B; none for mode ar)")
+    mode: str = setting("auto", "decoding: auto | ar | sync | async (auto: the fastest by measured forward costs)")
+    verify_device: str = setting("cpu", "cpu or cuda:N")
+    draft_device: str = setting("cpu", "cpu or cuda:N")
+    dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 | float64 (auto: fp32 under CPU int8 layers, "
+                                 "else bf16 where the device runs it natively, else fp32)")
+    verify_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed (auto: int8 on "
+                                               "CPU, none on CUDA; engine/quantization.py)")
+    draft_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed (auto: int8-fast "
+                                              "on CPU, none on CUDA)")
+    decoder: str = setting("auto", "auto | lean | hf: the layers that run the model (auto: amusd's lean "
+                                   "Qwen2/Llama layers on CPU where supported, else transformers'; same logits)")
+    # CPU placement. Defaults suit a 2-core machine. Without a draft worker (ar, sync) the verify
+    # worker also takes the draft's cores, which would sit idle otherwise.
+    verify_cores: str | None = setting("0", "CPU cores for the verify worker, e.g. '0' or '0-1' (none = no pinning)")
+    draft_cores: str | None = setting("1", "CPU cores for the draft worker")
+    verify_threads: int = setting(0, "torch threads in the verify worker (0 = one per core it runs on; without a "
+                                     "draft worker it also takes draft_cores)")
+    draft_threads: int = setting(0, "torch threads in the draft worker (0 = one per core it runs on)")
     # Speculation.
-    num_speculative_tokens: int = 0       # tokens proposed per verify (sync: drafted; async: checked); 0 = cost model
-    max_draft_lead: int = 8               # async: draft may run this far past the committed prefix
-    max_verify_tokens: int = 8            # most proposed tokens checked in one verify forward (cost model's cap)
-    acceptance_prior: float = 0.7         # cost model: per-token acceptance assumed before any is observed
-    prefill_chunk_tokens: int = 512       # longest prompt chunk fed in one forward
-    max_num_seqs: int = 1                 # requests decoded at once, one pass for all (engine/batch_decode.py)
-    max_num_batched_tokens: int = 64      # batching: tokens per pass while requests decode (prompt chunks fill it)
-    max_queue_size: int = 16              # requests that may wait in the engine's line; more: LineFull (engine/admission.py)
-    prefix_caching: bool = True           # keep the KV of the prefix shared with the previous request
-    kv_cache_memory_gb: float = 0.0       # KV the running requests may reserve; 0 = auto (engine/kv_budget.py)
-    prefill_cores: str | None = "auto"    # CPU verify prefill runs on these (one thread each); auto = verify + draft cores
-    draft_lookup_ngram: int = 3           # async: draft self-speculates with prompt-lookup n-grams (0 = off)
-    draft_vocab_size: int = 0             # draft scores only ids < N + running prompts' ids (0 = all; engine/draft_head.py)
-    verify_lookup_ngram: int = 3          # async: verify appends n-gram guesses after the draft's tokens (0 = off)
-    sampling_scheme: str = "coupled"      # how temperature > 0 stays lossless
-    max_model_len: int = 2048
-    gguf_file: str | None = None          # for a GGUF verify model inside a directory / hub repo
-    draft_gguf_file: str | None = None
+    num_speculative_tokens: int = setting(0, "tokens proposed per verify (sync: drafted, async: checked); 0 = "
+                                             "chosen per step by the cost model")
+    acceptance_prior: float = setting(0.7, "cost model: acceptance rate assumed before any is observed")
+    prefill_chunk_tokens: int = setting(512, "longest prompt chunk per forward")
+    max_num_seqs: int = setting(1, "requests decoded at once, one forward pass for all (continuous batching; "
+                                   "engine/batch_decode.py)")
+    max_num_batched_tokens: int = setting(64, "batching: tokens in one forward pass while requests are decoding "
+                                              "(their tokens + prompt chunks), so that a long prompt does not "
+                                              "freeze the running streams")
+    max_queue_size: int = setting(16, "requests that may wait in the engine's line; more get 429", ge=0)
+    prefix_caching: bool = setting(True, "reuse the KV of the prefix shared with the previous request (system "
+                                         "prompt, earlier turns)")
+    kv_cache_memory_gb: float = setting(0.0, "KV cache the running requests may reserve, GiB (0 = auto: "
+                                             "max_num_seqs full contexts, at most half the memory available)", ge=0)
+    prefill_cores: str | None = setting("auto", "CPU cores the verify prefills on, one thread each (auto = verify "
+                                                "+ draft cores: the draft idles meanwhile)")
+    max_draft_lead: int = setting(8, "async: how far the draft may run ahead")
+    max_verify_tokens: int = setting(8, "most proposed tokens per verify (the cost model's cap)")
+    draft_lookup_ngram: int = setting(3, "async: prompt-lookup n-gram self-speculation in the draft (0 = off)")
+    draft_vocab_size: int = setting(0, "draft (sync, async): score only token ids < N plus the running prompts' "
+                                       "ids (0 = full vocabulary; engine/draft_head.py)")
+    verify_lookup_ngram: int = setting(3, "async: n-gram guesses the verify appends after the draft's tokens "
+                                          "(0 = off)")
+    sampling_scheme: str = setting("coupled", "lossless sampling at temperature > 0: coupled | rejection")
+    max_model_len: int = setting(2048, "context length: prompt + generated tokens")
+    gguf_file: str | None = setting(None, "GGUF file of the verify model (inside a directory or hub repo)")
+    draft_gguf_file: str | None = setting(None, "GGUF file of the draft model")
     # Liveness.
-    worker_start_timeout_s: float = 300.0
-    heartbeat_timeout_s: float = 60.0
-    step_timeout_s: float = 120.0         # longest a single forward may take before the worker counts as hung
-    max_restarts: int = 3                 # restarts of a worker that dies at start-up before giving up
-    cache_dir: str = field(default_factory=default_cache_dir)
+    worker_start_timeout_s: float = setting(300.0, "worker load time limit")
+    heartbeat_timeout_s: float = setting(60.0, "silent worker counts as dead")
+    step_timeout_s: float = setting(120.0, "longest single forward before the worker counts as hung")
+    max_restarts: int = setting(3, "worker restarts at start-up before giving up")
+    cache_dir: str = setting(help="model cache (fetched / converted models)", default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -4,7 +4,8 @@ Precedence (highest first): CLI flag (`--max-queue-size 4`) > env var (`AMUSD_MA
 > YAML file (`--config configs/tiny.yaml`, or `AMUSD_CONFIG`) > the defaults below.
 `amusd serve --help` lists every setting with its default; flags are the field names with dashes.
 
-Engine settings mirror `engine.config.EngineConfig` (same defaults); `to_engine_config()` builds it.
+Engine settings are made from `engine.config.EngineConfig`'s fields (type, default, help, bounds:
+declared once there); `to_engine_config()` builds one.
 `model: default` / `draft_model: default` mean the default pair fetched by `amusd fetch-models`.
 """
 from __future__ import annotations
@@ -18,18 +19,18 @@ import types
 import typing
 from typing import Annotated, Any
 
+import pydantic
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, YamlConfigSettingsSource
 
-from engine.config import EngineConfig, default_cache_dir
+from engine.config import EngineConfig
 
-_E = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-      for f in dataclasses.fields(EngineConfig) if f.name != "verify_model"}
+_ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 DEFAULT_MODEL = "default"   # the fetched default pair (engine.fetch.ensure_default_models)
 _yaml_file: contextvars.ContextVar[str | None] = contextvars.ContextVar("amusd_yaml_file", default=None)
 
 
-class Settings(BaseSettings):
+class _Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AMUSD_", extra="forbid", validate_default=True,
                                       protected_namespaces=())
 
@@ -50,7 +51,6 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM, seconds in-flight requests "
                                     "may take to finish before they are cancelled")
     # ---- limits ------------------------------------------------------------------
-    max_queue_size: int = Field(16, ge=0, description="requests that may wait in the engine's line; more get 429")
     queue_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")
     max_request_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (also bounded by "
@@ -68,67 +68,10 @@ class Settings(BaseSettings):
                                   "hermes (Qwen2.5, Hermes: <tool_call>{json}</tool_call>)")
     trust_request_chat_template: bool = Field(False, description="accept a request's own Jinja "
                                               "chat_template (runs client-supplied template code)")
-    # ---- engine (see engine/config.py) --------------------------------------------
-    model: str = Field(DEFAULT_MODEL, description="verify (target) model: local dir, hub id, "
-                       "'tiny-random/verify', or 'default' (fetched 1.5B)")
-    draft_model: str | None = Field(DEFAULT_MODEL, description="draft model (same forms; 'default' = "
-                                    "fetched 0.5B; none for mode ar)")
-    mode: str = Field(_E["mode"], description="decoding: auto | ar | sync | async (auto: the fastest by "
-                      "measured forward costs)")
-    dtype: str = Field(_E["dtype"], description="auto | bfloat16 | float16 | float32 | float64 (auto: bf16 "
-                       "where the device runs it natively, else fp32)")
-    verify_quantization: str = Field(_E["verify_quantization"], description="auto | none | int8 | int8-fast | "
-                                     "int4 | int4-mixed (auto: int8 on CPU, none on CUDA)")
-    draft_quantization: str = Field(_E["draft_quantization"], description="auto | none | int8 | int8-fast | "
-                                    "int4 | int4-mixed (auto: int8-fast on CPU, none on CUDA)")
-    decoder: str = Field(_E["decoder"], description="auto | lean | hf: the layers that run the model (auto: "
-                         "amusd's lean Qwen2/Llama layers on CPU where supported, else transformers'; same logits)")
-    verify_device: str = Field(_E["verify_device"], description="cpu or cuda:N")
-    draft_device: str = Field(_E["draft_device"], description="cpu or cuda:N")
-    verify_cores: str | None = Field(_E["verify_cores"], description="CPU cores for the verify "
-                                     "worker, e.g. '0' or '0-1' (none = no pinning)")
-    draft_cores: str | None = Field(_E["draft_cores"], description="CPU cores for the draft worker")
-    verify_threads: int = Field(_E["verify_threads"], description="torch threads in the verify worker (0 = one "
-                                "per core it runs on; without a draft worker it also takes draft_cores)")
-    draft_threads: int = Field(_E["draft_threads"], description="torch threads in the draft worker (0 = one per "
-                               "core it runs on)")
-    num_speculative_tokens: int = Field(_E["num_speculative_tokens"], description="tokens proposed per verify "
-                                        "(sync: drafted, async: checked); 0 = chosen per step by the cost model")
-    acceptance_prior: float = Field(_E["acceptance_prior"], description="cost model: acceptance rate assumed "
-                                    "before any is observed")
-    prefill_chunk_tokens: int = Field(_E["prefill_chunk_tokens"], description="longest prompt chunk per forward")
-    max_num_seqs: int = Field(_E["max_num_seqs"], description="ar and sync (also when mode auto chooses them): requests "
-                              "decoded at once, one forward pass for all (continuous batching)")
-    max_num_batched_tokens: int = Field(_E["max_num_batched_tokens"], description="batching: tokens in one "
-                                        "forward pass while requests are decoding (their tokens + prompt chunks), "
-                                        "so that a long prompt does not freeze the running streams")
-    prefix_caching: bool = Field(_E["prefix_caching"], description="reuse the KV of the prefix shared with "
-                                 "the previous request (system prompt, earlier turns)")
-    kv_cache_memory_gb: float = Field(_E["kv_cache_memory_gb"], ge=0, description="KV cache the running "
-                                      "requests may reserve, GiB (0 = auto: max_num_seqs full contexts, at most "
-                                      "half the memory available)")
-    prefill_cores: str | None = Field(_E["prefill_cores"], description="CPU cores the verify prefills on, one "
-                                      "thread each (auto = verify + draft cores: the draft idles meanwhile)")
-    max_draft_lead: int = Field(_E["max_draft_lead"], description="async: how far the draft may run ahead")
-    max_verify_tokens: int = Field(_E["max_verify_tokens"], description="most proposed tokens per verify "
-                                   "(the cost model's cap)")
-    draft_lookup_ngram: int = Field(_E["draft_lookup_ngram"], description="async: prompt-lookup n-gram "
-                                    "self-speculation in the draft (0 = off)")
-    draft_vocab_size: int = Field(_E["draft_vocab_size"], description="draft (sync, async): score only token "
-                                  "ids < N plus the running prompts' ids (0 = full vocabulary)")
-    verify_lookup_ngram: int = Field(_E["verify_lookup_ngram"], description="async: n-gram guesses the verify "
-                                     "appends after the draft's tokens (0 = off)")
-    sampling_scheme: str = Field(_E["sampling_scheme"], description="lossless sampling at temperature > 0: "
-                                 "coupled | rejection")
-    max_model_len: int = Field(_E["max_model_len"], description="context length: prompt + generated tokens")
-    gguf_file: str | None = Field(_E["gguf_file"], description="GGUF file of the verify model")
-    draft_gguf_file: str | None = Field(_E["draft_gguf_file"], description="GGUF file of the draft model")
-    worker_start_timeout_s: float = Field(_E["worker_start_timeout_s"], description="worker load time limit")
-    heartbeat_timeout_s: float = Field(_E["heartbeat_timeout_s"], description="silent worker counts as dead")
-    step_timeout_s: float = Field(_E["step_timeout_s"], description="longest single forward before hung")
-    max_restarts: int = Field(_E["max_restarts"], description="worker restarts at start-up before giving up")
-    cache_dir: str = Field(default_factory=default_cache_dir,     # $AMUSD_CACHE_DIR when the settings are made
-                           description="model cache (fetched / converted models)")
+    # ---- models (engine/config.py's verify_model / draft_model; 'default' = the fetched pair) --------
+    model: str = Field(DEFAULT_MODEL, description=_ENGINE_FIELDS["verify_model"].metadata["help"])
+    draft_model: str | None = Field(DEFAULT_MODEL, description=_ENGINE_FIELDS["draft_model"].metadata["help"])
+    # ---- every other engine setting: added from EngineConfig's fields below (_with_engine_settings) ----
 
     @field_validator("tool_call_parser")
     @classmethod
@@ -162,7 +105,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("draft_model", "verify_cores", "draft_cores", "prefill_cores", "gguf_file", "draft_gguf_file",
-                     "served_model_name", mode="before")
+                     "served_model_name", mode="before", check_fields=False)
     @classmethod
     def _none_words(cls, v: Any) -> Any:
         return None if isinstance(v, str) and v.strip().lower() in ("", "none", "null") else v
@@ -178,7 +121,7 @@ class Settings(BaseSettings):
 
     def to_engine_config(self, verify_model: str | None = None, draft_model: str | None = None) -> EngineConfig:
         """EngineConfig from these settings; pass resolved model dirs for 'default'. Raises ConfigError."""
-        kwargs = {name: getattr(self, name) for name in _E if name != "draft_model"}
+        kwargs = {name: getattr(self, name) for name in _ENGINE_FIELDS if name not in ("verify_model", "draft_model")}
         draft = draft_model if draft_model is not None else self.draft_model
         if self.mode == "ar":
             draft = None
@@ -189,6 +132,22 @@ class Settings(BaseSettings):
         d = self.model_dump()
         d["api_keys"] = f"<{len(self.api_keys)} keys>"
         return d
+
+
+def _with_engine_settings(base: type[BaseSettings]) -> type[BaseSettings]:
+    """`base` plus a field per EngineConfig setting (its type, default, help and bounds), so that
+    each engine setting is declared once, in engine/config.py."""
+    hints = typing.get_type_hints(EngineConfig)
+    fields = {}
+    for name, f in _ENGINE_FIELDS.items():
+        if name in base.model_fields or name == "verify_model":
+            continue
+        default = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        fields[name] = (hints[name], Field(**default, description=f.metadata["help"], **f.metadata["bounds"]))
+    return pydantic.create_model("Settings", __base__=base, __module__=__name__, **fields)
+
+
+Settings = _with_engine_settings(_Settings)
 
 
 def _arg_type(annotation: Any) -> tuple[Any, bool]:
