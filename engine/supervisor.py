@@ -147,6 +147,7 @@ class EngineSupervisor(WorkerRecovery):
         if plan.mode != "async":
             self._restart_as(plan.mode)
         if costs.is_disturbed:                 # the next start measures and decides again
+            self.mode_reason += " (measured while something else ran: not kept)"
             return
         verify_costs_id = self._workers["verify"].ready.runtime.get("costs_id")
         save_decision(self.requested_config, plan.mode, plan.reason, verify_costs_id)

@@ -146,4 +146,5 @@ def test_a_mode_chosen_from_disturbed_costs_is_not_kept(tmp_path, monkeypatch, v
     assert sup.mode_reason.startswith("mode auto chose async: predicted")       # no restart in either case
     decision = load_decision(sup.requested_config)
     assert (decision is not None) == is_kept
+    assert sup.mode_reason.endswith("(measured while something else ran: not kept)") != is_kept
     assert decision is None or decision == {"mode": "async", "reason": decision["reason"], "verify_costs_id": "verify-id"}
