@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-lookup-ngram", type=int, default=EngineConfig.draft_lookup_ngram,
                    help="async: the draft checks prompt-lookup guesses of up to this n-gram (0 = off)")
     p.add_argument("--draft-vocab-size", type=int, default=EngineConfig.draft_vocab_size,
-                   help="async draft: score only token ids < N plus the prompt's ids (0 = full vocabulary)")
+                   help="draft: score only token ids < N plus the running prompts' ids (0 = full vocabulary)")
     p.add_argument("--verify-lookup-ngram", type=int, default=EngineConfig.verify_lookup_ngram,
                    help="async: the verify appends n-gram guesses after the draft's tokens (0 = off)")
     p.add_argument("--prefill-cores", default="auto",

@@ -32,6 +32,7 @@ class ModelSettings(NamedTuple):
     device: str
     quantization: str
     threads: int
+    num_head_ids: int = 0               # score only ids < N (+ running prompts' ids); 0 = all (draft only)
 
 
 def default_cache_dir() -> str:
@@ -229,7 +230,7 @@ class EngineConfig:
             return ModelSettings(self.verify_model, self.gguf_file, self.verify_device, self.verify_quantization,
                                  self.verify_threads)
         return ModelSettings(self.draft_model, self.draft_gguf_file, self.draft_device, self.draft_quantization,
-                             self.draft_threads)
+                             self.draft_threads, self.draft_vocab_size)
 
     def threads_of(self, role: str) -> int | None:
         """torch threads of a worker: as set, else one per core it runs on (None: unpinned, torch's default)."""

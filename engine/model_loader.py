@@ -42,15 +42,14 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     dtype, dtype_reason = resolve_dtype(config.dtype, device, settings.quantization)
     quantization, quantization_reason = resolve_quantization(settings.quantization, device, dtype, role)
     path, gguf = resolve_model_spec(settings.model, config.cache_dir, settings.gguf_file)
-    num_head_ids = config.draft_vocab_size if role == "draft" else 0
-    model = load_causal_lm(path, gguf, device, dtype, quantization, keep_float_head=num_head_ids > 0)
+    model = load_causal_lm(path, gguf, device, dtype, quantization, keep_float_head=settings.num_head_ids > 0)
     try:
         runner = ModelRunner(model, device, config.prefill_chunk_tokens, config.prefix_caching, config.decoder)
     except ValueError as exc:
         raise ConfigError(f"{role} model {path}: {exc}") from exc
     runner.is_mapping_unknown_ids = role == "draft"     # the verify may commit ids past the draft's rows
     try:
-        runner.use_vocab_subset(num_head_ids, quantization)
+        runner.use_vocab_subset(settings.num_head_ids, quantization)
     except ValueError as exc:
         raise ConfigError(f"{role} model {path}: {exc}") from exc
     import torch
