@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from engine.hardware import nf4_unavailable_reason
+
 MODES = ("auto", "ar", "sync", "async")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
-QUANTIZATIONS = ("auto", "none", "int8", "int8-fast", "int4", "int4-mixed")   # engine/quantization.py
+QUANTIZATIONS = ("auto", "none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")   # engine/quantization.py
 SAMPLING_SCHEMES = ("coupled", "rejection")
 DECODERS = ("auto", "lean", "hf")   # engine/decoder.py
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -72,10 +74,10 @@ class EngineConfig:
     draft_device: str = setting("cpu", "cpu or cuda:N")
     dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 | float64 (auto: fp32 under CPU int8 layers, "
                                  "else bf16 where the device runs it natively, else fp32)")
-    verify_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed (auto: int8 on "
-                                               "CPU, none on CUDA; engine/quantization.py)")
-    draft_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed (auto: int8-fast "
-                                              "on CPU, none on CUDA)")
+    verify_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed | nf4 (auto: "
+                                               "int8 on CPU, none on CUDA; engine/quantization.py)")
+    draft_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed | nf4 (auto: "
+                                              "int8-fast on CPU, none on CUDA; nf4: AVX512_BF16 CPUs)")
     decoder: str = setting("auto", "auto | lean | hf: the layers that run the model (auto: amusd's lean "
                                    "Qwen2/Llama layers on CPU where supported, else transformers'; same logits)")
     # CPU placement. Defaults suit a 2-core machine. Without a draft worker (ar, sync) the verify
@@ -132,6 +134,10 @@ class EngineConfig:
         for name in ("verify_quantization", "draft_quantization"):
             if getattr(self, name) not in QUANTIZATIONS:
                 raise ConfigError(f"{name} must be one of {QUANTIZATIONS}, got {getattr(self, name)!r}")
+        for role in ("verify", "draft"):
+            reason = nf4_unavailable_reason(getattr(self, f"{role}_quantization"), getattr(self, f"{role}_device"))
+            if reason:
+                raise ConfigError(f"{role}_quantization nf4: {reason}")
         if not 0.0 < float(self.acceptance_prior) < 1.0:
             raise ConfigError(f"acceptance_prior must be in (0, 1), got {self.acceptance_prior}")
         if self.decoder not in DECODERS:

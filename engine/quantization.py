@@ -20,6 +20,8 @@ Schemes (`verify_quantization` / `draft_quantization`):
                GGUF's Q4_K tensors), `int8` for the others (its Q6_K tensors: attn_v, ffn_down, the
                output layer), so no weight is coarser than the GGUF's own. Fastest for one sequence
                on AVX-512 CPUs; for batches of 8 `int8` is (docs: "Speed on the CPU you have").
+    nf4        weight-only NF4 (blocks of 64) on bitsandbytes' CPU kernel, AVX512_BF16 CPUs only: half
+               int8's bytes per weight, for the draft (engine/quant_nf4.py).
     int8 on CUDA: weight-only `_weight_int8pack_mm` (fbgemm is CPU-only).
 
 Row independence (why a k-token verify equals k one-token forwards): every scale above belongs
@@ -39,7 +41,7 @@ import warnings
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed")
+QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
 KERNELS_VERSION = 5                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 MIN_FRACTION_ON_GRID = 0.9          # int4-mixed: a layer is 4-bit when this share of its groups lie on a grid
@@ -179,6 +181,9 @@ def _quantize_int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def make_quantized(linear: nn.Linear, scheme: str) -> nn.Module | None:
     """The quantized replacement of `linear`, or None where the kernels cannot take its shape."""
     out_features, in_features = linear.weight.shape
+    if scheme == "nf4":
+        from engine.quant_nf4 import Nf4Linear, can_take
+        return Nf4Linear(linear) if can_take(linear) else make_quantized(linear, "int8")
     if scheme in ("int4", "int4-mixed"):
         if in_features % (INT4_GROUP_SIZE * 2) or out_features % 8:
             return None if scheme == "int4" else make_quantized(linear, "int8")
@@ -253,14 +258,14 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str) -> int:
 def quantize_model(model: nn.Module, scheme: str) -> int:
     """Replace every nn.Linear the kernels support (lm_head too) in place; return how many.
 
-    CPU int8 schemes fuse q/k/v and gate/up into one call each (one activation quantization, one
+    CPU int8 schemes and nf4 fuse q/k/v and gate/up into one call each (one activation quantization, one
     kernel launch, a wider matmul); each output row still depends on its own input row only.
     """
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {scheme!r}")
     if scheme == "none":
         return 0
-    num_replaced = _fuse_shared_inputs(model, scheme) if scheme in ("int8", "int8-fast") else 0
+    num_replaced = _fuse_shared_inputs(model, scheme) if scheme in ("int8", "int8-fast", "nf4") else 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue

@@ -101,7 +101,7 @@ def test_dtype_auto_follows_native_bf16(monkeypatch, flags, expected):
 
 
 @pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx512f", "avx512_bf16"}, {"amx_bf16", "avx512f"}])
-@pytest.mark.parametrize("quantization", ["auto", "int8", "int8-fast"])
+@pytest.mark.parametrize("quantization", ["auto", "int8", "int8-fast", "nf4"])
 def test_dtype_auto_is_fp32_under_cpu_int8_layers(monkeypatch, flags, quantization):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     assert hardware.resolve_dtype("auto", "cpu", quantization)[0] == "float32"
@@ -109,9 +109,16 @@ def test_dtype_auto_is_fp32_under_cpu_int8_layers(monkeypatch, flags, quantizati
     assert hardware.resolve_dtype("bfloat16", "cpu", quantization)[0] == "bfloat16"
 
 
-def test_quantization_auto():
+def test_quantization_auto(monkeypatch):
     assert hardware.resolve_quantization("auto", "cpu", "float32", "verify")[0] == "int8"
-    assert hardware.resolve_quantization("auto", "cpu", "bfloat16", "draft")[0] == "int8-fast"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft")[0] == "int8-fast"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name: object())     # bitsandbytes "installed"
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft")[0] == "nf4"
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "verify")[0] == "int8"
+    monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name: None)
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft")[0] == "int8-fast"
     assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify")[0] == "none"
     assert hardware.resolve_quantization("auto", "cpu", "float64", "verify")[0] == "none"
     assert hardware.resolve_quantization("int4", "cpu", "float32", "verify")[0] == "int4"

@@ -1,0 +1,91 @@
+"""NF4 weight-only linears on bitsandbytes' CPU kernel: 4-bit weights read at memory speed (scheme `nf4`).
+
+    layer = Nf4Linear(linear)            # weights -> NF4, blocks of 64 along K, one bf16 absmax per block
+    y = layer(x)                         # x [..., K] any float dtype -> y [..., N] in x's dtype
+
+Why: a one-token forward on a CPU streams every weight once, so its time is bytes / bandwidth.
+fbgemm's int8 reads 1 byte per weight; NF4 reads ~0.53 (4 bits + a bf16 scale per 64). bitsandbytes'
+`gemv_4bit` CPU kernel (AVX512_BF16 builds: `gemv_4bit_inference_cpu_nf4_bf16`, any M rows despite
+its name) dequantizes in registers and runs bf16 dot products; on CPUs without AVX512_BF16,
+bitsandbytes' default implementation dequantizes the whole weight per call, which is correct but
+slow and would not read this CPU layout, so `nf4` is refused there (engine/config.py, ConfigError).
+
+Accuracy: NF4 is a 16-level normal-quantile grid scaled per block of 64; the default pair's GGUF
+weights lie on Q4_K's affine grids of 32, which NF4 does not reproduce, so `nf4` adds error on top
+of the GGUF's (teacher-forced KL: `python -m engine.quant_quality`). Meant for the draft, whose
+errors only cost acceptance; a verify under `nf4` is lossless with respect to that NF4 model.
+
+Row independence (a k-token verify equals k one-token forwards): each output row is the dot
+products of its own input row; the kernel's tiling over M does not change a row's summation order
+(tests/test_quantization.py checks bit equality).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+NF4_BLOCK_SIZE = 64
+_CPU_BLOCK_N = 32                     # bitsandbytes' CPU layout packs output channels in tiles of 32
+
+
+def import_bitsandbytes():
+    """bitsandbytes, or ImportError saying how to install it (the `nf4` extra)."""
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)      # it warns that an optional hub kernel is absent; its own kernel runs
+    try:
+        import bitsandbytes
+        from bitsandbytes import functional
+    except ImportError as exc:
+        raise ImportError("quantization 'nf4' needs bitsandbytes (the `models` extra): "
+                          "pip install bitsandbytes") from exc
+    finally:
+        quiet.setLevel(level)
+    return bitsandbytes, functional
+
+
+def can_take(linear: nn.Linear) -> bool:
+    """The kernel's layout needs N a multiple of 32 and K a multiple of the block size."""
+    out_features, in_features = linear.weight.shape
+    return out_features % _CPU_BLOCK_N == 0 and in_features % NF4_BLOCK_SIZE == 0
+
+
+class Nf4Linear(nn.Module):
+    """bitsandbytes NF4 weights (CPU-packed), bf16 activations; output in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        _, functional = import_bitsandbytes()
+        if not functional.has_avx512bf16():
+            raise RuntimeError("quantization 'nf4' runs on CPUs with AVX512_BF16 (bitsandbytes' CPU kernel); "
+                               "this CPU has none: use int8 / int8-fast")
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.out_features, self.in_features = weight.shape
+        packed, state = functional.quantize_4bit(weight, blocksize=NF4_BLOCK_SIZE, quant_type="nf4",
+                                                 compress_statistics=False)
+        packed, state = functional._convert_weight_packed_for_cpu(packed, state, _CPU_BLOCK_N)
+        self.register_buffer("packed", packed)                 # [N, K/2] uint8
+        self.register_buffer("absmax", state.absmax)           # [K/64, N] bf16
+        self.register_buffer("code", state.code)               # the 16 NF4 levels
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)                 # [M, K]
+        y = torch.ops.bitsandbytes.gemv_4bit(rows, self.packed, [self.out_features, self.in_features],
+                                             self.absmax, self.code, NF4_BLOCK_SIZE)   # [M, N] bf16
+        y = y.to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, [N, K] fp32 (for tests and quality reports)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch.ops.bitsandbytes.gemv_4bit(eye, self.packed, [self.out_features, self.in_features],
+                                                self.absmax, self.code, NF4_BLOCK_SIZE).float().t()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, scheme=nf4, block={NF4_BLOCK_SIZE}"
