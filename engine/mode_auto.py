@@ -35,7 +35,7 @@ from engine.messages import Measure, Measured, MeasureStop, WorkerFailed
 from engine.worker_handle import WorkerHandle
 
 logger = logging.getLogger("amusd.engine")
-FORMAT_VERSION = 2             # of the cached costs and decisions: bump when the cost model changes
+FORMAT_VERSION = 3             # of cached costs and decisions: bump when the cost model or a default changes
 MAX_WIDE_SLOWDOWN = 1.25      # more cores never make a forward this much slower unless something else ran
 
 
