@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from engine import hardware
 from engine.config import ConfigError, EngineConfig
 from tests.engine_helpers import random_prompts, run, start_engine, tiny_config
+from tests.test_quantization import _linear
 
 NF4_REASON = hardware.nf4_unavailable_reason("nf4", "cpu")
 needs_nf4 = pytest.mark.skipif(NF4_REASON is not None, reason=f"nf4 cannot run here: {NF4_REASON}")
-
-
-def _linear(in_features: int = 256, out_features: int = 96, bias: bool = True) -> nn.Linear:
-    torch.manual_seed(0)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-    return linear
 
 
 @needs_nf4
