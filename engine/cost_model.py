@@ -172,8 +172,8 @@ class AcceptanceEstimator:
     """
 
     def __init__(self, prior: float = DEFAULT_ACCEPTANCE_PRIOR, prior_weight: float = 8.0, decay: float = 0.98):
-        self.num_accepted = prior * prior_weight
-        self.num_rejected = (1.0 - prior) * prior_weight
+        self.prior_accepted, self.prior_rejected = prior * prior_weight, (1.0 - prior) * prior_weight
+        self.num_accepted, self.num_rejected = self.prior_accepted, self.prior_rejected
         self.decay = decay
 
     def record(self, num_proposed: int, num_accepted: int) -> None:
@@ -181,6 +181,13 @@ class AcceptanceEstimator:
             return
         self.num_accepted = self.num_accepted * self.decay + num_accepted
         self.num_rejected = self.num_rejected * self.decay + (num_accepted < num_proposed)
+
+    def fade(self) -> None:
+        """A step that checked no drafts: the evidence fades toward the prior, at the rate old
+        evidence fades anyway, so a stream that stopped checking drafts because its estimate fell
+        (async batching's wide passes) tries them again later instead of never."""
+        self.num_accepted = self.num_accepted * self.decay + (1.0 - self.decay) * self.prior_accepted
+        self.num_rejected = self.num_rejected * self.decay + (1.0 - self.decay) * self.prior_rejected
 
     @property
     def rate(self) -> float:

@@ -132,13 +132,13 @@ class Verifier:
         the sequence's budget learns the acceptance."""
         num_accepted, new_ids = seq.chooser.verify(logits, seq.output_ids, proposal, draft_probs)
         new_ids = self._truncate_at_stop(seq, new_ids)
-        seq.budget.record(len(proposal), num_accepted)
+        num_draft = min(num_draft_ids, len(proposal))
+        seq.budget.record(num_draft, min(num_accepted, num_draft))   # the draft's rate: guesses come after it
         seq.token_ids.extend(new_ids)
         logprobs = None
         if seq.params.num_logprobs is not None:
             logprobs = top_logprobs(logits[: len(new_ids)], torch.tensor(new_ids), seq.params.num_logprobs)
         stats = seq.stats
-        num_draft = min(num_draft_ids, len(proposal))
         num_committed_from_proposal = min(num_accepted, len(new_ids))
         stats.num_verify_steps += 1
         stats.num_proposed_tokens += len(proposal)

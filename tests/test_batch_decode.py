@@ -393,3 +393,21 @@ def test_the_engine_batches_sync_requests_and_each_gets_what_ar_gives(session_ca
         assert [run(ar, p, **params)[0] for p in prompts] == expected
     finally:
         ar.shutdown()
+
+
+def test_a_steps_rejected_guesses_do_not_lower_the_drafts_acceptance(model):
+    """The budget learns the draft model's rate: n-gram guesses after the draft's tokens are the
+    lookup's (a step with guesses only, all rejected, used to count as a draft rejection)."""
+    verifier = _verifier(model)
+    seq = new_sequence(_requests(model.config.vocab_size)[0], [], 512, "coupled")
+    verifier.start(seq)
+    verifier.prefill(seq)
+    with torch.inference_mode():
+        greedy = int(verifier.runner.forward([seq.token_ids[-1]])[0].argmax())
+        verifier.runner.crop(len(seq.token_ids) - 1)
+        wrong = (greedy + 1) % model.config.vocab_size
+        before = seq.budget.acceptance.rate
+        verifier.step(seq, [], [wrong, wrong])                    # guesses only, rejected
+        assert seq.budget.acceptance.rate == before and seq.stats.num_lookup_tokens == 2
+        verifier.step(seq, [wrong], [])                           # a draft token, rejected
+        assert seq.budget.acceptance.rate < before

@@ -159,3 +159,16 @@ def test_async_counts_the_step_after_a_rejection_as_one_with_nothing_to_check():
     assert async_tokens_per_s(1, 0.74, 0.106, 0.097) == pytest.approx(1.587 / (r * 0.106 + (1 - r) * 0.097), rel=1e-3)
     assert predict_tokens_per_s("async", FLAT, ForwardCosts((0.001,)), 0.74, 1) == \
         pytest.approx(async_tokens_per_s(1, 0.74, FLAT.cost(2), FLAT.cost(1)))                    # the n = 1 step wins
+
+
+def test_acceptance_fades_back_to_the_prior_while_nothing_is_checked():
+    """Async batching's wide passes check no drafts: the estimate must not freeze where it fell."""
+    estimator = AcceptanceEstimator(prior=0.7)
+    for _ in range(100):
+        estimator.record(3, 0)
+    assert estimator.rate < 0.1
+    rates = []
+    for _ in range(400):
+        estimator.fade()
+        rates.append(estimator.rate)
+    assert rates == sorted(rates) and rates[-1] == pytest.approx(0.7, abs=0.01)
