@@ -77,7 +77,7 @@ class EngineConfig:
     verify_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed | nf4 (auto: "
                                                "int8 on CPU, none on CUDA; engine/quantization.py)")
     draft_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed | nf4 (auto: "
-                                              "int8-fast on CPU, none on CUDA; nf4: AVX512_BF16 CPUs)")
+                                              "nf4 on AVX512_BF16 CPUs, else int8-fast; none on CUDA)")
     decoder: str = setting("auto", "auto | lean | hf: the layers that run the model (auto: amusd's lean "
                                    "Qwen2/Llama layers on CPU where supported, else transformers'; same logits)")
     # CPU placement. Defaults suit a 2-core machine. Without a draft worker (ar, sync) the verify
