@@ -120,7 +120,7 @@ class SharedDrafts:
         for run in runs:
             run.seq.stats.num_wide_steps += is_wide
             if is_wide:
-                run.seq.budget.acceptance.fade()          # no drafts checked: let the estimate recover
+                run.seq.budget.record_nothing_checked()   # let the estimate recover
         sizes = fit_verify_rows([len(p.draft_ids) + len(p.guess_ids) for p in proposals.values()], self.max_verify_rows)
         for proposal, size in zip(proposals.values(), sizes):
             proposal.draft_ids = proposal.draft_ids[:0 if is_wide else size]

@@ -3,6 +3,7 @@
     python -m engine.batch_cost --threads 2 [--json out.json]
     python -m engine.batch_cost --threads 2 --join      # a long prompt joins decoding streams
     python -m engine.batch_cost --threads 2 --verify-quantizations int8,int4    # the verify under each scheme
+    python -m engine.batch_cost --threads 2 --int8-kernels fbgemm,onednn          # the int8 layers on each kernel
 
 For the default pair as `quantization: auto` runs it on CPU (fp32 activations; verify int8, draft
 int8-fast): every sequence has a 300-token context in its own KV slot; each pass appends T random
@@ -19,15 +20,19 @@ import torch
 
 from engine.config import default_cache_dir
 from engine.decoder import LeanDecoder
+from engine.hardware import INT8_KERNELS, default_int8_kernel
 from engine.models import load_causal_lm, resolve_model_spec
+from engine.quantization import quantize_model
 
 CONTEXT_TOKENS = 300
 NUM_REPEATS = 6
 SHAPES = [(b, t) for t in (1, 4) for b in (1, 2, 4, 8)]
 
 
-def pass_costs_ms(path: str, quantization: str, max_batch: int = 8) -> dict[str, float]:
-    model = load_causal_lm(path, None, "cpu", "float32", quantization)
+def pass_costs_ms(path: str, quantization: str, max_batch: int = 8, int8_kernel: str | None = None) -> dict[str, float]:
+    model = load_causal_lm(path, None, "cpu", "float32")
+    with torch.inference_mode():
+        quantize_model(model, quantization, int8_kernel)
     decoder, vocab = LeanDecoder(model), model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     slots = [decoder.new_slot() for _ in range(max_batch)]
@@ -90,6 +95,8 @@ def main() -> None:
     parser.add_argument("--join", action="store_true", help="a 1000-token prompt joining 4 decoding streams")
     parser.add_argument("--verify-quantizations", default="int8",
                         help="comma-separated schemes to measure the verify under (engine/quantization.py)")
+    parser.add_argument("--int8-kernels", default=default_int8_kernel(),
+                        help=f"comma-separated kernels of the int8 layers, each measured in turn: {INT8_KERNELS}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.join:
@@ -98,10 +105,12 @@ def main() -> None:
         return
     results = {"threads": args.threads, "context_tokens": CONTEXT_TOKENS, "ms_per_pass_median": {}}
     schemes = [("verify", q) for q in args.verify_quantizations.split(",")] + [("draft", "int8-fast")]
-    for role, quantization in schemes:
-        path, _ = resolve_model_spec(f"default:{role}", default_cache_dir())
-        results["ms_per_pass_median"][f"{role} {quantization}"] = costs = pass_costs_ms(path, quantization)
-        print(role, quantization, costs, flush=True)
+    for kernel in args.int8_kernels.split(","):
+        for role, quantization in schemes:
+            path, _ = resolve_model_spec(f"default:{role}", default_cache_dir())
+            costs = pass_costs_ms(path, quantization, int8_kernel=kernel)
+            results["ms_per_pass_median"][f"{role} {quantization} {kernel}"] = costs
+            print(role, quantization, kernel, costs, flush=True)
     _write(args.json, results)
 
 

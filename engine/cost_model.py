@@ -238,3 +238,7 @@ class SpeculationBudget:
 
     def record(self, num_proposed: int, num_accepted: int) -> None:
         self.acceptance.record(num_proposed, num_accepted)
+
+    def record_nothing_checked(self) -> None:
+        """A pass that checked no drafts (an async-batch wide pass): the estimate fades toward the prior."""
+        self.acceptance.fade()

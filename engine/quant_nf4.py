@@ -83,11 +83,5 @@ class Nf4Linear(nn.Module):
             y = y + self.bias.to(dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight the kernel multiplies by, [N, K] fp32 (for tests and quality reports)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch.ops.bitsandbytes.gemv_4bit(eye, self.packed, [self.out_features, self.in_features],
-                                                self.absmax, self.code, NF4_BLOCK_SIZE).float().t()
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme=nf4, block={NF4_BLOCK_SIZE}"

@@ -5,7 +5,8 @@
 Schemes (`verify_quantization` / `draft_quantization`):
 
     none       the model's own dtype
-    int8       W8A8 on fbgemm (`quantized::linear_dynamic`), CPU. Weights int8 per output channel.
+    int8       W8A8 on CPU: fbgemm (AVX2 / AVX512-VNNI), or oneDNN's AMX int8 tiles where the CPU has
+               them (then ~16 rows cost what one does). Weights int8 per output channel.
                Activations quantized PER TOKEN in two 7-bit digits (~14 bits):
                    x[m] / s[m] = a[m] + b[m] / 126,   s[m] = max|x[m]| / 63,   a, b in [-63, 63]
                    y[m] = s[m] * (W a[m] + W b[m] / 126)           (one kernel call, rows [a; b])
@@ -41,8 +42,10 @@ import warnings
 import torch
 from torch import nn
 
+from engine.hardware import INT8_KERNELS, default_int8_kernel
+
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
-KERNELS_VERSION = 5                 # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 6                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 MIN_FRACTION_ON_GRID = 0.9          # int4-mixed: a layer is 4-bit when this share of its groups lie on a grid
 _ON_GRID_RESIDUAL = 0.1             # a group is on its grid when every weight is within 0.1 step of a level
@@ -54,19 +57,32 @@ FUSABLE_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))   
 
 
 class Int8DynamicLinear(nn.Module):
-    """fbgemm W8A8 with per-token activation scales (`num_digits` 7-bit digits per activation)."""
+    """W8A8 with per-token activation scales (`num_digits` 7-bit digits per activation).
 
-    def __init__(self, linear: nn.Linear, num_digits: int):
+    kernel: "fbgemm" (`quantized::linear_*`, AVX2 / AVX512-VNNI) or "onednn" (`onednn::qlinear_*`,
+    AMX int8 tiles: one pass over up to ~16 rows costs what one row does); None = the CPU's choice
+    (engine.hardware.default_int8_kernel). Both see the same integer rows and sum them exactly in int32.
+    """
+
+    def __init__(self, linear: nn.Linear, num_digits: int, kernel: str | None = None):
         super().__init__()
         weight = linear.weight.detach().float()
         self.out_features, self.in_features = weight.shape
         self.num_digits = num_digits
+        self.kernel = kernel or default_int8_kernel()
+        if self.kernel not in INT8_KERNELS:
+            raise ValueError(f"int8 kernel must be one of {INT8_KERNELS}, got {self.kernel!r}")
         scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0                 # [N]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")      # torch marks quantized tensor creation deprecated
-            qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long),
-                                                 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        if self.kernel == "onednn":
+            qweight = torch.clamp(torch.round(weight / scales[:, None]), -127, 127).to(torch.int8)
+            self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
+            self.weight_scales, self.weight_zero_points = scales, torch.zeros(self.out_features, dtype=torch.long)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")      # torch marks quantized tensor creation deprecated
+                qweight = torch.quantize_per_channel(weight, scales.double(),
+                                                     torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,25 +93,29 @@ class Int8DynamicLinear(nn.Module):
         scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(_DIGIT_MAX)  # [M, 1]
         scaled = x / scale
         if self.num_digits == 1:
-            y = _integer_rows_linear(scaled.round_(), self.packed)                # W a  [M, N]
+            y = self._integer_rows_linear(scaled.round_())                         # W a  [M, N]
         else:
             digits = torch.empty((2 * num_rows, self.in_features))                 # [a; b]  [2M, K]
             a = torch.round(scaled, out=digits[:num_rows])
             torch.sub(scaled, a, out=digits[num_rows:]).mul_(_DIGIT_BASE).round_()
-            out = _integer_rows_linear(digits, self.packed)                        # [W a; W b]  [2M, N]
+            out = self._integer_rows_linear(digits)                                # [W a; W b]  [2M, N]
             y = out[num_rows:].div_(_DIGIT_BASE).add_(out[:num_rows])             # W a + W b / 126
         y.mul_(scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
+    def _integer_rows_linear(self, rows: torch.Tensor) -> torch.Tensor:
+        """u8 x s8 matmul of rows of integers in [-64, 63] (fp32) -> fp32 [M, N]: scale 1, zero point 64."""
+        if self.kernel == "onednn":
+            return torch.ops.onednn.qlinear_pointwise(
+                rows.add_(_DIGIT_MAX + 1).to(torch.uint8), 1.0, _DIGIT_MAX + 1, self.packed, self.weight_scales,
+                self.weight_zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, _DIGIT_MAX + 1,
+                                                                                self.packed)
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, activation_digits={self.num_digits}"
-
-
-def _integer_rows_linear(rows: torch.Tensor, packed) -> torch.Tensor:
-    """fbgemm's u8 x s8 matmul of rows of integers in [-64, 63] (fp32) -> fp32 [M, N]: scale 1, zero point 64."""
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, _DIGIT_MAX + 1, packed)
+        return f"in={self.in_features}, out={self.out_features}, activation_digits={self.num_digits}, kernel={self.kernel}"
 
 
 class PackedWeightOnlyLinear(nn.Module):
@@ -178,22 +198,24 @@ def _quantize_int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return q, scales_and_zeros, num_on_grid
 
 
-def make_quantized(linear: nn.Linear, scheme: str) -> nn.Module | None:
-    """The quantized replacement of `linear`, or None where the kernels cannot take its shape."""
+def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = None) -> nn.Module | None:
+    """The quantized replacement of `linear`, or None where the kernels cannot take its shape.
+
+    int8_kernel: Int8DynamicLinear's kernel (None = the CPU's choice)."""
     out_features, in_features = linear.weight.shape
     if scheme == "nf4":
         from engine.quant_nf4 import Nf4Linear, can_take
-        return Nf4Linear(linear) if can_take(linear) else make_quantized(linear, "int8")
+        return Nf4Linear(linear) if can_take(linear) else make_quantized(linear, "int8", int8_kernel)
     if scheme in ("int4", "int4-mixed"):
         if in_features % (INT4_GROUP_SIZE * 2) or out_features % 8:
             return None if scheme == "int4" else make_quantized(linear, "int8")
         int4_groups = quantize_int4(linear.weight.detach())
         if scheme == "int4-mixed" and int4_groups[2] < MIN_FRACTION_ON_GRID:
-            return make_quantized(linear, "int8")                 # not 4-bit weights: keep them finer
+            return make_quantized(linear, "int8", int8_kernel)    # not 4-bit weights: keep them finer
         return PackedWeightOnlyLinear(linear, "int4", int4_groups)
     if linear.weight.is_cuda:
         return PackedWeightOnlyLinear(linear, "int8")
-    return Int8DynamicLinear(linear, num_digits=2 if scheme == "int8" else 1)
+    return Int8DynamicLinear(linear, num_digits=2 if scheme == "int8" else 1, kernel=int8_kernel)
 
 
 class SharedInputGroup:
@@ -227,7 +249,7 @@ class SliceOfGroup(nn.Module):
         return self._group.output_for(x)[..., self.start:self.stop]
 
 
-def _fuse_shared_inputs(model: nn.Module, scheme: str) -> int:
+def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None) -> int:
     """Replace each q/k/v and gate/up set of nn.Linear siblings by slices of one quantized linear."""
     num_replaced = 0
     for parent in list(model.modules()):
@@ -244,7 +266,7 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str) -> int:
                 if any(has_bias):
                     combined.bias.copy_(torch.cat([m.bias.float() if m.bias is not None else
                                                    torch.zeros(m.out_features) for m in members]))
-            fused = make_quantized(combined, scheme)
+            fused = make_quantized(combined, scheme, int8_kernel)
             if fused is None:
                 continue
             group, start = SharedInputGroup(fused), 0
@@ -255,7 +277,7 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str) -> int:
     return num_replaced
 
 
-def quantize_model(model: nn.Module, scheme: str) -> int:
+def quantize_model(model: nn.Module, scheme: str, int8_kernel: str | None = None) -> int:
     """Replace every nn.Linear the kernels support (lm_head too) in place; return how many.
 
     CPU int8 schemes and nf4 fuse q/k/v and gate/up into one call each (one activation quantization, one
@@ -265,11 +287,12 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {scheme!r}")
     if scheme == "none":
         return 0
-    num_replaced = _fuse_shared_inputs(model, scheme) if scheme in ("int8", "int8-fast", "nf4") else 0
+    fusable = scheme in ("int8", "int8-fast", "nf4")
+    num_replaced = _fuse_shared_inputs(model, scheme, int8_kernel) if fusable else 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        replacement = make_quantized(module, scheme)
+        replacement = make_quantized(module, scheme, int8_kernel)
         if replacement is None:
             continue
         parent_name, _, child_name = name.rpartition(".")

@@ -18,6 +18,14 @@ NF4_REASON = hardware.nf4_unavailable_reason("nf4", "cpu")
 needs_nf4 = pytest.mark.skipif(NF4_REASON is not None, reason=f"nf4 cannot run here: {NF4_REASON}")
 
 
+def _dequantized_weight(layer) -> torch.Tensor:
+    """The weight an Nf4Linear's kernel multiplies by, [N, K] fp32: the kernel applied to the identity."""
+    from engine.quant_nf4 import NF4_BLOCK_SIZE
+    eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
+    return torch.ops.bitsandbytes.gemv_4bit(eye, layer.packed, [layer.out_features, layer.in_features],
+                                            layer.absmax, layer.code, NF4_BLOCK_SIZE).float().t()
+
+
 @needs_nf4
 def test_each_output_row_depends_on_its_own_input_row_only():
     from engine.quantization import make_quantized
@@ -42,7 +50,7 @@ def test_layer_multiplies_by_bitsandbytes_nf4_weights():
     packed, state = functional.quantize_4bit(linear.weight.detach().to(torch.bfloat16), blocksize=NF4_BLOCK_SIZE,
                                              quant_type="nf4", compress_statistics=False)
     weight = functional.dequantize_4bit(packed, state).float()                       # [N, K]
-    stored = layer.dequantized_weight()          # the kernel's scales are bf16 (bitsandbytes' CPU layout)
+    stored = _dequantized_weight(layer)          # the kernel's scales are bf16 (bitsandbytes' CPU layout)
     assert ((stored - weight).abs() <= weight.abs() * 2 ** -7 + 1e-6).all()
     x = torch.randn(5, 256)
     with torch.inference_mode():

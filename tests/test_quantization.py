@@ -5,14 +5,19 @@ async token-identical on a quantized verify model (checked end to end in test_sp
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from engine.hardware import INT8_KERNELS
 from engine.quantization import (INT4_GROUP_SIZE, Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized,
                                  quantize_int4, quantize_model)
 
 SCHEMES = ["int8", "int8-fast", "int4", "int4-mixed"]
+SCHEME_KERNELS = [(scheme, kernel) for scheme in SCHEMES for kernel in INT8_KERNELS
+                  if kernel == INT8_KERNELS[0] or scheme.startswith("int8")]   # int4 has no int8 kernel to pick
 
 
 def _linear(in_features: int = 256, out_features: int = 96, bias: bool = True) -> nn.Linear:
@@ -23,9 +28,9 @@ def _linear(in_features: int = 256, out_features: int = 96, bias: bool = True) -
     return linear
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_each_output_row_depends_on_its_own_input_row_only(scheme):
-    layer = make_quantized(_linear(), scheme)
+@pytest.mark.parametrize("scheme, kernel", SCHEME_KERNELS)
+def test_each_output_row_depends_on_its_own_input_row_only(scheme, kernel):
+    layer = make_quantized(_linear(), scheme, kernel)
     torch.manual_seed(1)
     x = torch.randn(9, 256) * torch.logspace(-2, 1, 9)[:, None]    # rows of very different magnitudes
     with torch.inference_mode():
@@ -56,13 +61,15 @@ def test_two_digits_are_more_accurate_than_one():
     assert errors[2] < errors[1] / 2
 
 
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
 @pytest.mark.parametrize("num_digits", [1, 2])
-def test_int8_layer_computes_its_documented_digits_exactly(num_digits):
+def test_int8_layer_computes_its_documented_digits_exactly(num_digits, kernel):
     """y[m] = s[m] * (W a[m] + W b[m] / 126) * w_scale, from the integer weights: the digits reach
-    the kernel unchanged (scale 1, zero point 64), whatever the other rows hold."""
-    layer = Int8DynamicLinear(_linear(), num_digits)
-    qweight, _ = torch.ops.quantized.linear_unpack(layer.packed)
-    weight = qweight.int_repr().double() * qweight.q_per_channel_scales()[:, None]         # [N, K]
+    the kernel unchanged (scale 1, zero point 64), whatever the other rows hold, on either kernel."""
+    linear = _linear()
+    layer = Int8DynamicLinear(linear, num_digits, kernel)
+    w_scale = linear.weight.detach().abs().amax(dim=1, keepdim=True) / 127                 # [N, 1]
+    weight = torch.round(linear.weight.detach() / w_scale).double() * w_scale.double()     # [N, K]
     x = torch.randn(5, 256) * torch.logspace(-2, 1, 5)[:, None]
     scale = x.abs().amax(dim=1, keepdim=True) / 63                       # the digits in fp32, as the layer
     a = torch.round(x / scale)
@@ -158,3 +165,31 @@ def test_quant_quality_compares_each_scheme_with_the_first(tmp_path):
     none, again, fast = compare_schemes(path, ["none", "none", "int8-fast"], ids)
     assert none["argmax_agreement"] == again["argmax_agreement"] == 1.0 and again["mean_kl"] == 0.0
     assert fast["mean_kl"] > 0.0 and 0.5 < fast["argmax_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "fbgemm"), ({"avx512f", "avx512_vnni"}, "fbgemm"),
+                                             ({"avx512_vnni", "amx_bf16", "amx_int8"}, "onednn")])
+def test_int8_layers_take_onednn_where_the_cpu_has_amx_int8(monkeypatch, flags, expected):
+    from engine import hardware
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert hardware.default_int8_kernel() == expected
+    assert Int8DynamicLinear(_linear(), 1).kernel == expected
+    with pytest.raises(ValueError, match="int8 kernel"):
+        Int8DynamicLinear(_linear(), 1, "mkl")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-fast"])
+def test_both_int8_kernels_give_one_model_the_same_outputs(scheme):
+    """The kernels sum the same integer rows exactly; only the fp32 epilogue may round differently."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64))
+    model.config = None
+    x = torch.randn(7, 128)
+    outputs = []
+    for kernel in INT8_KERNELS:
+        quantized = copy.deepcopy(model)
+        quantize_model(quantized, scheme, int8_kernel=kernel)
+        assert all(m.kernel == kernel for m in quantized if isinstance(m, Int8DynamicLinear))
+        with torch.inference_mode():
+            outputs.append(quantized(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
