@@ -42,7 +42,8 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     dtype, dtype_reason = resolve_dtype(config.dtype, device, settings.quantization)
     quantization, quantization_reason = resolve_quantization(settings.quantization, device, dtype, role)
     path, gguf = resolve_model_spec(settings.model, config.cache_dir, settings.gguf_file)
-    model = load_causal_lm(path, gguf, device, dtype, quantization, keep_float_head=settings.num_head_ids > 0)
+    model = load_causal_lm(path, gguf, device, dtype, quantization, keep_float_head=settings.num_head_ids > 0,
+                           is_draft=role == "draft")
     try:
         runner = ModelRunner(model, device, config.prefill_chunk_tokens, config.prefix_caching, config.decoder)
     except ValueError as exc:

@@ -43,11 +43,12 @@ def resolve_model_spec(spec: str, cache_dir: str, gguf_file: str | None = None) 
 
 
 def load_causal_lm(path: str, gguf_file: str | None, device: str, dtype: str, quantization: str = "none",
-                   keep_float_head: bool = False):
+                   keep_float_head: bool = False, is_draft: bool = False):
     """Load a causal LM in `dtype` (concrete, not "auto") on `device`, then quantize its linears.
 
     keep_float_head: keep the output matrix in float (`amusd_float_head`, bf16 when untied: the
-    checkpoint's own precision) for a draft vocabulary subset (engine/draft_head.py)."""
+    checkpoint's own precision) for a draft vocabulary subset (engine/draft_head.py). is_draft: the
+    layers need not be row-independent (engine/quant_nf4.py: Nf4WithWideTwin)."""
     from transformers import AutoModelForCausalLM
 
     from engine.quantization import quantize_model
@@ -61,7 +62,7 @@ def load_causal_lm(path: str, gguf_file: str | None, device: str, dtype: str, qu
     if keep_float_head and not is_tied and quantization != "none":
         model.amusd_float_head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
     with torch.inference_mode():
-        quantize_model(model, quantization)
+        quantize_model(model, quantization, is_draft=is_draft)
     return model
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 NF4_BLOCK_SIZE = 64
+MAX_NF4_ROWS_BESIDE_AMX = 4           # a draft call with more rows takes its AMX int8 twin (measured below)
 _CPU_BLOCK_N = 32                     # bitsandbytes' CPU layout packs output channels in tiles of 32
 
 
@@ -85,3 +86,26 @@ class Nf4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme=nf4, block={NF4_BLOCK_SIZE}"
+
+
+class Nf4WithWideTwin(nn.Module):
+    """A draft linear on AMX CPUs: NF4 for calls of up to `max_nf4_rows` rows, an int8 twin above.
+
+    bitsandbytes' kernel grows with the rows where oneDNN's AMX int8 stays nearly flat: the 0.5B
+    draft (300-token contexts, 2 threads, Xeon with AMX; `batch-cost-draft-nf4-vs-int8fast-onednn-amx.json`)
+    costs 29 / 45 / 77 ms for 1 / 4 / 8 sequences x 1 token and 231 ms for 8 x 4 under NF4, against
+    37 / 45 / 52 and 76 ms under `int8-fast`. So one-row draft steps read NF4's half bytes while
+    batches and prefills take the twin (twice the draft's weight memory). A row's output then depends
+    on how many rows share its call, so this is for the draft only: its q is kept from the very pass
+    that sampled each token (never recomputed), so rejection sampling stays exact; a verify needs
+    row independence and never gets a twin.
+    """
+
+    def __init__(self, nf4: Nf4Linear, wide: nn.Module, max_nf4_rows: int = MAX_NF4_ROWS_BESIDE_AMX):
+        super().__init__()
+        self.nf4, self.wide, self.max_nf4_rows = nf4, wide, max_nf4_rows
+        self.out_features, self.in_features = nf4.out_features, nf4.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_rows = x.numel() // self.in_features
+        return (self.nf4 if num_rows <= self.max_nf4_rows else self.wide)(x)

@@ -45,7 +45,7 @@ from torch import nn
 from engine.hardware import INT8_KERNELS, default_int8_kernel
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
-KERNELS_VERSION = 6                 # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 7                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 MIN_FRACTION_ON_GRID = 0.9          # int4-mixed: a layer is 4-bit when this share of its groups lie on a grid
 _ON_GRID_RESIDUAL = 0.1             # a group is on its grid when every weight is within 0.1 step of a level
@@ -198,14 +198,20 @@ def _quantize_int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return q, scales_and_zeros, num_on_grid
 
 
-def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = None) -> nn.Module | None:
+def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = None,
+                   is_draft: bool = False) -> nn.Module | None:
     """The quantized replacement of `linear`, or None where the kernels cannot take its shape.
 
-    int8_kernel: Int8DynamicLinear's kernel (None = the CPU's choice)."""
+    int8_kernel: Int8DynamicLinear's kernel (None = the CPU's choice). is_draft: a draft's `nf4`
+    layers get an `int8-fast` twin for wide calls where that kernel is oneDNN's AMX one."""
     out_features, in_features = linear.weight.shape
     if scheme == "nf4":
-        from engine.quant_nf4 import Nf4Linear, can_take
-        return Nf4Linear(linear) if can_take(linear) else make_quantized(linear, "int8", int8_kernel)
+        from engine.quant_nf4 import Nf4Linear, Nf4WithWideTwin, can_take
+        if not can_take(linear):
+            return make_quantized(linear, "int8", int8_kernel)
+        if is_draft and (int8_kernel or default_int8_kernel()) == "onednn":
+            return Nf4WithWideTwin(Nf4Linear(linear), make_quantized(linear, "int8-fast", int8_kernel))
+        return Nf4Linear(linear)
     if scheme in ("int4", "int4-mixed"):
         if in_features % (INT4_GROUP_SIZE * 2) or out_features % 8:
             return None if scheme == "int4" else make_quantized(linear, "int8")
@@ -249,7 +255,7 @@ class SliceOfGroup(nn.Module):
         return self._group.output_for(x)[..., self.start:self.stop]
 
 
-def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None) -> int:
+def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None, is_draft: bool) -> int:
     """Replace each q/k/v and gate/up set of nn.Linear siblings by slices of one quantized linear."""
     num_replaced = 0
     for parent in list(model.modules()):
@@ -266,7 +272,7 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None) 
                 if any(has_bias):
                     combined.bias.copy_(torch.cat([m.bias.float() if m.bias is not None else
                                                    torch.zeros(m.out_features) for m in members]))
-            fused = make_quantized(combined, scheme, int8_kernel)
+            fused = make_quantized(combined, scheme, int8_kernel, is_draft)
             if fused is None:
                 continue
             group, start = SharedInputGroup(fused), 0
@@ -277,7 +283,7 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None) 
     return num_replaced
 
 
-def quantize_model(model: nn.Module, scheme: str, int8_kernel: str | None = None) -> int:
+def quantize_model(model: nn.Module, scheme: str, int8_kernel: str | None = None, is_draft: bool = False) -> int:
     """Replace every nn.Linear the kernels support (lm_head too) in place; return how many.
 
     CPU int8 schemes and nf4 fuse q/k/v and gate/up into one call each (one activation quantization, one
@@ -288,11 +294,11 @@ def quantize_model(model: nn.Module, scheme: str, int8_kernel: str | None = None
     if scheme == "none":
         return 0
     fusable = scheme in ("int8", "int8-fast", "nf4")
-    num_replaced = _fuse_shared_inputs(model, scheme, int8_kernel) if fusable else 0
+    num_replaced = _fuse_shared_inputs(model, scheme, int8_kernel, is_draft) if fusable else 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        replacement = make_quantized(module, scheme, int8_kernel)
+        replacement = make_quantized(module, scheme, int8_kernel, is_draft)
         if replacement is None:
             continue
         parent_name, _, child_name = name.rpartition(".")

@@ -72,6 +72,26 @@ def test_shapes_the_kernel_cannot_take_stay_int8():
     assert isinstance(make_quantized(_linear(96, 64), "nf4"), Int8DynamicLinear)       # K % 64
 
 
+@needs_nf4
+def test_a_draft_on_amx_takes_its_int8_twin_for_wide_calls_only():
+    """Draft nf4 layers beside oneDNN: NF4 for up to MAX_NF4_ROWS_BESIDE_AMX rows, int8-fast above,
+    each bit for bit; a verify (is_draft False) and a draft beside fbgemm get plain NF4 layers."""
+    from engine.quant_nf4 import MAX_NF4_ROWS_BESIDE_AMX, Nf4Linear, Nf4WithWideTwin
+    from engine.quantization import Int8DynamicLinear, make_quantized
+    linear = _linear(256, 96)
+    twin = make_quantized(linear, "nf4", "onednn", is_draft=True)
+    assert isinstance(twin, Nf4WithWideTwin)
+    assert isinstance(make_quantized(linear, "nf4", "onednn"), Nf4Linear)
+    assert isinstance(make_quantized(linear, "nf4", "fbgemm", is_draft=True), Nf4Linear)
+    nf4, int8_fast = Nf4Linear(linear), Int8DynamicLinear(linear, 1, "onednn")
+    x = torch.randn(1, 2 * MAX_NF4_ROWS_BESIDE_AMX, 256)
+    with torch.inference_mode():
+        for num_rows in (1, MAX_NF4_ROWS_BESIDE_AMX, MAX_NF4_ROWS_BESIDE_AMX + 1, 2 * MAX_NF4_ROWS_BESIDE_AMX):
+            rows = x[:, :num_rows]
+            expected = (nf4 if num_rows <= MAX_NF4_ROWS_BESIDE_AMX else int8_fast)(rows)
+            assert torch.equal(twin(rows), expected), f"{num_rows} rows took the other kernel"
+
+
 def test_nf4_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(ConfigError, match="draft_quantization nf4: a CPU scheme"):
         EngineConfig(verify_model="v", draft_model="d", draft_quantization="nf4", draft_device="cuda:0")
