@@ -56,12 +56,44 @@ _DIGIT_BASE = 2 * _DIGIT_MAX        # second digit resolution: 1/126 of the firs
 FUSABLE_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))   # Llama / Qwen / Mistral names
 
 
+class FbgemmRowsMatmul:
+    """fbgemm's u8 x s8 matmul (AVX2 / AVX512-VNNI) of integer rows by `weight` [N, K] in int8 per channel."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # torch marks quantized tensor creation deprecated
+            qweight = torch.quantize_per_channel(weight, scales.double(),
+                                                 torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, _DIGIT_MAX + 1,
+                                                                                self.packed)
+
+
+class OnednnRowsMatmul:
+    """oneDNN's u8 x s8 matmul (AMX int8 tiles where present) of integer rows by `weight` in int8 per channel."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        qweight = torch.clamp(torch.round(weight / scales[:, None]), -127, 127).to(torch.int8)   # [N, K]
+        self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
+        self.scales, self.zero_points = scales, torch.zeros(len(scales), dtype=torch.long)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(rows.add_(_DIGIT_MAX + 1).to(torch.uint8), 1.0, _DIGIT_MAX + 1,
+                                                  self.packed, self.scales, self.zero_points, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+
+
+ROWS_MATMULS = {"fbgemm": FbgemmRowsMatmul, "onednn": OnednnRowsMatmul}
+
+
 class Int8DynamicLinear(nn.Module):
     """W8A8 with per-token activation scales (`num_digits` 7-bit digits per activation).
 
-    kernel: "fbgemm" (`quantized::linear_*`, AVX2 / AVX512-VNNI) or "onednn" (`onednn::qlinear_*`,
-    AMX int8 tiles: one pass over up to ~16 rows costs what one row does); None = the CPU's choice
-    (engine.hardware.default_int8_kernel). Both see the same integer rows and sum them exactly in int32.
+    kernel: "fbgemm" or "onednn" (AMX int8 tiles: one pass over up to ~16 rows costs what one row
+    does); None = the CPU's choice (engine.hardware.default_int8_kernel). Both get the same integer
+    rows (scale 1, zero point 64) and sum them exactly in int32.
     """
 
     def __init__(self, linear: nn.Linear, num_digits: int, kernel: str | None = None):
@@ -73,16 +105,7 @@ class Int8DynamicLinear(nn.Module):
         if self.kernel not in INT8_KERNELS:
             raise ValueError(f"int8 kernel must be one of {INT8_KERNELS}, got {self.kernel!r}")
         scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0                 # [N]
-        if self.kernel == "onednn":
-            qweight = torch.clamp(torch.round(weight / scales[:, None]), -127, 127).to(torch.int8)
-            self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
-            self.weight_scales, self.weight_zero_points = scales, torch.zeros(self.out_features, dtype=torch.long)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")      # torch marks quantized tensor creation deprecated
-                qweight = torch.quantize_per_channel(weight, scales.double(),
-                                                     torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-                self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.integer_rows_matmul = ROWS_MATMULS[self.kernel](weight, scales)      # rows [M, K] -> [M, N] fp32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,26 +116,17 @@ class Int8DynamicLinear(nn.Module):
         scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(_DIGIT_MAX)  # [M, 1]
         scaled = x / scale
         if self.num_digits == 1:
-            y = self._integer_rows_linear(scaled.round_())                         # W a  [M, N]
+            y = self.integer_rows_matmul(scaled.round_())                          # W a  [M, N]
         else:
             digits = torch.empty((2 * num_rows, self.in_features))                 # [a; b]  [2M, K]
             a = torch.round(scaled, out=digits[:num_rows])
             torch.sub(scaled, a, out=digits[num_rows:]).mul_(_DIGIT_BASE).round_()
-            out = self._integer_rows_linear(digits)                                # [W a; W b]  [2M, N]
+            out = self.integer_rows_matmul(digits)                                 # [W a; W b]  [2M, N]
             y = out[num_rows:].div_(_DIGIT_BASE).add_(out[:num_rows])             # W a + W b / 126
         y.mul_(scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
-
-    def _integer_rows_linear(self, rows: torch.Tensor) -> torch.Tensor:
-        """u8 x s8 matmul of rows of integers in [-64, 63] (fp32) -> fp32 [M, N]: scale 1, zero point 64."""
-        if self.kernel == "onednn":
-            return torch.ops.onednn.qlinear_pointwise(
-                rows.add_(_DIGIT_MAX + 1).to(torch.uint8), 1.0, _DIGIT_MAX + 1, self.packed, self.weight_scales,
-                self.weight_zero_points, None, 1.0, 0, torch.float32, "none", [], "")
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows, 1.0, _DIGIT_MAX + 1,
-                                                                                self.packed)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, activation_digits={self.num_digits}, kernel={self.kernel}"
