@@ -80,6 +80,7 @@ class OnednnRowsMatmul:
         self.scales, self.zero_points = scales, torch.zeros(len(scales), dtype=torch.long)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: integers in [-64, 63] as fp32, shifted in place to u8 (the caller's scratch tensor)."""
         return torch.ops.onednn.qlinear_pointwise(rows.add_(_DIGIT_MAX + 1).to(torch.uint8), 1.0, _DIGIT_MAX + 1,
                                                   self.packed, self.scales, self.zero_points, None, 1.0, 0,
                                                   torch.float32, "none", [], "")
@@ -228,7 +229,7 @@ def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = Non
         return Nf4Linear(linear)
     if scheme in ("int4", "int4-mixed"):
         if in_features % (INT4_GROUP_SIZE * 2) or out_features % 8:
-            return None if scheme == "int4" else make_quantized(linear, "int8")
+            return None if scheme == "int4" else make_quantized(linear, "int8", int8_kernel)
         int4_groups = quantize_int4(linear.weight.detach())
         if scheme == "int4-mixed" and int4_groups[2] < MIN_FRACTION_ON_GRID:
             return make_quantized(linear, "int8", int8_kernel)    # not 4-bit weights: keep them finer
