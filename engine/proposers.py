@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.decoding import Sequence, sync_cache
+from engine.decoding import Sequence
 from engine.messages import TokensOut
 from engine.models import ModelRunner
 from engine.ngram import LookupBudget, propose_from_ngrams
@@ -54,8 +54,11 @@ class NoProposer:
 
 class LocalDraftProposer(NoProposer):
     """`sync`: the draft model in this process drafts k tokens (k from the cost model, or fixed),
-    one forward each; after the step its cache is brought back to the committed prefix (crop, plus
-    the one accepted-but-unfed token when all drafts were accepted)."""
+    one forward each; after the step its cache is cropped to the committed prefix. What it then
+    lacks (the last draft token, never fed, when all were accepted; accepted guesses) is fed with
+    the pending token in the next step's first forward, not in a forward of its own."""
+
+    MAX_LAG_IN_ONE_FORWARD = 64           # a longer lag (many steps without drafting) is prefilled in chunks
 
     def __init__(self, drafter: ModelRunner):
         self.drafter = drafter
@@ -69,20 +72,31 @@ class LocalDraftProposer(NoProposer):
         num_draft = min(seq.budget.num_to_draft(), seq.max_len - seq.num_committed - 1)
         draft_ids: list[int] = []
         q_rows = []
-        pending, output_ids = seq.token_ids[-1], seq.output_ids
+        output_ids = seq.output_ids
+        feed = self._lag(seq) if num_draft > 0 else []          # what the cache lacks, the pending token last
         for _ in range(max(0, num_draft)):
             seq.stats.num_draft_forwards += 1
-            logits = self.drafter.forward([pending], last_only=True)                 # [1, V]
+            logits = self.drafter.forward(feed, last_only=True)                      # [1, V]
             token, q = seq.chooser.draft(logits, output_ids + draft_ids)
-            pending = int(token[0])
-            draft_ids.append(pending)
+            draft_ids.append(int(token[0]))
+            feed = draft_ids[-1:]
             if q is not None:
                 q_rows.append(q)
         seq.stats.draft_busy_s += time.perf_counter() - start
         return Proposal(num_draft, draft_ids, draft_probs=torch.cat(q_rows) if q_rows else None)
 
+    def _lag(self, seq: Sequence) -> list[int]:
+        """The committed tokens the draft cache lacks (it holds a prefix of them), the pending one last."""
+        lag = seq.token_ids[self.drafter.num_cached:]
+        if len(lag) > self.MAX_LAG_IN_ONE_FORWARD:
+            self.drafter.prefill(seq.token_ids)                 # chunked; keeps the cached prefix
+            lag = seq.token_ids[-1:]
+        return lag
+
     def observe(self, seq: Sequence, proposal: Proposal, out: TokensOut) -> None:
-        sync_cache(self.drafter, seq.token_ids)
+        """The cache held the committed prefix + the pending token + draft tokens 1..k-1, and the
+        accepted ones match what was committed: keep at most token_ids[:-1]."""
+        self.drafter.crop(seq.num_committed - 1)
         count_local_rollback(seq, proposal, out)
 
     def finish(self, seq: Sequence) -> None:
