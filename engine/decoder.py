@@ -163,7 +163,7 @@ class LeanDecoder:
         weight = self.stack.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.rotary_capacity = 0
-        self.cos = self.sin = None                   # [rotary_capacity, D] rotary tables
+        self.cos = self.sin = None                   # [rotary_capacity, D] rotary tables (sin sign-folded)
         self.kv = self.new_slot()
 
     def new_slot(self) -> KVSlot:
@@ -186,7 +186,10 @@ class LeanDecoder:
         capacity = max(num_tokens, 2 * self.rotary_capacity, MIN_KV_CAPACITY)
         positions = torch.arange(capacity, device=self.device).view(1, -1)
         cos, sin = self.stack.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
-        self.cos, self.sin = cos[0], sin[0]          # each entry is HF's own for that position
+        half = cos.shape[-1] // 2
+        # HF: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]. Here: x*cos + roll(x)*sin_signed,
+        # roll(x) = [x2, x1], sin_signed = [-s1, s2]: the same products (x2*(-s1) == -x2*s1), fewer ops.
+        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         self.rotary_capacity = capacity
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -214,15 +217,14 @@ class LeanDecoder:
                  torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
                  for start, n in zip(starts, lengths)]
         offsets = [sum(lengths[:i]) for i in range(len(rows))]
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_width, num_qk_heads, half_dim = self.num_heads * self.head_dim, self.num_heads + self.num_kv_heads, self.head_dim // 2
         for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj, scaling) in enumerate(self.layers):
             residual = hidden
             qkv = qkv_proj(norm1(hidden))                                         # [1, N, Hq*D + 2*Hkv*D]
-            q = qkv[..., :q_width].view(1, num_rows, -1, self.head_dim).transpose(1, 2)          # [1, Hq, N, D]
-            k = qkv[..., q_width:q_width + kv_width].view(1, num_rows, -1, self.head_dim).transpose(1, 2)
-            v = qkv[..., q_width + kv_width:].view(1, num_rows, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            heads = qkv.view(1, num_rows, -1, self.head_dim).transpose(1, 2)      # [1, Hq + 2*Hkv, N, D]
+            qk = heads[:, :num_qk_heads]                                          # q and k: one rotation
+            qk = qk * cos + torch.roll(qk, half_dim, dims=-1) * sin
+            q, k, v = qk[:, :self.num_heads], qk[:, self.num_heads:], heads[:, num_qk_heads:]   # [1, Hq|Hkv, N, D]
             attn = []
             for (slot, _), start, num_new, offset, mask in zip(rows, starts, lengths, offsets, masks):
                 end, new = start + num_new, slice(offset, offset + num_new)
@@ -246,7 +248,3 @@ class LeanDecoder:
 def _packed(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
