@@ -193,3 +193,19 @@ def test_both_int8_kernels_give_one_model_the_same_outputs(scheme):
         with torch.inference_mode():
             outputs.append(quantized(x))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_cost_times_one_layer_under_every_kernel(monkeypatch):
+    """engine/matmul_cost.py compares like with like: every kernel computes the same layer."""
+    from engine import matmul_cost
+    linear = nn.Linear(256, 96, bias=False)
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        reference = linear(x)
+        for name, kernel in matmul_cost.layer_kernels(linear).items():
+            error = (kernel(x) - reference).abs().max() / reference.abs().max()
+            assert error < (0.05 if name == "int8-fast" else 0.01), name
+    monkeypatch.setattr(matmul_cost, "NUM_CALLS", 2)
+    costs = matmul_cost.layer_costs(64, 32)
+    assert set(costs) == {"int8", "int8-fast", "int8-wo", "fp32"}
+    assert all(set(by_rows) == set(matmul_cost.ROWS) and min(by_rows.values()) > 0 for by_rows in costs.values())
