@@ -32,12 +32,17 @@ class CountingRunner(ModelRunner):
         return super().forward(token_ids, last_only)
 
 
-def _run(model, proposer, request: StartRequest, num_fixed: int | None = None):
+def _run(model, proposer, request: StartRequest, num_fixed: int = 0, after_step=lambda seq: None):
+    """run_decode with a fixed k (0: the cost model's); after_step(seq) runs after every step."""
     seq = new_sequence(request, [], MAX_MODEL_LEN, "coupled")
     tokens = []
-    budget = SpeculationBudget(None, 8, num_fixed=num_fixed) if num_fixed else SpeculationBudget(None, 8)
-    run_decode(seq, Verifier(ModelRunner(model, "cpu", decoder_impl="lean"), budget), proposer,
-               lambda out: tokens.extend(out.token_ids), lambda: False)
+
+    def emit(out):
+        tokens.extend(out.token_ids)
+        after_step(seq)
+
+    verifier = Verifier(ModelRunner(model, "cpu", decoder_impl="lean"), SpeculationBudget(None, 8, num_fixed=num_fixed))
+    run_decode(seq, verifier, proposer, emit, lambda: False)
     return seq, tokens
 
 
@@ -65,25 +70,13 @@ def test_sync_rolls_the_draft_back_to_committed_tokens_only(model, draft_model, 
     request = _request(model.config.vocab_size, seed, params)
     _, ar_tokens = _run(model, NoProposer(), request)
     drafter = ModelRunner(draft_model, "cpu", decoder_impl="lean")
-    proposer = LocalDraftProposer(drafter)
-    seq = new_sequence(request, [], MAX_MODEL_LEN, "coupled")
-    verifier = Verifier(ModelRunner(model, "cpu", decoder_impl="lean"), SpeculationBudget(None, 8, num_fixed=3))
-    tokens = []
 
-    def emit(out):
-        tokens.extend(out.token_ids)
+    def check_draft_cache(seq):
         # after every step the draft cache holds a prefix of the committed tokens, short of the pending one
         assert drafter.num_cached <= seq.num_committed - 1
         assert drafter.cached_ids == seq.token_ids[:drafter.num_cached]
 
-    verifier.start(seq)
-    proposer.start(seq)
-    verifier.prefill(seq)
-    while seq.finish_reason is None:
-        proposal = proposer.propose(seq)
-        out = verifier.step(seq, proposal.draft_ids, proposal.guess_ids, proposal.draft_probs)
-        proposer.observe(seq, proposal, out)
-        emit(out)
+    seq, tokens = _run(model, LocalDraftProposer(drafter), request, num_fixed=3, after_step=check_draft_cache)
     assert tokens == ar_tokens
     assert seq.stats.num_rollbacks > 0 and seq.stats.num_accepted_tokens > 0
 
