@@ -7,10 +7,10 @@ The default verify's two largest shapes (Qwen2.5-1.5B: the fused gate/up 1536 ->
 
     int8        Int8DynamicLinear, two 7-bit activation digits (the verify's scheme)
     int8-fast   Int8DynamicLinear, one digit (the draft's)
-    int8-wo     aten's weight-only `_weight_int8pack_mm` (fp32 activations; CUDA's int8 scheme)
+    int8-wo     PackedWeightOnlyLinear: aten's weight-only `_weight_int8pack_mm`, bf16 activations (CUDA's int8)
     fp32        nn.Linear
 
-It also prints each call's effective weight bandwidth at M = 1 (int8 bytes / time): when a kernel runs
+The JSON also holds each kernel's effective bandwidth at M = 1 (int8 weight bytes / time): when a kernel runs
 at the machine's memory speed there, its one-token cost is the bytes it reads, and a pass over more
 tokens costs little more only where the kernel has compute to spare (what speculation relies on).
 """
@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from engine.quantization import Int8DynamicLinear
+from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear
 
 SHAPES = [(1536, 17920), (8960, 1536)]           # (in, out)
 ROWS = (1, 2, 4, 8)
@@ -43,12 +43,9 @@ def median_ms(fn, x: torch.Tensor) -> float:
 
 
 def layer_kernels(linear: nn.Linear) -> dict:
-    """The same layer under each kernel: name -> x [M, in] -> y [M, out] (fp32)."""
-    weight = linear.weight.detach()
-    scales = weight.abs().amax(dim=1) / 127.0
-    int8_weight = torch.round(weight / scales[:, None]).to(torch.int8)
+    """The same layer under each kernel: name -> x [M, in] -> y [M, out]."""
     return {"int8": Int8DynamicLinear(linear, 2), "int8-fast": Int8DynamicLinear(linear, 1),
-            "int8-wo": lambda x: torch.ops.aten._weight_int8pack_mm(x, int8_weight, scales), "fp32": linear}
+            "int8-wo": PackedWeightOnlyLinear(linear, "int8"), "fp32": linear}
 
 
 def layer_costs(in_features: int, out_features: int) -> dict[str, dict[int, float]]:
