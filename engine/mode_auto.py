@@ -12,8 +12,8 @@ workers' cores. So, with both workers of an async start up and idle (supervisor 
 
 ~10 s on the default pair's first start; the result is cached in <cache_dir>/costs/mode-<hash>.json,
 keyed by what both workers' start-up costs depended on (their `costs_id`s) and the cores, unless the
-verify ran slower on all cores than alone on its own (something else was running: used now, marked
-`is_disturbed`, and neither they nor the mode chosen from them are kept).
+verify ran slower on all cores than alone on its own twice in a row (something else was running: used
+now, marked `is_disturbed`, and neither they nor the mode chosen from them are kept).
 
 The decision itself is kept too, unless its costs were disturbed (costs/mode-decision-<hash of the
 configuration>.json, with the verify worker's `costs_id` in the chosen mode): a later start with the
@@ -64,13 +64,24 @@ def measure_mode_costs(workers: dict[str, WorkerHandle], config: EngineConfig, r
     for role in ("verify", "draft"):
         workers[role].cmd_queue.put(Measure("wide"))
         _await(workers, f"{role}_wide", measured, receive, config.step_timeout_s)
-    if verify.cost(1) >= MIN_GUARDED_S and measured["verify_wide"][0] > MAX_WIDE_SLOWDOWN * verify.cost(1):
+    if _looks_disturbed(verify, measured):          # a passing blip? measure once more, keep the faster
+        first = measured.pop("verify_wide")
+        workers["verify"].cmd_queue.put(Measure("wide"))
+        _await(workers, "verify_wide", measured, receive, config.step_timeout_s)
+        measured["verify_wide"] = [min(a, b) for a, b in zip(first, measured["verify_wide"])]
+    if _looks_disturbed(verify, measured):
         logger.warning("mode auto: the verify measured slower on all cores (%.1f ms) than alone on its own "
                        "(%.1f ms): something else was running; these costs are used now but not cached",
                        measured["verify_wide"][0] * 1e3, verify.cost(1) * 1e3)
         return dataclasses.replace(_mode_costs(verify, draft, measured), is_disturbed=True)
     _write_json(path, {"seconds": measured})
     return _mode_costs(verify, draft, measured)
+
+
+def _looks_disturbed(verify: ForwardCosts, measured: dict[str, list[float]]) -> bool:
+    """The verify ran slower on all cores than alone on its own: more cores never do that unless
+    something else ran (forwards under MIN_GUARDED_S are timer jitter, not checked)."""
+    return verify.cost(1) >= MIN_GUARDED_S and measured["verify_wide"][0] > MAX_WIDE_SLOWDOWN * verify.cost(1)
 
 
 def load_decision(config: EngineConfig) -> dict | None:

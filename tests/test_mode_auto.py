@@ -84,18 +84,31 @@ def test_mode_auto_says_when_its_choice_does_not_batch(tmp_path):
     assert EngineSupervisor(_config(tmp_path, max_num_seqs=1))._batching_note("async") == ""
 
 
-def test_wide_costs_slower_than_one_core_alone_are_used_but_not_cached(tmp_path):
+def test_wide_costs_slower_than_one_core_alone_twice_are_used_but_not_cached(tmp_path):
     """Something else ran while measuring (another server starting): keeping those costs would make
     every later start of this pair decide with them."""
     workers = {"verify": FakeWorker("verify", [0.08, 0.09]), "draft": FakeWorker("draft", [0.04])}
     answers = [Measured("verify", "together", [0.1, 0.11]), Measured("draft", "together", [0.05]),
-               Measured("verify", "wide", [0.3, 0.3]), Measured("draft", "wide", [0.03])]
+               Measured("verify", "wide", [0.3, 0.3]), Measured("draft", "wide", [0.03]),
+               Measured("verify", "wide", [0.4, 0.2])]            # measured again: still slow at one token
     replies = iter(answers)
     costs = measure_mode_costs(workers, _config(tmp_path), lambda timeout_s: next(replies))
-    assert costs.verify_wide.seconds == (0.3, 0.3) and costs.is_disturbed
+    assert costs.verify_wide.seconds == (0.3, 0.2) and costs.is_disturbed      # the faster of the two, per k
     replies = iter(answers)                                     # not cached: the next start measures again
     measure_mode_costs(workers, _config(tmp_path), lambda timeout_s: next(replies))
-    assert len([m for m in workers["verify"].cmd_queue if isinstance(m, Measure)]) == 4
+    assert len([m for m in workers["verify"].cmd_queue if isinstance(m, Measure)]) == 6
+
+
+def test_a_passing_blip_in_the_wide_costs_is_measured_again_and_cached(tmp_path):
+    workers = {"verify": FakeWorker("verify", [0.08, 0.09]), "draft": FakeWorker("draft", [0.04])}
+    replies = iter([Measured("verify", "together", [0.1, 0.11]), Measured("draft", "together", [0.05]),
+                    Measured("verify", "wide", [0.3, 0.06]), Measured("draft", "wide", [0.03]),
+                    Measured("verify", "wide", [0.07, 0.08])])
+    costs = measure_mode_costs(workers, _config(tmp_path), lambda timeout_s: next(replies))
+    assert costs.verify_wide.seconds == (0.07, 0.06) and not costs.is_disturbed
+    assert [m.placement for m in workers["verify"].cmd_queue] == ["together", "wide", "wide"]
+    again = {"verify": FakeWorker("verify", [0.08, 0.09]), "draft": FakeWorker("draft", [0.04])}
+    assert measure_mode_costs(again, _config(tmp_path), lambda timeout_s: pytest.fail("measured again")) == costs
 
 
 class SleepingRunner:
@@ -140,7 +153,8 @@ def test_a_mode_chosen_from_disturbed_costs_is_not_kept(tmp_path, monkeypatch, v
     sup = EngineSupervisor(_config(tmp_path))
     sup._workers = {"verify": FakeWorker("verify", [0.08, 0.09]), "draft": FakeWorker("draft", [0.01])}
     replies = iter([Measured("verify", "together", [0.085, 0.09]), Measured("draft", "together", [0.012]),
-                    Measured("verify", "wide", verify_wide), Measured("draft", "wide", [0.01])])
+                    Measured("verify", "wide", verify_wide), Measured("draft", "wide", [0.01]),
+                    Measured("verify", "wide", verify_wide)])                 # measured again when slow
     monkeypatch.setattr(sup, "_next_message", lambda timeout_s: next(replies))
     sup._settle_mode()
     assert sup.mode_reason.startswith("mode auto chose async: predicted")       # no restart in either case

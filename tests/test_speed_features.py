@@ -67,8 +67,17 @@ def test_mode_auto_settles_on_a_mode_and_caches_costs(cache_dir):
         sup.shutdown()
     # each mode is predicted from the costs it runs at: the workers together (async), alone on all cores (ar, sync)
     assert "ar: verify c(1)" in health["mode_reason"] and "async: verify c(1)" in health["mode_reason"]
-    [mode_file] = [f for f in glob.glob(os.path.join(cache_dir, "costs", "mode-*.json"))
-                   if not os.path.basename(f).startswith("mode-decision-")]
+    mode_files = glob.glob(os.path.join(cache_dir, "costs", "mode-*.json"))
+    if health["mode_reason"].endswith("(measured while something else ran: not kept)"):
+        # this shared machine was busy while it measured, twice (engine/mode_auto.py): nothing is kept,
+        # so the next start measures and decides again
+        assert not mode_files
+        sup = start_engine(tiny_config(cache_dir, "auto", **QUANTIZED))
+        again = sup.health()
+        sup.shutdown()
+        assert "at an earlier start" not in again["mode_reason"]
+        pytest.skip("the machine was busy while measuring: the cached path was not exercised this run")
+    [mode_file] = [f for f in mode_files if not os.path.basename(f).startswith("mode-decision-")]
     with open(mode_file) as f:
         measured = json.load(f)["seconds"]
     assert set(measured) == {"verify_together", "draft_together", "verify_wide", "draft_wide"}
