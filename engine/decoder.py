@@ -33,6 +33,7 @@ from engine.quantization import SliceOfGroup
 
 LEAN_MODEL_TYPES = ("qwen2", "llama", "mistral")
 LEAN_ROPE_TYPES = ("default", "linear", "llama3")      # position-independent tables (not "dynamic")
+LEAN_NORM_CLASSES = ("Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
 MIN_KV_CAPACITY = 256
 
 
@@ -95,8 +96,22 @@ def _fused_call(members: list):
     """One call for linears that read the same input: the quantized group's fused module, or a cat."""
     groups = {id(m._group) for m in members if isinstance(m, SliceOfGroup)}
     if len(groups) == 1 and all(isinstance(m, SliceOfGroup) for m in members):
-        return members[0].group_fused
+        return members[0].group_fused.forward
     return lambda x: torch.cat([m(x) for m in members], dim=-1)
+
+
+def _norm_call(norm):
+    """transformers' Llama-family RMSNorm in fp32 without its two no-op casts and module call (each
+    op costs ~5 us on a slow core, two norms a layer): the same ops, so the same bits."""
+    if type(norm).__name__ not in LEAN_NORM_CLASSES or "forward" in vars(norm):
+        return norm
+    weight, eps = norm.weight, norm.variance_epsilon
+
+    def rms_norm(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return norm(x)
+        return weight * (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_())
+    return rms_norm
 
 
 class KVSlot:
@@ -157,9 +172,9 @@ class LeanDecoder:
         self.layers = []
         for layer in self.stack.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm, _fused_call([attn.q_proj, attn.k_proj, attn.v_proj]),
-                                attn.o_proj, layer.post_attention_layernorm,
-                                _fused_call([mlp.gate_proj, mlp.up_proj]), mlp.down_proj, attn.scaling))
+            self.layers.append((_norm_call(layer.input_layernorm), _fused_call([attn.q_proj, attn.k_proj, attn.v_proj]),
+                                attn.o_proj.forward, _norm_call(layer.post_attention_layernorm),
+                                _fused_call([mlp.gate_proj, mlp.up_proj]), mlp.down_proj.forward, attn.scaling))
         weight = self.stack.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.rotary_capacity = 0
