@@ -45,7 +45,7 @@ from torch import nn
 from engine.hardware import INT8_KERNELS, default_int8_kernel
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
-KERNELS_VERSION = 7                 # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 8                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 MIN_FRACTION_ON_GRID = 0.9          # int4-mixed: a layer is 4-bit when this share of its groups lie on a grid
 _ON_GRID_RESIDUAL = 0.1             # a group is on its grid when every weight is within 0.1 step of a level
