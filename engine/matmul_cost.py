@@ -7,6 +7,7 @@ The default verify's two largest shapes (Qwen2.5-1.5B: the fused gate/up 1536 ->
 
     int8        Int8DynamicLinear, two 7-bit activation digits (the verify's scheme)
     int8-fast   Int8DynamicLinear, one digit (the draft's)
+    int8-onednn Int8DynamicLinear, two digits on oneDNN's kernel (the AMX default; elsewhere for comparison)
     int8-wo     PackedWeightOnlyLinear: aten's weight-only `_weight_int8pack_mm`, bf16 activations (CUDA's int8)
     fp32        nn.Linear
 
@@ -45,6 +46,7 @@ def median_ms(fn, x: torch.Tensor) -> float:
 def layer_kernels(linear: nn.Linear) -> dict:
     """The same layer under each kernel: name -> x [M, in] -> y [M, out]."""
     return {"int8": Int8DynamicLinear(linear, 2), "int8-fast": Int8DynamicLinear(linear, 1),
+            "int8-onednn": Int8DynamicLinear(linear, 2, "onednn"),
             "int8-wo": PackedWeightOnlyLinear(linear, "int8"), "fp32": linear}
 
 

@@ -207,5 +207,5 @@ def test_matmul_cost_times_one_layer_under_every_kernel(monkeypatch):
             assert error < (0.05 if name == "int8-fast" else 0.01), name
     monkeypatch.setattr(matmul_cost, "NUM_CALLS", 2)
     costs = matmul_cost.layer_costs(64, 32)
-    assert set(costs) == {"int8", "int8-fast", "int8-wo", "fp32"}
+    assert set(costs) == {"int8", "int8-fast", "int8-onednn", "int8-wo", "fp32"}
     assert all(set(by_rows) == set(matmul_cost.ROWS) and min(by_rows.values()) > 0 for by_rows in costs.values())
