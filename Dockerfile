@@ -11,6 +11,10 @@ ARG CPU_BASE_IMAGE=python:3.11-slim
 ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 FROM ${CPU_BASE_IMAGE} AS base-cpu
+# gcc: the AVX2 4-bit kernel (engine/kernels/q4_matmul.c) is compiled at build time below
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 ENV AMUSD_DEFAULT_TORCH_SPEC="torch==2.13.0"
 
 FROM ${CUDA_BASE_IMAGE} AS base-cuda
@@ -30,6 +34,7 @@ ENV PYTHONUNBUFFERED=1 \
     AMUSD_VENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     AMUSD_CACHE_DIR=/models \
+    AMUSD_KERNEL_CACHE=/opt/amusd-kernels \
     HF_HOME=/models/huggingface
 
 # uid 10001: Ubuntu 24.04 images already have uid 1000 (user "ubuntu").
@@ -42,7 +47,8 @@ WORKDIR /app
 COPY . /app
 RUN --mount=type=cache,target=/root/.cache/pip \
     AMUSD_TORCH_SPEC="${AMUSD_TORCH_SPEC:-$AMUSD_DEFAULT_TORCH_SPEC}" AMUSD_EXTRAS="${AMUSD_EXTRAS}" ./setup.sh \
- && amusd --help
+ && amusd --help \
+ && python -c "from engine import quant_q4; print('4-bit kernel:', quant_q4.unavailable_reason() or 'built')"
 
 # Numeric, so that runtimes enforcing runAsNonRoot can verify it (uid 10001 = amusd).
 USER 10001:10001

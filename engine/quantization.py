@@ -1,4 +1,4 @@
-"""Quantized linear layers for a causal LM, on aten's packed int8 / int4 matmuls (no custom kernels).
+"""Quantized linear layers for a causal LM: aten's packed int8 / int4 matmuls and one AVX2 4-bit kernel.
 
     quantize_model(model, "int8")     every nn.Linear (lm_head included) -> a quantized module
 
@@ -13,14 +13,18 @@ Schemes (`verify_quantization` / `draft_quantization`):
                Accuracy of int8 weight-only (KL to fp32 ~1e-3 on the 1.5B), about 1.6x faster.
     int8-fast  the same with one 7-bit digit (a only): ~2x faster than `int8` at k = 8 tokens but
                lossier (KL ~3e-2): meant for the draft, whose errors only cost acceptance.
-    int4       weight-only, groups of 32 along K, `_weight_int4pack_mm_for_cpu` / CUDA tinygemm.
-               Each group's grid is the 4-bit grid its weights already lie on where they do (the
-               default pair's weights are dequantized Q4_K_M blocks: 32 weights, one step and one
-               minimum each, so int4 re-encodes those exactly up to bf16 rounding), else min/max.
+    int4       weight-only, groups of 32 along K. On CPUs with AVX2 / FMA / F16C: the project's kernel
+               (engine/quant_q4.py: fp16 step and minimum per group, 16-bit per-row activations,
+               5 bits per weight read); elsewhere `_weight_int4pack_mm_for_cpu` / CUDA tinygemm
+               (bf16 scales, bf16 activations). Each group's grid is the 4-bit grid its weights
+               already lie on where they do (the default pair's weights are dequantized Q4_K_M
+               blocks: 32 weights, one step and one minimum each, so int4 re-encodes those exactly
+               up to fp16 / bf16 rounding of the step), else min/max.
     int4-mixed int4 for the layers whose weights lie on 4-bit grids (>= 90 % of their groups: the
                GGUF's Q4_K tensors), `int8` for the others (its Q6_K tensors: attn_v, ffn_down, the
-               output layer), so no weight is coarser than the GGUF's own. Fastest for one sequence
-               on AVX-512 CPUs; for batches of 8 `int8` is (docs: "Speed on the CPU you have").
+               output layer), so no weight is coarser than the GGUF's own. `auto` on AVX2-class CPUs
+               (engine/hardware.py); with aten's kernel fastest for one sequence on AVX-512 CPUs,
+               where for batches of 8 `int8` is (docs: "Speed on the CPU you have").
     nf4        weight-only NF4 (blocks of 64) on bitsandbytes' CPU kernel, AVX512_BF16 CPUs only: half
                int8's bytes per weight, for the draft (engine/quant_nf4.py).
     int8 on CUDA: weight-only `_weight_int8pack_mm` (fbgemm is CPU-only).
@@ -42,10 +46,11 @@ import warnings
 import torch
 from torch import nn
 
+from engine import quant_q4
 from engine.hardware import INT8_KERNELS, default_int8_kernel
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
-KERNELS_VERSION = 8                 # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 9                 # part of the cached forward-cost key: bump when the layers change
 INT4_GROUP_SIZE = 32
 MIN_FRACTION_ON_GRID = 0.9          # int4-mixed: a layer is 4-bit when this share of its groups lie on a grid
 _ON_GRID_RESIDUAL = 0.1             # a group is on its grid when every weight is within 0.1 step of a level
@@ -154,7 +159,9 @@ class PackedWeightOnlyLinear(nn.Module):
             self.register_buffer("qweight", torch.clamp(torch.round(weight / scales[:, None]), -127, 127).to(torch.int8))
             self.register_buffer("scales", scales.to(torch.bfloat16))
             return
-        q, scales_and_zeros, _ = int4_groups
+        q, steps, minimums, _ = int4_groups
+        # the kernels' convention w ~ (q - 8) * s + z: z = minimum + 8 s      [K/32, N, 2]
+        scales_and_zeros = torch.stack([steps, minimums + 8.0 * steps], dim=2).transpose(0, 1).contiguous()
         if self.is_cuda:
             packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), _INT4_INNER_K_TILES)
         else:
@@ -178,23 +185,21 @@ class PackedWeightOnlyLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}"
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """w[N, K] float -> (q[N, K] int32 in [0, 15], scales_and_zeros[K/32, N, 2] float, fraction on grid).
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """w[N, K] float -> (q[N, K] int32 in [0, 15], steps[N, K/32], minimums[N, K/32], fraction on grid).
 
     Per group of 32 along K, two candidate grids w ~ min + q * s: min/max (s = (max - min) / 15) and
     the grid the weights already lie on (s = the smallest gap between distinct weights, stretched
     to a whole number of steps <= 15 between min and max); each group takes the one that fits it
-    better. The kernels' convention w ~ (q - 8) * s + z gives z = min + 8 * s. "On grid": every
-    weight of the group within 0.1 step of a level.
+    better. "On grid": every weight of the group within 0.1 step of a level.
     """
     chunks = [_quantize_int4_rows(rows) for rows in weight.split(_INT4_ROWS_PER_CHUNK)]
-    q = torch.cat([c[0] for c in chunks])
-    scales_and_zeros = torch.cat([c[1] for c in chunks], dim=1)
-    fraction_on_grid = sum(c[2] for c in chunks) / (q.numel() // INT4_GROUP_SIZE)
-    return q, scales_and_zeros, fraction_on_grid
+    q, steps, minimums = (torch.cat([c[i] for c in chunks]) for i in range(3))
+    fraction_on_grid = sum(c[3] for c in chunks) / (q.numel() // INT4_GROUP_SIZE)
+    return q, steps, minimums, fraction_on_grid
 
 
-def _quantize_int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _quantize_int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     n, k = weight.shape
     groups = weight.float().reshape(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)    # [N, G, 32]
     ordered = groups.sort(dim=2).values
@@ -210,8 +215,7 @@ def _quantize_int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     scales = candidates.gather(0, best)[0]                                        # [N, G, 1]
     q = torch.clamp(torch.round((groups - w_min) / scales), 0, 15).to(torch.int32).reshape(n, k)
     num_on_grid = int((residual.gather(0, best) <= _ON_GRID_RESIDUAL).sum())
-    scales_and_zeros = torch.cat([scales, w_min + 8.0 * scales], dim=2).transpose(0, 1).contiguous()  # [G, N, 2]
-    return q, scales_and_zeros, num_on_grid
+    return q, scales[..., 0], w_min[..., 0], num_on_grid
 
 
 def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = None,
@@ -229,11 +233,14 @@ def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = Non
             return Nf4WithWideTwin(Nf4Linear(linear), make_quantized(linear, "int8-fast", int8_kernel))
         return Nf4Linear(linear)
     if scheme in ("int4", "int4-mixed"):
-        if in_features % (INT4_GROUP_SIZE * 2) or out_features % 8:
+        on_q4_kernel = not linear.weight.is_cuda and quant_q4.available()      # any N; aten's needs N % 8 == 0
+        if in_features % (INT4_GROUP_SIZE * 2) or (out_features % 8 and not on_q4_kernel):
             return None if scheme == "int4" else make_quantized(linear, "int8", int8_kernel)
         int4_groups = quantize_int4(linear.weight.detach())
-        if scheme == "int4-mixed" and int4_groups[2] < MIN_FRACTION_ON_GRID:
+        if scheme == "int4-mixed" and int4_groups[3] < MIN_FRACTION_ON_GRID:
             return make_quantized(linear, "int8", int8_kernel)    # not 4-bit weights: keep them finer
+        if on_q4_kernel:
+            return quant_q4.Q4Linear(linear, int4_groups)
         return PackedWeightOnlyLinear(linear, "int4", int4_groups)
     if linear.weight.is_cuda:
         return PackedWeightOnlyLinear(linear, "int8")
@@ -271,6 +278,18 @@ class SliceOfGroup(nn.Module):
         return self._group.output_for(x)[..., self.start:self.stop]
 
 
+def _fused_int4(members: list[nn.Linear], combined: nn.Linear, scheme: str, int8_kernel: str | None) -> nn.Module | None:
+    """The AVX2 4-bit kernel's fused layer for siblings on 4-bit grids; under int4-mixed, an int8 one
+    where none is, and None (no fusion: each member on its own) where only some are."""
+    if combined.in_features % (INT4_GROUP_SIZE * 2):
+        return make_quantized(combined, "int8", int8_kernel) if scheme == "int4-mixed" else None
+    groups = [quantize_int4(member.weight.detach()) for member in members]
+    on_grid = [fraction >= MIN_FRACTION_ON_GRID for *_, fraction in groups]
+    if scheme == "int4" or all(on_grid):
+        return quant_q4.Q4Linear(combined, tuple(torch.cat([g[i] for g in groups]) for i in range(3)))
+    return None if any(on_grid) else make_quantized(combined, "int8", int8_kernel)
+
+
 def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None, is_draft: bool) -> int:
     """Replace each q/k/v and gate/up set of nn.Linear siblings by slices of one quantized linear."""
     num_replaced = 0
@@ -288,7 +307,10 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None, 
                 if any(has_bias):
                     combined.bias.copy_(torch.cat([m.bias.float() if m.bias is not None else
                                                    torch.zeros(m.out_features) for m in members]))
-            fused = make_quantized(combined, scheme, int8_kernel, is_draft)
+            if scheme.startswith("int4"):
+                fused = _fused_int4(members, combined, scheme, int8_kernel)
+            else:
+                fused = make_quantized(combined, scheme, int8_kernel, is_draft)
             if fused is None:
                 continue
             group, start = SharedInputGroup(fused), 0
@@ -302,14 +324,15 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None, 
 def quantize_model(model: nn.Module, scheme: str, int8_kernel: str | None = None, is_draft: bool = False) -> int:
     """Replace every nn.Linear the kernels support (lm_head too) in place; return how many.
 
-    CPU int8 schemes and nf4 fuse q/k/v and gate/up into one call each (one activation quantization, one
-    kernel launch, a wider matmul); each output row still depends on its own input row only.
+    CPU int8 schemes, nf4 and the AVX2 int4 kernel fuse q/k/v and gate/up into one call each (one
+    activation quantization, one kernel launch, a wider matmul); each output row still depends on
+    its own input row only.
     """
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {scheme!r}")
     if scheme == "none":
         return 0
-    fusable = scheme in ("int8", "int8-fast", "nf4")
+    fusable = scheme in ("int8", "int8-fast", "nf4") or (scheme.startswith("int4") and quant_q4.available())
     num_replaced = _fuse_shared_inputs(model, scheme, int8_kernel, is_draft) if fusable else 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.hardware import INT8_KERNELS
+from engine.quant_q4 import Q4Linear
 from engine.quantization import (INT4_GROUP_SIZE, Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized,
                                  quantize_int4, quantize_model)
 
@@ -100,18 +101,17 @@ def _on_4bit_grids(out_features: int = 64, in_features: int = 256) -> nn.Linear:
 
 def test_int4_reencodes_weights_already_on_4bit_grids_exactly():
     linear = _on_4bit_grids()
-    q, scales_and_zeros, fraction_on_grid = quantize_int4(linear.weight)
+    q, steps, minimums, fraction_on_grid = quantize_int4(linear.weight)
     assert fraction_on_grid == 1.0
     groups = q.reshape(64, -1, INT4_GROUP_SIZE).float()                          # [N, G, 32]
-    scales, zeros = scales_and_zeros[..., 0].t()[..., None], scales_and_zeros[..., 1].t()[..., None]
-    dequantized = ((groups - 8) * scales + zeros).reshape(64, 256)
+    dequantized = (groups * steps[..., None] + minimums[..., None]).reshape(64, 256)
     assert torch.allclose(dequantized, linear.weight, atol=1e-6)
-    _, _, fraction_random = quantize_int4(_linear(bias=False).weight)           # normal weights: off any grid
+    *_, fraction_random = quantize_int4(_linear(bias=False).weight)           # normal weights: off any grid
     assert fraction_random < 0.1
 
 
 def test_int4_mixed_keeps_4bit_layers_int4_and_the_others_int8():
-    assert isinstance(make_quantized(_on_4bit_grids(), "int4-mixed"), PackedWeightOnlyLinear)
+    assert isinstance(make_quantized(_on_4bit_grids(), "int4-mixed"), (Q4Linear, PackedWeightOnlyLinear))
     assert isinstance(make_quantized(_linear(), "int4-mixed"), Int8DynamicLinear)
     assert isinstance(make_quantized(nn.Linear(100, 64), "int4-mixed"), Int8DynamicLinear)   # shape int4 cannot take
     linear = _on_4bit_grids()
@@ -120,12 +120,12 @@ def test_int4_mixed_keeps_4bit_layers_int4_and_the_others_int8():
         reference = linear(x)
         errors = {scheme: float((make_quantized(linear, scheme)(x) - reference).norm() / reference.norm())
                   for scheme in ("int4-mixed", "int8")}
-    assert errors["int4-mixed"] < 0.01 and errors["int4-mixed"] < errors["int8"], errors   # only bf16 rounding left
+    assert errors["int4-mixed"] < 0.01 and errors["int4-mixed"] < errors["int8"], errors   # only activation rounding left
 
 
 def test_int4_skips_shapes_the_kernel_cannot_take():
     assert make_quantized(nn.Linear(100, 64), "int4") is None         # K not a multiple of 64
-    assert isinstance(make_quantized(nn.Linear(128, 64), "int4"), PackedWeightOnlyLinear)
+    assert isinstance(make_quantized(nn.Linear(128, 64), "int4"), (Q4Linear, PackedWeightOnlyLinear))
 
 
 def test_bias_and_output_dtype_are_kept():

@@ -1,0 +1,134 @@
+"""engine/quant_q4.py + engine/kernels/q4_matmul.c: the AVX2 4-bit layer is exact to its documented
+arithmetic, row-independent bit for bit, and taken by `int4` / `int4-mixed` on CPU where it builds."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine import quant_q4
+from engine.quant_q4 import Q4Linear, pack_int4, unpack_int4
+from engine.quantization import (Int8DynamicLinear, PackedWeightOnlyLinear, SliceOfGroup, make_quantized,
+                                 quantize_int4, quantize_model)
+
+needs_kernel = pytest.mark.skipif(not quant_q4.available(), reason=f"q4 kernel: {quant_q4.unavailable_reason()}")
+
+
+def _on_4bit_grids(in_features: int = 256, out_features: int = 40, bias: bool = True, seed: int = 0) -> nn.Linear:
+    """A linear whose weights lie on per-group affine 4-bit grids (like a dequantized Q4_K GGUF)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_groups = out_features * in_features // 32
+    steps = torch.rand(num_groups, 1, generator=generator) * 0.01 + 0.001
+    minimums = -8 * steps + torch.randn(num_groups, 1, generator=generator) * 0.002
+    q = torch.randint(0, 16, (num_groups, 32), generator=generator).float()
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_((minimums + q * steps).reshape(out_features, in_features))
+        if bias:
+            linear.bias.normal_(0, 0.1, generator=generator)
+    return linear
+
+
+def test_packing_round_trips_and_puts_16_weights_per_nibble_plane():
+    q = torch.randint(0, 16, (3, 128))
+    packed = pack_int4(q)
+    assert packed.shape == (3, 64) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed).long(), q)
+    lanes = packed[0, :32].view(torch.int16).to(torch.int32) & 0xFFFF          # the first pair's 16 lanes
+    for i in range(4):
+        assert torch.equal((lanes >> 4 * i) & 15, q[0, 16 * i:16 * i + 16].int())
+
+
+@needs_kernel
+def test_output_is_the_dequantized_weights_times_the_input():
+    linear = _on_4bit_grids()
+    layer = make_quantized(linear, "int4")
+    assert isinstance(layer, Q4Linear)
+    q, steps, minimums, _ = quantize_int4(linear.weight.detach())
+    fp16_rounding = (q.reshape(40, 8, 32) * steps[..., None] + minimums.abs()[..., None]).reshape(40, 256) * 2 ** -11
+    assert ((layer.dequantized_weight() - linear.weight).abs() <= fp16_rounding + 1e-9).all()   # on-grid weights
+    x = torch.randn(5, 256) * torch.logspace(-3, 2, 256)                         # channels of very different sizes
+    with torch.inference_mode():
+        y = layer(x)
+        reference = x.double() @ layer.dequantized_weight().double().T + linear.bias.double()
+    # 16-bit activations on each row's own scale: error <= |W| . |x - s a| <= sum |W| * s / 2
+    bound = layer.dequantized_weight().double().abs().sum(dim=1) * (x.abs().amax(dim=1, keepdim=True).double() / 32767) / 2
+    assert ((y.double() - reference).abs() <= bound + 1e-5).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_features", [128, 320, 512])          # G = 4 (tail only), 10, 16 groups
+def test_each_output_row_depends_on_its_own_input_row_only(in_features):
+    layer = make_quantized(_on_4bit_grids(in_features, 24), "int4")
+    x = torch.randn(11, in_features) * torch.logspace(-2, 1, 11)[:, None]
+    with torch.inference_mode():
+        together = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(11)])
+        for num_rows in range(1, 11):               # chunks of 4 rows and every remainder
+            assert torch.equal(layer(x[:num_rows]), together[:num_rows])
+        assert torch.equal(layer(x[5:]), together[5:])
+    assert torch.equal(together, alone)
+
+
+@needs_kernel
+def test_threads_do_not_change_the_bits():
+    layer = make_quantized(_on_4bit_grids(256, 100), "int4")
+    x = torch.randn(6, 256)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_int4_mixed_fuses_only_4bit_siblings(tmp_path):
+    attention = nn.Module()
+    attention.q_proj, attention.k_proj = _on_4bit_grids(256, 64, seed=1), _on_4bit_grids(256, 32, seed=2)
+    attention.v_proj = nn.Linear(256, 32)                                        # off any grid (a Q6_K tensor)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj = _on_4bit_grids(256, 96, False, seed=3), _on_4bit_grids(256, 96, False, seed=4)
+    model = nn.Module()
+    model.attention, model.mlp, model.config = attention, mlp, type("Config", (), {})()
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        reference = {name: getattr(parent, name)(x) for parent, names in ((attention, ("q_proj", "k_proj", "v_proj")),
+                                                                         (mlp, ("gate_proj", "up_proj"))) for name in names}
+        assert quantize_model(model, "int4-mixed") == 5
+        assert isinstance(mlp.gate_proj, SliceOfGroup) and isinstance(mlp.gate_proj.group_fused, Q4Linear)
+        assert isinstance(attention.q_proj, Q4Linear) and isinstance(attention.k_proj, Q4Linear)
+        assert isinstance(attention.v_proj, Int8DynamicLinear)
+        for parent, name in ((attention, "q_proj"), (attention, "v_proj"), (mlp, "gate_proj"), (mlp, "up_proj")):
+            got, expected = getattr(parent, name)(x), reference[name]
+            assert float((got - expected).norm() / expected.norm()) < 0.01, name
+
+
+def test_int4_takes_atens_kernel_where_this_one_cannot_run(monkeypatch):
+    monkeypatch.setattr(quant_q4, "available", lambda: False)
+    assert isinstance(make_quantized(_on_4bit_grids(256, 64), "int4"), PackedWeightOnlyLinear)
+
+
+def test_a_failed_build_says_why_and_is_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMUSD_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")                   # a "compiler" that always fails
+    monkeypatch.setattr(quant_q4, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    quant_q4._load.cache_clear()
+    try:
+        assert not quant_q4.available() and "failed" in quant_q4.unavailable_reason()
+        assert not list(tmp_path.glob("*.so"))
+        monkeypatch.setattr(quant_q4, "cpu_flags", lambda: frozenset({"avx", "sse4_2"}))
+        quant_q4._load.cache_clear()
+        assert "avx2" in quant_q4.unavailable_reason()
+    finally:
+        quant_q4._load.cache_clear()
+
+
+def test_int4_quantization_recovers_the_grid():
+    linear = _on_4bit_grids(bias=False)
+    q, steps, minimums, fraction_on_grid = quantize_int4(linear.weight)
+    assert fraction_on_grid == 1.0 and steps.shape == minimums.shape == (40, 8)
