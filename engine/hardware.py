@@ -11,7 +11,8 @@ fbgemm's int8 layers (CPU `int8` / `int8-fast`, which `auto` picks there) dtype 
 CPU: those layers take fp32 activations, so bf16 only adds two casts per linear (measured on an
 AVX512_BF16 EPYC, lean decoder, one core: 1.5B int8 one-token forward 75 ms fp32 vs 102 ms bf16,
 0.5B int8-fast 37 vs 48 ms, equal at 2-8 tokens).
-quantization auto: on CPU the verify gets `int8` (accurate W8A8) and the draft `nf4` where it runs
+quantization auto: on CPU the verify gets `int4-mixed` on AVX2-class CPUs where the 4-bit kernel builds
+(is_avx2_class), else `int8` (accurate W8A8), and the draft `nf4` where it runs
 (AVX512_BF16 and bitsandbytes: a one-token draft forward 29 vs 43 ms for `int8-fast` on an
 AVX512_BF16 EPYC, 2 threads), else `int8-fast`; on CUDA nothing (bf16 matmuls are what GPUs run
 best); float64 (an exactness setting) is never quantized. Under `nf4` dtype auto is fp32 too (its
@@ -58,7 +59,8 @@ def has_native_bf16() -> bool:
     return any(flag in cpu_flags() for flag in BF16_FLAGS)
 
 
-FP32_ACTIVATION_SCHEMES = ("auto", "int8", "int8-fast", "int4-mixed", "nf4")   # CPU layers fastest under fp32
+FP32_ACTIVATION_SCHEMES = ("auto", "int8", "int8-fast", "int4", "int4-mixed", "nf4")   # CPU layers fastest under fp32
+Q4_KERNEL_FLAGS = ("avx2", "fma", "f16c")                   # engine/kernels/q4_matmul.c
 
 
 def resolve_dtype(dtype: str, device: str, quantization: str = "none") -> tuple[str, str]:
@@ -68,7 +70,7 @@ def resolve_dtype(dtype: str, device: str, quantization: str = "none") -> tuple[
     if device.startswith("cuda"):
         return "bfloat16", "CUDA runs bf16 natively"
     if quantization in FP32_ACTIVATION_SCHEMES:
-        return "float32", "CPU quantized layers (int8 / nf4) run fastest under fp32 activations"
+        return "float32", "CPU quantized layers (int8 / int4 / nf4) run fastest under fp32 activations"
     flags = cpu_flags()
     if has_native_bf16():
         found = ", ".join(flag for flag in BF16_FLAGS if flag in flags)
@@ -78,8 +80,12 @@ def resolve_dtype(dtype: str, device: str, quantization: str = "none") -> tuple[
                        "~k one-token forwards, so fp32 under quantized weights")
 
 
-def resolve_quantization(quantization: str, device: str, dtype: str, role: str) -> tuple[str, str]:
-    """(concrete scheme, why) for a configured quantization of the verify or draft model."""
+def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
+                         has_q4_kernel: bool = False) -> tuple[str, str]:
+    """(concrete scheme, why) for a configured quantization of the verify or draft model.
+
+    has_q4_kernel: the AVX2 4-bit kernel built here (engine.quant_q4.available(); the caller asks,
+    since building it needs torch and a compiler)."""
     if quantization != "auto":
         return quantization, "set in the configuration"
     if dtype == "float64":
@@ -90,7 +96,20 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str) 
         if nf4_unavailable_reason("nf4", device) is None:
             return "nf4", "CPU draft with AVX512_BF16: NF4 reads half int8's bytes (its errors only cost acceptance)"
         return "int8-fast", "CPU draft: the fastest int8 scheme (its errors only cost acceptance)"
+    if has_q4_kernel and is_avx2_class():
+        return "int4-mixed", ("AVX2-class CPU verify: 4-bit-grid layers (a Q4_K GGUF's) re-encoded exactly on the "
+                              "AVX2 4-bit kernel (5 bits per weight against int8's 8), int8 for the rest")
     return "int8", "CPU verify: W8A8 with per-token ~14-bit activations (int8 weight-only accuracy)"
+
+
+def is_avx2_class() -> bool:
+    """AVX2 / FMA / F16C and nothing wider (no AVX-512, no AMX): where the 4-bit kernel was measured
+    to beat fbgemm's int8 at every batch size (Zen 1 EPYC, 2 threads: a 1536 x 17920 matmul 1.64 vs
+    2.18 ms at one token, 9.3 vs 13.1 ms at 8). With AVX-512 VNNI or AMX the int8 kernels batch far
+    better and the 4-bit one (AVX2 code) was not measured there, so `auto` keeps int8."""
+    flags = cpu_flags()
+    return all(flag in flags for flag in Q4_KERNEL_FLAGS) and not any(
+        flag in flags for flag in ("avx512f", "amx_int8", "amx_bf16"))
 
 
 def nf4_unavailable_reason(quantization: str, device: str) -> str | None:

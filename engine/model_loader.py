@@ -36,11 +36,13 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
 
     worker_role: the worker process it runs in (sync loads the draft in the verify worker).
     """
+    from engine import quant_q4
     from engine.calibration import cost_digest, cost_key, load_or_measure
     from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
     settings = config.model_settings(role)
     dtype, dtype_reason = resolve_dtype(config.dtype, device, settings.quantization)
-    quantization, quantization_reason = resolve_quantization(settings.quantization, device, dtype, role)
+    has_q4_kernel = device.startswith("cpu") and settings.quantization == "auto" and role == "verify" and quant_q4.available()
+    quantization, quantization_reason = resolve_quantization(settings.quantization, device, dtype, role, has_q4_kernel)
     path, gguf = resolve_model_spec(settings.model, config.cache_dir, settings.gguf_file)
     model = load_causal_lm(path, gguf, device, dtype, quantization, keep_float_head=settings.num_head_ids > 0,
                            is_draft=role == "draft")

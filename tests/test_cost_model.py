@@ -97,11 +97,11 @@ def test_dtype_auto_follows_native_bf16(monkeypatch, flags, expected):
     assert dtype == expected and reason
     assert hardware.resolve_dtype("auto", "cuda:1")[0] == "bfloat16"
     assert hardware.resolve_dtype("float64", "cpu") == ("float64", "set in the configuration")
-    assert hardware.resolve_dtype("auto", "cpu", "int4")[0] == expected         # int4's kernel takes bf16 input
+    assert hardware.resolve_dtype("auto", "cpu", "int4")[0] == "float32"        # the 4-bit kernel takes fp32
 
 
 @pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx512f", "avx512_bf16"}, {"amx_bf16", "avx512f"}])
-@pytest.mark.parametrize("quantization", ["auto", "int8", "int8-fast", "nf4"])
+@pytest.mark.parametrize("quantization", ["auto", "int8", "int8-fast", "int4", "int4-mixed", "nf4"])
 def test_dtype_auto_is_fp32_under_cpu_int8_layers(monkeypatch, flags, quantization):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     assert hardware.resolve_dtype("auto", "cpu", quantization)[0] == "float32"
@@ -122,6 +122,19 @@ def test_quantization_auto(monkeypatch):
     assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify")[0] == "none"
     assert hardware.resolve_quantization("auto", "cpu", "float64", "verify")[0] == "none"
     assert hardware.resolve_quantization("int4", "cpu", "float32", "verify")[0] == "int4"
+
+
+@pytest.mark.parametrize("flags, has_kernel, expected", [
+    ({"avx2", "fma", "f16c"}, True, "int4-mixed"),            # AVX2 class with the kernel built
+    ({"avx2", "fma", "f16c"}, False, "int8"),                 # no compiler / the build failed
+    ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni"}, True, "int8"),   # VNNI int8 batches better; unmeasured
+    ({"avx2", "fma", "f16c", "avx512f", "amx_int8"}, True, "int8"),      # AMX int8 tiles
+    ({"avx", "sse4_2"}, True, "int8")])
+def test_quantization_auto_takes_the_4bit_kernel_on_avx2_class_cpus(monkeypatch, flags, has_kernel, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "verify", has_kernel)[0] == expected
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft", has_kernel)[0] == "int8-fast"
+    assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify", has_kernel)[0] == "none"
 
 
 def test_cpu_summary_names_the_simd_flags():

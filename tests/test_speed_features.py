@@ -51,6 +51,22 @@ def test_quantized_speculation_equals_quantized_ar(cache_dir, quantized_ar, mode
         sup.shutdown()
 
 
+def test_async_equals_ar_on_the_avx2_4bit_kernel(cache_dir):
+    from engine import quant_q4
+    if not quant_q4.available():
+        pytest.skip(f"q4 kernel: {quant_q4.unavailable_reason()}")
+    four_bit = dict(dtype="float32", verify_quantization="int4", draft_quantization="int4")
+    engines = {mode: start_engine(tiny_config(cache_dir, mode, **four_bit)) for mode in ("ar", "async")}
+    try:
+        assert engines["ar"].health()["workers"]["verify"]["quantization"] == "int4"
+        for prompt in PROMPTS[:3]:
+            expected, _ = run(engines["ar"], prompt, max_tokens=MAX_TOKENS)
+            assert run(engines["async"], prompt, max_tokens=MAX_TOKENS)[0] == expected
+    finally:
+        for sup in engines.values():
+            sup.shutdown()
+
+
 def test_mode_auto_settles_on_a_mode_and_caches_costs(cache_dir):
     sup = start_engine(tiny_config(cache_dir, "auto", **QUANTIZED))
     try:
