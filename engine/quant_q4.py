@@ -106,7 +106,7 @@ class Q4Linear(nn.Module):
     """y = x W^T + b with W[n, 32 g + i] = steps[n, g] * q[n, 32 g + i] + mins[n, g] (fp16 step and minimum)."""
 
     def __init__(self, linear: nn.Linear, int4_groups: tuple):
-        """int4_groups: engine.quantization.quantize_int4(linear.weight): (q [N, K], steps [N, G], mins [N, G])."""
+        """int4_groups: engine.int4_grids.quantize_int4(linear.weight): (q [N, K], steps [N, G], mins [N, G])."""
         super().__init__()
         q, steps, mins = int4_groups[:3]
         self.out_features, self.in_features = q.shape

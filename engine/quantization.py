@@ -47,14 +47,11 @@ import torch
 from torch import nn
 
 from engine import quant_q4
+from engine.int4_grids import INT4_GROUP_SIZE, MIN_FRACTION_ON_GRID, may_lie_on_4bit_grids, quantize_int4
 from engine.hardware import INT8_KERNELS, default_int8_kernel
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
 KERNELS_VERSION = 9                 # part of the cached forward-cost key: bump when the layers change
-INT4_GROUP_SIZE = 32
-MIN_FRACTION_ON_GRID = 0.9          # int4-mixed: a layer is 4-bit when this share of its groups lie on a grid
-_ON_GRID_RESIDUAL = 0.1             # a group is on its grid when every weight is within 0.1 step of a level
-_INT4_ROWS_PER_CHUNK = 4096         # rows quantized at a time (bounds the memory of the output layer's)
 _INT4_INNER_K_TILES = 2
 _DIGIT_MAX = 63                     # 7-bit signed digit
 _DIGIT_BASE = 2 * _DIGIT_MAX        # second digit resolution: 1/126 of the first's step
@@ -185,39 +182,6 @@ class PackedWeightOnlyLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}"
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """w[N, K] float -> (q[N, K] int32 in [0, 15], steps[N, K/32], minimums[N, K/32], fraction on grid).
-
-    Per group of 32 along K, two candidate grids w ~ min + q * s: min/max (s = (max - min) / 15) and
-    the grid the weights already lie on (s = the smallest gap between distinct weights, stretched
-    to a whole number of steps <= 15 between min and max); each group takes the one that fits it
-    better. "On grid": every weight of the group within 0.1 step of a level.
-    """
-    chunks = [_quantize_int4_rows(rows) for rows in weight.split(_INT4_ROWS_PER_CHUNK)]
-    q, steps, minimums = (torch.cat([c[i] for c in chunks]) for i in range(3))
-    fraction_on_grid = sum(c[3] for c in chunks) / (q.numel() // INT4_GROUP_SIZE)
-    return q, steps, minimums, fraction_on_grid
-
-
-def _quantize_int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    n, k = weight.shape
-    groups = weight.float().reshape(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)    # [N, G, 32]
-    ordered = groups.sort(dim=2).values
-    w_min, span = ordered[..., :1], ordered[..., -1:] - ordered[..., :1]          # [N, G, 1]
-    gaps = ordered.diff(dim=2)
-    gaps = torch.where(gaps > span * 1e-3, gaps, torch.full_like(gaps, float("inf")))
-    num_steps = torch.round(span / gaps.amin(dim=2, keepdim=True)).clamp(1, 15)  # inf gap (constant group) -> 1
-    candidates = torch.stack([span / 15.0, span / num_steps]).clamp(min=1e-8)     # [2, N, G, 1]
-    levels = (groups - w_min) / candidates                                        # [2, N, G, 32]
-    residual = (levels - torch.round(levels)).abs().amax(dim=3, keepdim=True)
-    residual = torch.where(torch.round(levels).amax(dim=3, keepdim=True) <= 15, residual, float("inf"))
-    best = residual.argmin(dim=0, keepdim=True)                                   # [1, N, G, 1]
-    scales = candidates.gather(0, best)[0]                                        # [N, G, 1]
-    q = torch.clamp(torch.round((groups - w_min) / scales), 0, 15).to(torch.int32).reshape(n, k)
-    num_on_grid = int((residual.gather(0, best) <= _ON_GRID_RESIDUAL).sum())
-    return q, scales[..., 0], w_min[..., 0], num_on_grid
-
-
 def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = None,
                    is_draft: bool = False) -> nn.Module | None:
     """The quantized replacement of `linear`, or None where the kernels cannot take its shape.
@@ -236,6 +200,8 @@ def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = Non
         on_q4_kernel = not linear.weight.is_cuda and quant_q4.available()      # any N; aten's needs N % 8 == 0
         if in_features % (INT4_GROUP_SIZE * 2) or (out_features % 8 and not on_q4_kernel):
             return None if scheme == "int4" else make_quantized(linear, "int8", int8_kernel)
+        if scheme == "int4-mixed" and not may_lie_on_4bit_grids(linear.weight):
+            return make_quantized(linear, "int8", int8_kernel)
         int4_groups = quantize_int4(linear.weight.detach())
         if scheme == "int4-mixed" and int4_groups[3] < MIN_FRACTION_ON_GRID:
             return make_quantized(linear, "int8", int8_kernel)    # not 4-bit weights: keep them finer
@@ -283,6 +249,8 @@ def _fused_int4(members: list[nn.Linear], combined: nn.Linear, scheme: str, int8
     where none is, and None (no fusion: each member on its own) where only some are."""
     if combined.in_features % (INT4_GROUP_SIZE * 2):
         return make_quantized(combined, "int8", int8_kernel) if scheme == "int4-mixed" else None
+    if scheme == "int4-mixed" and not any(may_lie_on_4bit_grids(member.weight) for member in members):
+        return make_quantized(combined, "int8", int8_kernel)
     groups = [quantize_int4(member.weight.detach()) for member in members]
     on_grid = [fraction >= MIN_FRACTION_ON_GRID for *_, fraction in groups]
     if scheme == "int4" or all(on_grid):

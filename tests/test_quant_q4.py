@@ -8,8 +8,8 @@ from torch import nn
 
 from engine import quant_q4
 from engine.quant_q4 import Q4Linear, pack_int4, unpack_int4
-from engine.quantization import (Int8DynamicLinear, PackedWeightOnlyLinear, SliceOfGroup, make_quantized,
-                                 quantize_int4, quantize_model)
+from engine.int4_grids import quantize_int4
+from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, SliceOfGroup, make_quantized, quantize_model
 
 needs_kernel = pytest.mark.skipif(not quant_q4.available(), reason=f"q4 kernel: {quant_q4.unavailable_reason()}")
 

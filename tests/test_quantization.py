@@ -13,8 +13,8 @@ from torch import nn
 
 from engine.hardware import INT8_KERNELS
 from engine.quant_q4 import Q4Linear
-from engine.quantization import (INT4_GROUP_SIZE, Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized,
-                                 quantize_int4, quantize_model)
+from engine.int4_grids import INT4_GROUP_SIZE, quantize_int4
+from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized, quantize_model
 
 SCHEMES = ["int8", "int8-fast", "int4", "int4-mixed"]
 SCHEME_KERNELS = [(scheme, kernel) for scheme in SCHEMES for kernel in INT8_KERNELS
