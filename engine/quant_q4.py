@@ -4,9 +4,10 @@
     y = layer(x)                                             # x [..., K] -> y [..., N], fp32 inside
 
 Why: a one-token forward streams every weight once, so its time is bytes / memory bandwidth. This
-layer reads 5 bits per weight (4 + a fp16 step and minimum per 32) against fbgemm's 8, with fp32
-activations (no activation rounding at all), and on AVX2 keeps its arithmetic below the stream;
-aten's int4 CPU kernel reads 4.5 bits but is compute-bound there. The C file is compiled on first
+layer reads 5 bits per weight (4 + a fp16 step and minimum per 32) against fbgemm's 8, takes each
+row's activations as 15-bit integers on the row's own scale (finer than bf16; the int8 layer's two
+digits give ~14 bits), and sums each group exactly in int32; aten's int4 CPU kernel reads 4.5 bits
+but is compute-bound on AVX2 (3-4x fbgemm's time). The C file is compiled on first
 use with the machine's C compiler (`cc`, ~1 s) into `~/.cache/amusd/kernels/`; where there is no
 compiler, no AVX2 / FMA / F16C, or the build fails, `available()` says why and `int4` takes aten's
 kernel instead (engine/quantization.py).
@@ -61,11 +62,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
                 built = Path(scratch) / library.name
                 result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)],
-                                        capture_output=True, text=True)
+                                        capture_output=True, text=True, timeout=300)
                 if result.returncode != 0:
                     return None, f"{compiler} failed: {result.stderr.strip()[-500:]}"
                 os.replace(built, library)      # atomic: concurrent workers never load a half-written file
-        except OSError as error:
+        except (OSError, subprocess.TimeoutExpired) as error:
             return None, f"cannot build into {library.parent}: {error}"
     logger.debug("4-bit kernel: %s", library)
     lib = ctypes.CDLL(str(library))
@@ -110,6 +111,8 @@ class Q4Linear(nn.Module):
         super().__init__()
         q, steps, mins = int4_groups[:3]
         self.out_features, self.in_features = q.shape
+        if self.in_features % (2 * GROUP_SIZE):
+            raise ValueError(f"the 4-bit kernel takes K in whole pairs of groups (a multiple of 64), got {self.in_features}")
         self.register_buffer("packed", pack_int4(q))
         self.register_buffer("steps", steps.to(torch.float16).contiguous())
         self.register_buffer("mins", mins.to(torch.float16).contiguous())
@@ -131,9 +134,12 @@ class Q4Linear(nn.Module):
         rows = rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
         num_rows = rows.shape[0]
         y = torch.empty(num_rows, self.out_features)
-        self._lib.q4_matmul(rows.data_ptr(), num_rows, self.in_features, self.packed.data_ptr(), self.steps.data_ptr(),
-                            self.mins.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-                            y.data_ptr(), self.out_features)
+        status = self._lib.q4_matmul(rows.data_ptr(), num_rows, self.in_features, self.packed.data_ptr(),
+                                     self.steps.data_ptr(), self.mins.data_ptr(),
+                                     None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), self.out_features)
+        if status != 0:
+            raise RuntimeError(f"q4_matmul failed ({'out of memory' if status == -2 else 'bad sizes'}): "
+                               f"{num_rows} x {self.in_features} by {self.out_features}")
         return (y if dtype == torch.float32 else y.to(dtype)).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -108,6 +108,13 @@ def test_int4_mixed_fuses_only_4bit_siblings(tmp_path):
             assert float((got - expected).norm() / expected.norm()) < 0.01, name
 
 
+@needs_kernel
+def test_a_shape_the_kernel_cannot_take_is_refused_with_a_reason():
+    linear = nn.Linear(96, 8)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Q4Linear(linear, quantize_int4(linear.weight.detach()))
+
+
 def test_int4_takes_atens_kernel_where_this_one_cannot_run(monkeypatch):
     monkeypatch.setattr(quant_q4, "available", lambda: False)
     assert isinstance(make_quantized(_on_4bit_grids(256, 64), "int4"), PackedWeightOnlyLinear)
