@@ -5,8 +5,8 @@
 
 Why: a one-token forward streams every weight once, so its time is bytes / memory bandwidth. This
 layer reads 5 bits per weight (4 + a fp16 step and minimum per 32) against fbgemm's 8, takes each
-row's activations as 15-bit integers on the row's own scale (finer than bf16; the int8 layer's two
-digits give ~14 bits), and sums each group exactly in int32; aten's int4 CPU kernel reads 4.5 bits
+group of 32 activations of a row as int8 on the group's own scale (llama.cpp's Q8 activations take
+one scale per 256), and sums each group exactly in integers; aten's int4 CPU kernel reads 4.5 bits
 but is compute-bound on AVX2 (3-4x fbgemm's time). The C file is compiled on first
 use with the machine's C compiler (`cc`, ~1 s) into `~/.cache/amusd/kernels/`; where there is no
 compiler, no AVX2 / FMA / F16C, or the build fails, `available()` says why and `int4` takes aten's
@@ -38,6 +38,7 @@ SOURCE = Path(__file__).with_name("kernels") / "q4_matmul.c"
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-lm")
 GROUP_SIZE = 32
+BLOCK_ROWS = 8                         # outputs the kernel computes side by side
 
 
 def kernel_cache_dir() -> Path:
@@ -86,21 +87,35 @@ def available() -> bool:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] ints in [0, 15] -> [N, K / 2] uint8, the kernel's layout: per 64 weights, 16 little-endian
-    16-bit lanes, lane l = q[l] | q[16 + l] << 4 | q[32 + l] << 8 | q[48 + l] << 12."""
+    """q [N, K] ints in [0, 15] -> [N / 8, 4 K] uint8, the kernel's layout: per block of 8 outputs and
+    group g of 32, 4 x 32 bytes; byte (t, o, j) = q[o, 32 g + 8 t + j] | q[o, 32 g + 8 t + 4 + j] << 4."""
     n, k = q.shape
-    quarters = q.to(torch.uint8).reshape(n, k // 64, 4, 16)                      # [N, pairs, i, l]
-    low_bytes = quarters[:, :, 0] | quarters[:, :, 1] << 4                        # lane l's first byte
-    high_bytes = quarters[:, :, 2] | quarters[:, :, 3] << 4
-    return torch.stack([low_bytes, high_bytes], dim=3).reshape(n, k // 2).contiguous()
+    nibbles = q.to(torch.uint8).reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // GROUP_SIZE, 4, 2, 4)   # [b, o, g, t, h, j]
+    nibbles = nibbles.permute(0, 2, 3, 1, 5, 4)                                                 # [b, g, t, o, j, h]
+    return (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(n // BLOCK_ROWS, 4 * k).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """pack_int4's inverse: [N, K / 2] uint8 -> q [N, K] uint8."""
-    n, half_k = packed.shape
-    lanes = packed.reshape(n, half_k // 32, 16, 2)                                # [N, pairs, l, byte]
-    quarters = torch.stack([lanes[..., 0] & 15, lanes[..., 0] >> 4, lanes[..., 1] & 15, lanes[..., 1] >> 4], dim=2)
-    return quarters.reshape(n, half_k * 2)
+    """pack_int4's inverse: [N / 8, 4 K] uint8 -> q [N, K] uint8."""
+    num_blocks, width = packed.shape
+    k = width // 4
+    bytes_ = packed.reshape(num_blocks, k // GROUP_SIZE, 4, BLOCK_ROWS, 4)                       # [b, g, t, o, j]
+    nibbles = torch.stack([bytes_ & 15, bytes_ >> 4], dim=-1)                                   # [b, g, t, o, j, h]
+    return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(num_blocks * BLOCK_ROWS, k)
+
+
+def interleave_blocks(per_group: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> [N / 8, G, 8]: each block's 8 outputs side by side per group (steps, minimums)."""
+    n, g = per_group.shape
+    return per_group.reshape(n // BLOCK_ROWS, BLOCK_ROWS, g).transpose(1, 2).contiguous()
+
+
+def can_take(out_features: int, in_features: int) -> str | None:
+    """Why the kernel cannot take an [out, in] weight (None if it can): K must be whole groups of 32
+    (N is padded to whole blocks of 8 outputs by Q4Linear)."""
+    if in_features % GROUP_SIZE:
+        return f"the 4-bit kernel takes K in whole groups of {GROUP_SIZE}, got K={in_features}"
+    return None
 
 
 class Q4Linear(nn.Module):
@@ -111,35 +126,52 @@ class Q4Linear(nn.Module):
         super().__init__()
         q, steps, mins = int4_groups[:3]
         self.out_features, self.in_features = q.shape
-        if self.in_features % (2 * GROUP_SIZE):
-            raise ValueError(f"the 4-bit kernel takes K in whole pairs of groups (a multiple of 64), got {self.in_features}")
-        self.register_buffer("packed", pack_int4(q))
-        self.register_buffer("steps", steps.to(torch.float16).contiguous())
-        self.register_buffer("mins", mins.to(torch.float16).contiguous())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().contiguous(),
-                                                                 requires_grad=False)
+        reason = can_take(self.out_features, self.in_features)
+        if reason:
+            raise ValueError(reason)
+        num_padding = -self.out_features % BLOCK_ROWS             # outputs of q = step = min = 0, sliced off
+        self.num_kernel_outputs = self.out_features + num_padding
+        def padded(per_row: torch.Tensor) -> torch.Tensor:
+            return torch.cat([per_row, per_row.new_zeros(num_padding, per_row.shape[1])]) if num_padding else per_row
+        self.register_buffer("packed", pack_int4(padded(q)))                                       # [N / 8, 4 K]
+        self.register_buffer("steps", interleave_blocks(padded(steps.to(torch.float16))))          # [N / 8, G, 8]
+        self.register_buffer("mins", interleave_blocks(padded(mins.to(torch.float16))))
+        bias = None if linear.bias is None else padded(linear.bias.detach().float()[:, None])[:, 0].contiguous()
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._lib = _load()[0]
         if self._lib is None:
             raise RuntimeError(f"the 4-bit CPU kernel cannot run here: {_load()[1]}")
+        self._weight_pointers: tuple | None = None      # the buffers' addresses, taken once per placement
+
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_pointers = None                    # .to() / share_memory() may move the buffers
+        return super()._apply(fn, *args, **kwargs)
 
     def dequantized_weight(self) -> torch.Tensor:
         """W [N, K] fp32, as the kernel sees it (for tests and quality checks)."""
-        q = unpack_int4(self.packed)
-        step = self.steps.float().repeat_interleave(GROUP_SIZE, dim=1)
-        return q.float() * step + self.mins.float().repeat_interleave(GROUP_SIZE, dim=1)
+        def per_weight(per_block: torch.Tensor) -> torch.Tensor:                         # [N / 8, G, 8] -> [N, K]
+            per_group = per_block.float().transpose(1, 2).reshape(self.num_kernel_outputs, -1)
+            return per_group.repeat_interleave(GROUP_SIZE, dim=1)
+        weight = unpack_int4(self.packed).float() * per_weight(self.steps) + per_weight(self.mins)
+        return weight[:self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, self.in_features)
         rows = rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
         num_rows = rows.shape[0]
-        y = torch.empty(num_rows, self.out_features)
-        status = self._lib.q4_matmul(rows.data_ptr(), num_rows, self.in_features, self.packed.data_ptr(),
-                                     self.steps.data_ptr(), self.mins.data_ptr(),
-                                     None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), self.out_features)
+        if self._weight_pointers is None:
+            self._weight_pointers = (self.packed.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(),
+                                     None if self.bias is None else self.bias.data_ptr())
+        packed, steps, mins, bias = self._weight_pointers
+        y = torch.empty(num_rows, self.num_kernel_outputs)
+        status = self._lib.q4_matmul(rows.data_ptr(), num_rows, self.in_features, packed, steps, mins, bias,
+                                     y.data_ptr(), self.num_kernel_outputs)
         if status != 0:
             raise RuntimeError(f"q4_matmul failed ({'out of memory' if status == -2 else 'bad sizes'}): "
                                f"{num_rows} x {self.in_features} by {self.out_features}")
+        if self.num_kernel_outputs != self.out_features:
+            y = y[:, :self.out_features].contiguous()
         return (y if dtype == torch.float32 else y.to(dtype)).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -13,9 +13,9 @@ Schemes (`verify_quantization` / `draft_quantization`):
                Accuracy of int8 weight-only (KL to fp32 ~1e-3 on the 1.5B), about 1.6x faster.
     int8-fast  the same with one 7-bit digit (a only): ~2x faster than `int8` at k = 8 tokens but
                lossier (KL ~3e-2): meant for the draft, whose errors only cost acceptance.
-    int4       weight-only, groups of 32 along K. On CPUs with AVX2 / FMA / F16C: the project's kernel
-               (engine/quant_q4.py: fp16 step and minimum per group, 16-bit per-row activations,
-               5 bits per weight read); elsewhere `_weight_int4pack_mm_for_cpu` / CUDA tinygemm
+    int4       4-bit weights, groups of 32 along K. On CPUs with AVX2 / FMA / F16C: the project's kernel
+               (engine/quant_q4.py: fp16 step and minimum per group, 5 bits per weight read; each
+               group of 32 activations int8 on its own scale, as llama.cpp's Q8); elsewhere `_weight_int4pack_mm_for_cpu` / CUDA tinygemm
                (bf16 scales, bf16 activations). Each group's grid is the 4-bit grid its weights
                already lie on where they do (the default pair's weights are dequantized Q4_K_M
                blocks: 32 weights, one step and one minimum each, so int4 re-encodes those exactly
@@ -51,7 +51,7 @@ from engine.int4_grids import INT4_GROUP_SIZE, MIN_FRACTION_ON_GRID, may_lie_on_
 from engine.hardware import INT8_KERNELS, default_int8_kernel
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
-KERNELS_VERSION = 9                 # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 10                # part of the cached forward-cost key: bump when the layers change
 _INT4_INNER_K_TILES = 2
 _DIGIT_MAX = 63                     # 7-bit signed digit
 _DIGIT_BASE = 2 * _DIGIT_MAX        # second digit resolution: 1/126 of the first's step
@@ -197,20 +197,38 @@ def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = Non
             return Nf4WithWideTwin(Nf4Linear(linear), make_quantized(linear, "int8-fast", int8_kernel))
         return Nf4Linear(linear)
     if scheme in ("int4", "int4-mixed"):
-        on_q4_kernel = not linear.weight.is_cuda and quant_q4.available()      # any N; aten's needs N % 8 == 0
-        if in_features % (INT4_GROUP_SIZE * 2) or (out_features % 8 and not on_q4_kernel):
-            return None if scheme == "int4" else make_quantized(linear, "int8", int8_kernel)
-        if scheme == "int4-mixed" and not may_lie_on_4bit_grids(linear.weight):
-            return make_quantized(linear, "int8", int8_kernel)
-        int4_groups = quantize_int4(linear.weight.detach())
-        if scheme == "int4-mixed" and int4_groups[3] < MIN_FRACTION_ON_GRID:
-            return make_quantized(linear, "int8", int8_kernel)    # not 4-bit weights: keep them finer
-        if on_q4_kernel:
-            return quant_q4.Q4Linear(linear, int4_groups)
-        return PackedWeightOnlyLinear(linear, "int4", int4_groups)
+        return _int4_or_int8(linear, scheme, int8_kernel)
     if linear.weight.is_cuda:
         return PackedWeightOnlyLinear(linear, "int8")
     return Int8DynamicLinear(linear, num_digits=2 if scheme == "int8" else 1, kernel=int8_kernel)
+
+
+def _int4_refusal(linear: nn.Linear) -> str | None:
+    """Why the int4 kernel this weight would run on cannot take its shape (None if it can)."""
+    out_features, in_features = linear.weight.shape
+    if not linear.weight.is_cuda and quant_q4.available():
+        return quant_q4.can_take(out_features, in_features)
+    multiple = 8 if linear.weight.is_cuda else 16
+    if in_features % (2 * INT4_GROUP_SIZE) or out_features % multiple:
+        return f"aten's int4 kernels take K % 64 == 0 and N % {multiple} == 0, got K={in_features}, N={out_features}"
+    return None
+
+
+def _int4_or_int8(linear: nn.Linear, scheme: str, int8_kernel: str | None, int4_groups: tuple | None = None) -> nn.Module | None:
+    """The int4 layer where a kernel takes the shape (and, under int4-mixed, where the weights lie on
+    4-bit grids); otherwise int8 under int4-mixed and None under int4. int4_groups: quantize_int4's
+    answer for this weight if the caller has it."""
+    def fallback() -> nn.Module | None:
+        return None if scheme == "int4" else make_quantized(linear, "int8", int8_kernel)
+    if _int4_refusal(linear) or (scheme == "int4-mixed" and int4_groups is None
+                                 and not may_lie_on_4bit_grids(linear.weight)):
+        return fallback()
+    int4_groups = int4_groups or quantize_int4(linear.weight.detach())
+    if scheme == "int4-mixed" and int4_groups[3] < MIN_FRACTION_ON_GRID:
+        return fallback()                      # not 4-bit weights (a Q6_K tensor): keep them finer
+    if not linear.weight.is_cuda and quant_q4.available():
+        return quant_q4.Q4Linear(linear, int4_groups)
+    return PackedWeightOnlyLinear(linear, "int4", int4_groups)
 
 
 class SharedInputGroup:
@@ -244,18 +262,23 @@ class SliceOfGroup(nn.Module):
         return self._group.output_for(x)[..., self.start:self.stop]
 
 
-def _fused_int4(members: list[nn.Linear], combined: nn.Linear, scheme: str, int8_kernel: str | None) -> nn.Module | None:
-    """The AVX2 4-bit kernel's fused layer for siblings on 4-bit grids; under int4-mixed, an int8 one
-    where none is, and None (no fusion: each member on its own) where only some are."""
-    if combined.in_features % (INT4_GROUP_SIZE * 2):
-        return make_quantized(combined, "int8", int8_kernel) if scheme == "int4-mixed" else None
+def _int4_siblings(members: list[nn.Linear], combined: nn.Linear, scheme: str,
+                   int8_kernel: str | None) -> nn.Module | list[nn.Module | None] | None:
+    """int4 / int4-mixed for siblings: one fused layer where all of them (or, under int4-mixed, none
+    of them) lie on 4-bit grids; else each member's own layer, from the grids already found (so q
+    and k stay 4-bit beside an int8 v, and nothing is quantized twice)."""
     if scheme == "int4-mixed" and not any(may_lie_on_4bit_grids(member.weight) for member in members):
         return make_quantized(combined, "int8", int8_kernel)
     groups = [quantize_int4(member.weight.detach()) for member in members]
     on_grid = [fraction >= MIN_FRACTION_ON_GRID for *_, fraction in groups]
+    if scheme == "int4-mixed" and not any(on_grid):
+        return make_quantized(combined, "int8", int8_kernel)
     if scheme == "int4" or all(on_grid):
-        return quant_q4.Q4Linear(combined, tuple(torch.cat([g[i] for g in groups]) for i in range(3)))
-    return None if any(on_grid) else make_quantized(combined, "int8", int8_kernel)
+        fused_groups = (*(torch.cat([g[i] for g in groups]) for i in range(3)), min(g[3] for g in groups))
+        fused = _int4_or_int8(combined, scheme, int8_kernel, fused_groups)
+        if fused is not None:
+            return fused
+    return [_int4_or_int8(member, scheme, int8_kernel, g) for member, g in zip(members, groups)]
 
 
 def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None, is_draft: bool) -> int:
@@ -276,9 +299,15 @@ def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None, 
                     combined.bias.copy_(torch.cat([m.bias.float() if m.bias is not None else
                                                    torch.zeros(m.out_features) for m in members]))
             if scheme.startswith("int4"):
-                fused = _fused_int4(members, combined, scheme, int8_kernel)
+                fused = _int4_siblings(members, combined, scheme, int8_kernel)
             else:
                 fused = make_quantized(combined, scheme, int8_kernel, is_draft)
+            if isinstance(fused, list):                 # each member its own layer
+                for name, layer in zip(names, fused):
+                    if layer is not None:
+                        setattr(parent, name, layer)
+                        num_replaced += 1
+                continue
             if fused is None:
                 continue
             group, start = SharedInputGroup(fused), 0

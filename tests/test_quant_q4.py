@@ -1,4 +1,4 @@
-"""engine/quant_q4.py + engine/kernels/q4_matmul.c: the AVX2 4-bit layer is exact to its documented
+"""engine/quant_q4.py + engine/kernels/q4_matmul.c: the AVX2 4-bit layer computes its documented
 arithmetic, row-independent bit for bit, and taken by `int4` / `int4-mixed` on CPU where it builds."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine import quant_q4
+from engine import quant_q4, quantization
 from engine.quant_q4 import Q4Linear, pack_int4, unpack_int4
 from engine.int4_grids import quantize_int4
 from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, SliceOfGroup, make_quantized, quantize_model
@@ -29,14 +29,35 @@ def _on_4bit_grids(in_features: int = 256, out_features: int = 40, bias: bool = 
     return linear
 
 
-def test_packing_round_trips_and_puts_16_weights_per_nibble_plane():
-    q = torch.randint(0, 16, (3, 128))
+def test_packing_round_trips_and_puts_8_outputs_side_by_side():
+    q = torch.randint(0, 16, (16, 64))
     packed = pack_int4(q)
-    assert packed.shape == (3, 64) and packed.dtype == torch.uint8
+    assert packed.shape == (2, 256) and packed.dtype == torch.uint8                # [N / 8, 4 K]
     assert torch.equal(unpack_int4(packed).long(), q)
-    lanes = packed[0, :32].view(torch.int16).to(torch.int32) & 0xFFFF          # the first pair's 16 lanes
-    for i in range(4):
-        assert torch.equal((lanes >> 4 * i) & 15, q[0, 16 * i:16 * i + 16].int())
+    group = packed[1, 128:256].long().reshape(4, 8, 4)                           # block 1 (outputs 8..15), group 1
+    for t in range(4):
+        for o in range(8):
+            assert torch.equal(group[t, o] & 15, q[8 + o, 32 + 8 * t:32 + 8 * t + 4])
+            assert torch.equal(group[t, o] >> 4, q[8 + o, 32 + 8 * t + 4:32 + 8 * t + 8])
+
+
+def _weight_parts(layer: Q4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(steps * (q - 8), mins + 8 steps) [N, K] float64: the centred levels and the centres."""
+    def per_weight(per_block: torch.Tensor) -> torch.Tensor:
+        per_group = per_block.double().transpose(1, 2).reshape(layer.num_kernel_outputs, -1)[:layer.out_features]
+        return per_group.repeat_interleave(32, dim=1)
+    centres = per_weight(layer.mins) + 8 * per_weight(layer.steps)
+    return layer.dequantized_weight().double() - centres, centres
+
+
+def _documented_arithmetic(layer: Q4Linear, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's sums in float64: the centred levels times each group of 32 activations as int8 on
+    its own scale, plus the centres times the exact activations."""
+    groups = x.double().reshape(x.shape[0], -1, 32)                               # [M, G, 32]
+    scales = groups.abs().amax(dim=2, keepdim=True) / 127
+    a = torch.where(scales > 0, groups / scales, torch.zeros_like(groups)).round().clamp(-127, 127)
+    centred, centres = _weight_parts(layer)
+    return (a * scales).reshape(x.shape) @ centred.T + x.double() @ centres.T + layer.bias.double()[:layer.out_features]
 
 
 @needs_kernel
@@ -48,16 +69,18 @@ def test_output_is_the_dequantized_weights_times_the_input():
     fp16_rounding = (q.reshape(40, 8, 32) * steps[..., None] + minimums.abs()[..., None]).reshape(40, 256) * 2 ** -11
     assert ((layer.dequantized_weight() - linear.weight).abs() <= fp16_rounding + 1e-9).all()   # on-grid weights
     x = torch.randn(5, 256) * torch.logspace(-3, 2, 256)                         # channels of very different sizes
+    x[0, :32] = 0                                                                 # a group of zeros (scale 0)
     with torch.inference_mode():
-        y = layer(x)
-        reference = x.double() @ layer.dequantized_weight().double().T + linear.bias.double()
-    # 16-bit activations on each row's own scale: error <= |W| . |x - s a| <= sum |W| * s / 2
-    bound = layer.dequantized_weight().double().abs().sum(dim=1) * (x.abs().amax(dim=1, keepdim=True).double() / 32767) / 2
-    assert ((y.double() - reference).abs() <= bound + 1e-5).all()
+        y = layer(x).double()
+    assert torch.allclose(y, _documented_arithmetic(layer, x), rtol=1e-5, atol=1e-5)
+    # and so within the activations' rounding of the exact product: |steps (q - 8)| . |x - s a| <= ... s / 2
+    exact = x.double() @ layer.dequantized_weight().double().T + linear.bias.double()
+    half_steps = (x.double().reshape(5, 8, 32).abs().amax(dim=2) / 127 / 2).repeat_interleave(32, dim=1)
+    assert ((y - exact).abs() <= half_steps @ _weight_parts(layer)[0].abs().T + 1e-5).all()
 
 
 @needs_kernel
-@pytest.mark.parametrize("in_features", [128, 320, 512])          # G = 4 (tail only), 10, 16 groups
+@pytest.mark.parametrize("in_features", [32, 320, 512])           # G = 1, 10, 16 groups
 def test_each_output_row_depends_on_its_own_input_row_only(in_features):
     layer = make_quantized(_on_4bit_grids(in_features, 24), "int4")
     x = torch.randn(11, in_features) * torch.logspace(-2, 1, 11)[:, None]
@@ -72,7 +95,7 @@ def test_each_output_row_depends_on_its_own_input_row_only(in_features):
 
 @needs_kernel
 def test_threads_do_not_change_the_bits():
-    layer = make_quantized(_on_4bit_grids(256, 100), "int4")
+    layer = make_quantized(_on_4bit_grids(256, 104), "int4")
     x = torch.randn(6, 256)
     threads = torch.get_num_threads()
     try:
@@ -87,7 +110,9 @@ def test_threads_do_not_change_the_bits():
 
 
 @needs_kernel
-def test_int4_mixed_fuses_only_4bit_siblings(tmp_path):
+def test_int4_mixed_fuses_only_4bit_siblings(monkeypatch):
+    num_quantized = []
+    monkeypatch.setattr(quantization, "quantize_int4", lambda w: num_quantized.append(1) or quantize_int4(w))
     attention = nn.Module()
     attention.q_proj, attention.k_proj = _on_4bit_grids(256, 64, seed=1), _on_4bit_grids(256, 32, seed=2)
     attention.v_proj = nn.Linear(256, 32)                                        # off any grid (a Q6_K tensor)
@@ -103,6 +128,7 @@ def test_int4_mixed_fuses_only_4bit_siblings(tmp_path):
         assert isinstance(mlp.gate_proj, SliceOfGroup) and isinstance(mlp.gate_proj.group_fused, Q4Linear)
         assert isinstance(attention.q_proj, Q4Linear) and isinstance(attention.k_proj, Q4Linear)
         assert isinstance(attention.v_proj, Int8DynamicLinear)
+        assert len(num_quantized) == 5                                           # each member's grids found once
         for parent, name in ((attention, "q_proj"), (attention, "v_proj"), (mlp, "gate_proj"), (mlp, "up_proj")):
             got, expected = getattr(parent, name)(x), reference[name]
             assert float((got - expected).norm() / expected.norm()) < 0.01, name
@@ -110,9 +136,23 @@ def test_int4_mixed_fuses_only_4bit_siblings(tmp_path):
 
 @needs_kernel
 def test_a_shape_the_kernel_cannot_take_is_refused_with_a_reason():
-    linear = nn.Linear(96, 8)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        Q4Linear(linear, quantize_int4(linear.weight.detach()))
+    linear = nn.Linear(80, 8)                                                     # K not whole groups of 32
+    with pytest.raises(ValueError, match="whole groups of 32"):
+        Q4Linear(linear, (torch.zeros(8, 80, dtype=torch.int32), None, None))
+    assert make_quantized(linear, "int4") is None
+    assert isinstance(make_quantized(linear, "int4-mixed"), Int8DynamicLinear)
+
+
+@needs_kernel
+def test_outputs_past_whole_blocks_of_8_are_padded_and_sliced_off():
+    linear = _on_4bit_grids(64, 21)
+    layer = make_quantized(linear, "int4")
+    assert isinstance(layer, Q4Linear) and layer.num_kernel_outputs == 24
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.shape == (3, 21) and y.is_contiguous()
+    assert torch.allclose(y.double(), _documented_arithmetic(layer, x), rtol=1e-5, atol=1e-5)
 
 
 def test_int4_takes_atens_kernel_where_this_one_cannot_run(monkeypatch):

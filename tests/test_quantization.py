@@ -120,7 +120,9 @@ def test_int4_mixed_keeps_4bit_layers_int4_and_the_others_int8():
         reference = linear(x)
         errors = {scheme: float((make_quantized(linear, scheme)(x) - reference).norm() / reference.norm())
                   for scheme in ("int4-mixed", "int8")}
-    assert errors["int4-mixed"] < 0.01 and errors["int4-mixed"] < errors["int8"], errors   # only activation rounding left
+    # the weights are re-encoded exactly (tests/test_quant_q4.py); what is left is the activations'
+    # rounding (int8 per group of 32 on the AVX2 kernel, bf16 on aten's), about int8's own error
+    assert errors["int4-mixed"] < 0.01 and errors["int4-mixed"] < 1.25 * errors["int8"], errors
 
 
 def test_int4_skips_shapes_the_kernel_cannot_take():
@@ -204,8 +206,9 @@ def test_matmul_cost_times_one_layer_under_every_kernel(monkeypatch):
         reference = linear(x)
         for name, kernel in matmul_cost.layer_kernels(linear).items():
             error = (kernel(x).float() - reference).abs().max() / reference.abs().max()
-            assert error < (0.05 if name == "int8-fast" else 0.01), name
+            tolerance = {"int8-fast": 0.05, "int4": 0.1}.get(name, 0.01)    # int4: 16 levels on random weights
+            assert error < tolerance, (name, error)
     monkeypatch.setattr(matmul_cost, "NUM_CALLS", 2)
     costs = matmul_cost.layer_costs(64, 32)
-    assert set(costs) == {"int8", "int8-fast", "int8-onednn", "int8-wo", "fp32"}
+    assert set(costs) == {"int8", "int8-fast", "int8-onednn", "int8-wo", "int4", "fp32"}
     assert all(set(by_rows) == set(matmul_cost.ROWS) and min(by_rows.values()) > 0 for by_rows in costs.values())
