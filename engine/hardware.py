@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import platform
+from typing import Callable
 
 X86_64_MACHINES = ("x86_64", "amd64", "AMD64")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -81,11 +82,11 @@ def resolve_dtype(dtype: str, device: str, quantization: str = "none") -> tuple[
 
 
 def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
-                         has_q4_kernel: bool = False) -> tuple[str, str]:
+                         q4_kernel_available: Callable[[], bool] = lambda: False) -> tuple[str, str]:
     """(concrete scheme, why) for a configured quantization of the verify or draft model.
 
-    has_q4_kernel: the AVX2 4-bit kernel built here (engine.quant_q4.available(); the caller asks,
-    since building it needs torch and a compiler)."""
+    q4_kernel_available: whether the AVX2 4-bit kernel builds here (engine.quant_q4.available, which
+    needs torch and a compiler); asked only where the answer decides."""
     if quantization != "auto":
         return quantization, "set in the configuration"
     if dtype == "float64":
@@ -96,7 +97,7 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
         if nf4_unavailable_reason("nf4", device) is None:
             return "nf4", "CPU draft with AVX512_BF16: NF4 reads half int8's bytes (its errors only cost acceptance)"
         return "int8-fast", "CPU draft: the fastest int8 scheme (its errors only cost acceptance)"
-    if has_q4_kernel and is_avx2_class():
+    if is_avx2_class() and q4_kernel_available():
         return "int4-mixed", ("AVX2-class CPU verify: 4-bit-grid layers (a Q4_K GGUF's) re-encoded exactly on the "
                               "AVX2 4-bit kernel (5 bits per weight against int8's 8), int8 for the rest")
     return "int8", "CPU verify: W8A8 with per-token ~14-bit activations (int8 weight-only accuracy)"
@@ -104,8 +105,8 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
 
 def is_avx2_class() -> bool:
     """AVX2 / FMA / F16C and nothing wider (no AVX-512, no AMX): where the 4-bit kernel was measured
-    to beat fbgemm's int8 at every batch size (Zen 1 EPYC, 2 threads: a 1536 x 17920 matmul 1.64 vs
-    2.18 ms at one token, 9.3 vs 13.1 ms at 8). With AVX-512 VNNI or AMX the int8 kernels batch far
+    to beat fbgemm's int8 at every batch size (Zen 1 EPYC, 2 threads: a 1536 x 17920 matmul 1.22 vs
+    2.17 ms at one token, 5.8 vs 12.6 ms at 8). With AVX-512 VNNI or AMX the int8 kernels batch far
     better and the 4-bit one (AVX2 code) was not measured there, so `auto` keeps int8."""
     flags = cpu_flags()
     return all(flag in flags for flag in Q4_KERNEL_FLAGS) and not any(

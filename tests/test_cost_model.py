@@ -132,9 +132,10 @@ def test_quantization_auto(monkeypatch):
     ({"avx", "sse4_2"}, True, "int8")])
 def test_quantization_auto_takes_the_4bit_kernel_on_avx2_class_cpus(monkeypatch, flags, has_kernel, expected):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-    assert hardware.resolve_quantization("auto", "cpu", "float32", "verify", has_kernel)[0] == expected
-    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft", has_kernel)[0] == "int8-fast"
-    assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify", has_kernel)[0] == "none"
+    kernel_available = lambda: has_kernel                                                 # noqa: E731
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "verify", kernel_available)[0] == expected
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft", kernel_available)[0] == "int8-fast"
+    assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify", kernel_available)[0] == "none"
 
 
 def test_cpu_summary_names_the_simd_flags():
