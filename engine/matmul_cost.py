@@ -9,9 +9,11 @@ The default verify's two largest shapes (Qwen2.5-1.5B: the fused gate/up 1536 ->
     int8-fast   Int8DynamicLinear, one digit (the draft's)
     int8-onednn Int8DynamicLinear, two digits on oneDNN's kernel (the AMX default; elsewhere for comparison)
     int8-wo     PackedWeightOnlyLinear: aten's weight-only `_weight_int8pack_mm`, bf16 activations (CUDA's int8)
+    int4        the 4-bit layer `int4` takes here: the AVX2 kernel (engine/quant_q4.py) where it builds,
+                else aten's `_weight_int4pack_mm_for_cpu`
     fp32        nn.Linear
 
-The JSON also holds each kernel's effective bandwidth at M = 1 (int8 weight bytes / time): when a kernel runs
+The JSON also holds each kernel's effective bandwidth at M = 1 (int8 weight bytes / time, whatever it reads): when a kernel runs
 at the machine's memory speed there, its one-token cost is the bytes it reads, and a pass over more
 tokens costs little more only where the kernel has compute to spare (what speculation relies on).
 """
@@ -25,7 +27,7 @@ import time
 import torch
 from torch import nn
 
-from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear
+from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized
 
 SHAPES = [(1536, 17920), (8960, 1536)]           # (in, out)
 ROWS = (1, 2, 4, 8)
@@ -47,7 +49,7 @@ def layer_kernels(linear: nn.Linear) -> dict:
     """The same layer under each kernel: name -> x [M, in] -> y [M, out]."""
     return {"int8": Int8DynamicLinear(linear, 2), "int8-fast": Int8DynamicLinear(linear, 1),
             "int8-onednn": Int8DynamicLinear(linear, 2, "onednn"),
-            "int8-wo": PackedWeightOnlyLinear(linear, "int8"), "fp32": linear}
+            "int8-wo": PackedWeightOnlyLinear(linear, "int8"), "int4": make_quantized(linear, "int4"), "fp32": linear}
 
 
 def layer_costs(in_features: int, out_features: int) -> dict[str, dict[int, float]]:
