@@ -1,13 +1,15 @@
-"""4-bit weights on the project's AVX2 kernel (engine/kernels/q4_matmul.c): the CPU `int4` layer.
+"""4-bit (and 8-bit) weights on the project's AVX2 kernel (engine/kernels/q4_matmul.c): the CPU `int4` layer.
 
-    layer = Q4Linear(linear, quantize_int4(linear.weight))   # groups of 32: fp16 step and minimum each
-    y = layer(x)                                             # x [..., K] -> y [..., N], fp32 inside
+    layer = GroupedLinear(linear, quantize_int4(linear.weight))     # groups of 32: fp16 step and minimum each
+    layer = GroupedLinear(linear, quantize_uint8_groups(linear.weight), num_bits=8)  # 256 levels per group
+    y = layer(x)                                                    # x [..., K] -> y [..., N], fp32 inside
 
 Why: a one-token forward streams every weight once, so its time is bytes / memory bandwidth. This
 layer reads 5 bits per weight (4 + a fp16 step and minimum per 32) against fbgemm's 8, takes each
 group of 32 activations of a row as int8 on the group's own scale (llama.cpp's Q8 activations take
 one scale per 256), and sums each group exactly in integers; aten's int4 CPU kernel reads 4.5 bits
-but is compute-bound on AVX2 (3-4x fbgemm's time). The C file is compiled on first
+but is compute-bound on AVX2 (3-4x fbgemm's time). 8-bit weights (two 4-bit planes, 9 bits per
+weight read) serve `int4-mixed`'s layers that lie on no 4-bit grid. The C file is compiled on first
 use with the machine's C compiler (`cc`, ~1 s) into `~/.cache/amusd/kernels/`; where there is no
 compiler, no AVX2 / FMA / F16C, or the build fails, `available()` says why and `int4` takes aten's
 kernel instead (engine/quantization.py).
@@ -73,7 +75,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib = ctypes.CDLL(str(library))
     lib.q4_matmul.restype = ctypes.c_int
     lib.q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib, ""
 
 
@@ -104,6 +106,26 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(num_blocks * BLOCK_ROWS, k)
 
 
+def pack_planes(q: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """4-bit q: pack_int4(q); 8-bit q: its low and high nibbles as two such planes, per block and group
+    the low plane's 128 bytes, then the high plane's: [N / 8, 8 K]."""
+    if num_bits == 4:
+        return pack_int4(q)
+    n, k = q.shape
+    planes = [pack_int4(plane).reshape(n // BLOCK_ROWS, k // GROUP_SIZE, 128) for plane in (q & 15, q >> 4)]
+    return torch.stack(planes, dim=2).reshape(n // BLOCK_ROWS, 8 * k)
+
+
+def unpack_planes(packed: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """pack_planes' inverse."""
+    if num_bits == 4:
+        return unpack_int4(packed)
+    num_blocks, width = packed.shape
+    planes = packed.reshape(num_blocks, width // 256, 2, 128)
+    low, high = (unpack_int4(planes[:, :, i].reshape(num_blocks, width // 2)) for i in range(2))
+    return low | high << 4
+
+
 def interleave_blocks(per_group: torch.Tensor) -> torch.Tensor:
     """[N, G] -> [N / 8, G, 8]: each block's 8 outputs side by side per group (steps, minimums)."""
     n, g = per_group.shape
@@ -112,19 +134,36 @@ def interleave_blocks(per_group: torch.Tensor) -> torch.Tensor:
 
 def can_take(out_features: int, in_features: int) -> str | None:
     """Why the kernel cannot take an [out, in] weight (None if it can): K must be whole groups of 32
-    (N is padded to whole blocks of 8 outputs by Q4Linear)."""
+    (N is padded to whole blocks of 8 outputs by GroupedLinear)."""
     if in_features % GROUP_SIZE:
         return f"the 4-bit kernel takes K in whole groups of {GROUP_SIZE}, got K={in_features}"
     return None
 
 
-class Q4Linear(nn.Module):
-    """y = x W^T + b with W[n, 32 g + i] = steps[n, g] * q[n, 32 g + i] + mins[n, g] (fp16 step and minimum)."""
+def quantize_uint8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] in [0, 255], steps [N, G], minimums [N, G]): 256 levels from each group of
+    32's minimum to its maximum (w ~ minimum + q * step)."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    minimums = groups.amin(dim=2)
+    steps = ((groups.amax(dim=2) - minimums) / 255).to(torch.float16).float()      # the step the kernel reads
+    minimums = minimums.to(torch.float16).float()
+    q = ((groups - minimums[..., None]) / steps.clamp(min=1e-30)[..., None]).round().clamp(0, 255)
+    return q.reshape(n, k).to(torch.uint8), steps, minimums
 
-    def __init__(self, linear: nn.Linear, int4_groups: tuple):
-        """int4_groups: engine.int4_grids.quantize_int4(linear.weight): (q [N, K], steps [N, G], mins [N, G])."""
+
+class GroupedLinear(nn.Module):
+    """y = x W^T + b with W[n, 32 g + i] = steps[n, g] * q[n, 32 g + i] + mins[n, g] (fp16 step and minimum),
+    q 4-bit or 8-bit."""
+
+    def __init__(self, linear: nn.Linear, groups: tuple, num_bits: int = 4):
+        """groups: (q [N, K], steps [N, G], mins [N, G], ...): engine.int4_grids.quantize_int4(linear.weight)
+        for 4 bits, quantize_uint8_groups(linear.weight) for 8."""
         super().__init__()
-        q, steps, mins = int4_groups[:3]
+        if num_bits not in (4, 8):
+            raise ValueError(f"the kernel takes 4- or 8-bit weights, got {num_bits}")
+        q, steps, mins = groups[:3]
+        self.num_bits = num_bits
         self.out_features, self.in_features = q.shape
         reason = can_take(self.out_features, self.in_features)
         if reason:
@@ -133,7 +172,7 @@ class Q4Linear(nn.Module):
         self.num_kernel_outputs = self.out_features + num_padding
         def padded(per_row: torch.Tensor) -> torch.Tensor:
             return torch.cat([per_row, per_row.new_zeros(num_padding, per_row.shape[1])]) if num_padding else per_row
-        self.register_buffer("packed", pack_int4(padded(q)))                                       # [N / 8, 4 K]
+        self.register_buffer("packed", pack_planes(padded(q), num_bits))                           # [N / 8, 4 K per plane]
         self.register_buffer("steps", interleave_blocks(padded(steps.to(torch.float16))))          # [N / 8, G, 8]
         self.register_buffer("mins", interleave_blocks(padded(mins.to(torch.float16))))
         bias = None if linear.bias is None else padded(linear.bias.detach().float()[:, None])[:, 0].contiguous()
@@ -152,7 +191,7 @@ class Q4Linear(nn.Module):
         def per_weight(per_block: torch.Tensor) -> torch.Tensor:                         # [N / 8, G, 8] -> [N, K]
             per_group = per_block.float().transpose(1, 2).reshape(self.num_kernel_outputs, -1)
             return per_group.repeat_interleave(GROUP_SIZE, dim=1)
-        weight = unpack_int4(self.packed).float() * per_weight(self.steps) + per_weight(self.mins)
+        weight = unpack_planes(self.packed, self.num_bits).float() * per_weight(self.steps) + per_weight(self.mins)
         return weight[:self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +205,7 @@ class Q4Linear(nn.Module):
         packed, steps, mins, bias = self._weight_pointers
         y = torch.empty(num_rows, self.num_kernel_outputs)
         status = self._lib.q4_matmul(rows.data_ptr(), num_rows, self.in_features, packed, steps, mins, bias,
-                                     y.data_ptr(), self.num_kernel_outputs)
+                                     y.data_ptr(), self.num_kernel_outputs, self.num_bits // 4)
         if status != 0:
             raise RuntimeError(f"q4_matmul failed ({'out of memory' if status == -2 else 'bad sizes'}): "
                                f"{num_rows} x {self.in_features} by {self.out_features}")
@@ -175,4 +214,4 @@ class Q4Linear(nn.Module):
         return (y if dtype == torch.float32 else y.to(dtype)).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kernel=q4_matmul (AVX2)"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.num_bits}, kernel=q4_matmul (AVX2)"

@@ -21,8 +21,9 @@ Schemes (`verify_quantization` / `draft_quantization`):
                blocks: 32 weights, one step and one minimum each, so int4 re-encodes those exactly
                up to fp16 / bf16 rounding of the step), else min/max.
     int4-mixed int4 for the layers whose weights lie on 4-bit grids (>= 90 % of their groups: the
-               GGUF's Q4_K tensors), `int8` for the others (its Q6_K tensors: attn_v, ffn_down, the
-               output layer), so no weight is coarser than the GGUF's own. `auto` on AVX2-class CPUs
+               GGUF's Q4_K tensors); for the others (its Q6_K tensors: attn_v, ffn_down, the output
+               layer) 256 levels per group of 32 on the same AVX2 kernel, `int8` for the output layer
+               and where that kernel cannot run; so no weight is coarser than the GGUF's own. `auto` on AVX2-class CPUs
                (engine/hardware.py); with aten's kernel fastest for one sequence on AVX-512 CPUs,
                where for batches of 8 `int8` is (docs: "Speed on the CPU you have").
     nf4        weight-only NF4 (blocks of 64) on bitsandbytes' CPU kernel, AVX512_BF16 CPUs only: half
@@ -51,7 +52,7 @@ from engine.int4_grids import INT4_GROUP_SIZE, MIN_FRACTION_ON_GRID, may_lie_on_
 from engine.hardware import INT8_KERNELS, default_int8_kernel
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
-KERNELS_VERSION = 10                # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 11                # part of the cached forward-cost key: bump when the layers change
 _INT4_INNER_K_TILES = 2
 _DIGIT_MAX = 63                     # 7-bit signed digit
 _DIGIT_BASE = 2 * _DIGIT_MAX        # second digit resolution: 1/126 of the first's step
@@ -183,7 +184,7 @@ class PackedWeightOnlyLinear(nn.Module):
 
 
 def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = None,
-                   is_draft: bool = False) -> nn.Module | None:
+                   is_draft: bool = False, is_output_layer: bool = False) -> nn.Module | None:
     """The quantized replacement of `linear`, or None where the kernels cannot take its shape.
 
     int8_kernel: Int8DynamicLinear's kernel (None = the CPU's choice). is_draft: a draft's `nf4`
@@ -197,7 +198,7 @@ def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = Non
             return Nf4WithWideTwin(Nf4Linear(linear), make_quantized(linear, "int8-fast", int8_kernel))
         return Nf4Linear(linear)
     if scheme in ("int4", "int4-mixed"):
-        return _int4_or_int8(linear, scheme, int8_kernel)
+        return _int4_or_finer(linear, scheme, int8_kernel, is_output_layer=is_output_layer)
     if linear.weight.is_cuda:
         return PackedWeightOnlyLinear(linear, "int8")
     return Int8DynamicLinear(linear, num_digits=2 if scheme == "int8" else 1, kernel=int8_kernel)
@@ -214,12 +215,24 @@ def _int4_refusal(linear: nn.Linear) -> str | None:
     return None
 
 
-def _int4_or_int8(linear: nn.Linear, scheme: str, int8_kernel: str | None, int4_groups: tuple | None = None) -> nn.Module | None:
+def _finer_than_4bit(linear: nn.Linear, int8_kernel: str | None, is_output_layer: bool = False) -> nn.Module:
+    """int4-mixed's layer for weights on no 4-bit grid (a GGUF's Q6_K tensors): 256 levels per group of 32
+    on the AVX2 kernel (finer than int8 per channel, and ~5x fbgemm's speed on the small v at one
+    token); int8 for the output layer, which fbgemm streams faster (14.5 vs 16.0 ms at one token on
+    Zen 1), and where the kernel cannot run."""
+    if (not is_output_layer and not linear.weight.is_cuda and quant_q4.available()
+            and quant_q4.can_take(*linear.weight.shape) is None):
+        return quant_q4.GroupedLinear(linear, quant_q4.quantize_uint8_groups(linear.weight.detach()), num_bits=8)
+    return make_quantized(linear, "int8", int8_kernel)
+
+
+def _int4_or_finer(linear: nn.Linear, scheme: str, int8_kernel: str | None, int4_groups: tuple | None = None,
+                   is_output_layer: bool = False) -> nn.Module | None:
     """The int4 layer where a kernel takes the shape (and, under int4-mixed, where the weights lie on
-    4-bit grids); otherwise int8 under int4-mixed and None under int4. int4_groups: quantize_int4's
-    answer for this weight if the caller has it."""
+    4-bit grids); otherwise _finer_than_4bit under int4-mixed and None under int4. int4_groups:
+    quantize_int4's answer for this weight if the caller has it."""
     def fallback() -> nn.Module | None:
-        return None if scheme == "int4" else make_quantized(linear, "int8", int8_kernel)
+        return None if scheme == "int4" else _finer_than_4bit(linear, int8_kernel, is_output_layer)
     if _int4_refusal(linear) or (scheme == "int4-mixed" and int4_groups is None
                                  and not may_lie_on_4bit_grids(linear.weight)):
         return fallback()
@@ -227,7 +240,7 @@ def _int4_or_int8(linear: nn.Linear, scheme: str, int8_kernel: str | None, int4_
     if scheme == "int4-mixed" and int4_groups[3] < MIN_FRACTION_ON_GRID:
         return fallback()                      # not 4-bit weights (a Q6_K tensor): keep them finer
     if not linear.weight.is_cuda and quant_q4.available():
-        return quant_q4.Q4Linear(linear, int4_groups)
+        return quant_q4.GroupedLinear(linear, int4_groups)
     return PackedWeightOnlyLinear(linear, "int4", int4_groups)
 
 
@@ -266,19 +279,19 @@ def _int4_siblings(members: list[nn.Linear], combined: nn.Linear, scheme: str,
                    int8_kernel: str | None) -> nn.Module | list[nn.Module | None] | None:
     """int4 / int4-mixed for siblings: one fused layer where all of them (or, under int4-mixed, none
     of them) lie on 4-bit grids; else each member's own layer, from the grids already found (so q
-    and k stay 4-bit beside an int8 v, and nothing is quantized twice)."""
+    and k stay 4-bit beside an 8-bit v, and nothing is quantized twice)."""
     if scheme == "int4-mixed" and not any(may_lie_on_4bit_grids(member.weight) for member in members):
-        return make_quantized(combined, "int8", int8_kernel)
+        return _finer_than_4bit(combined, int8_kernel)
     groups = [quantize_int4(member.weight.detach()) for member in members]
     on_grid = [fraction >= MIN_FRACTION_ON_GRID for *_, fraction in groups]
     if scheme == "int4-mixed" and not any(on_grid):
-        return make_quantized(combined, "int8", int8_kernel)
+        return _finer_than_4bit(combined, int8_kernel)
     if scheme == "int4" or all(on_grid):
         fused_groups = (*(torch.cat([g[i] for g in groups]) for i in range(3)), min(g[3] for g in groups))
-        fused = _int4_or_int8(combined, scheme, int8_kernel, fused_groups)
+        fused = _int4_or_finer(combined, scheme, int8_kernel, fused_groups)
         if fused is not None:
             return fused
-    return [_int4_or_int8(member, scheme, int8_kernel, g) for member, g in zip(members, groups)]
+    return [_int4_or_finer(member, scheme, int8_kernel, g) for member, g in zip(members, groups)]
 
 
 def _fuse_shared_inputs(model: nn.Module, scheme: str, int8_kernel: str | None, is_draft: bool) -> int:
@@ -331,10 +344,11 @@ def quantize_model(model: nn.Module, scheme: str, int8_kernel: str | None = None
         return 0
     fusable = scheme in ("int8", "int8-fast", "nf4") or (scheme.startswith("int4") and quant_q4.available())
     num_replaced = _fuse_shared_inputs(model, scheme, int8_kernel, is_draft) if fusable else 0
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        replacement = make_quantized(module, scheme, int8_kernel, is_draft)
+        replacement = make_quantized(module, scheme, int8_kernel, is_draft, is_output_layer=module is output_layer)
         if replacement is None:
             continue
         parent_name, _, child_name = name.rpartition(".")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine import quant_q4, quantization
-from engine.quant_q4 import Q4Linear, pack_int4, unpack_int4
+from engine.quant_q4 import GroupedLinear, pack_int4, unpack_int4
 from engine.int4_grids import quantize_int4
 from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, SliceOfGroup, make_quantized, quantize_model
 
@@ -41,16 +41,17 @@ def test_packing_round_trips_and_puts_8_outputs_side_by_side():
             assert torch.equal(group[t, o] >> 4, q[8 + o, 32 + 8 * t + 4:32 + 8 * t + 8])
 
 
-def _weight_parts(layer: Q4Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """(steps * (q - 8), mins + 8 steps) [N, K] float64: the centred levels and the centres."""
+def _weight_parts(layer: GroupedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(steps * (q - C), mins + C steps) [N, K] float64: the centred levels and the centres (C = 8 for
+    4 bits, 128 for 8)."""
     def per_weight(per_block: torch.Tensor) -> torch.Tensor:
         per_group = per_block.double().transpose(1, 2).reshape(layer.num_kernel_outputs, -1)[:layer.out_features]
         return per_group.repeat_interleave(32, dim=1)
-    centres = per_weight(layer.mins) + 8 * per_weight(layer.steps)
+    centres = per_weight(layer.mins) + (8 if layer.num_bits == 4 else 128) * per_weight(layer.steps)
     return layer.dequantized_weight().double() - centres, centres
 
 
-def _documented_arithmetic(layer: Q4Linear, x: torch.Tensor) -> torch.Tensor:
+def _documented_arithmetic(layer: GroupedLinear, x: torch.Tensor) -> torch.Tensor:
     """The kernel's sums in float64: the centred levels times each group of 32 activations as int8 on
     its own scale, plus the centres times the exact activations."""
     groups = x.double().reshape(x.shape[0], -1, 32)                               # [M, G, 32]
@@ -64,7 +65,7 @@ def _documented_arithmetic(layer: Q4Linear, x: torch.Tensor) -> torch.Tensor:
 def test_output_is_the_dequantized_weights_times_the_input():
     linear = _on_4bit_grids()
     layer = make_quantized(linear, "int4")
-    assert isinstance(layer, Q4Linear)
+    assert isinstance(layer, GroupedLinear)
     q, steps, minimums, _ = quantize_int4(linear.weight.detach())
     fp16_rounding = (q.reshape(40, 8, 32) * steps[..., None] + minimums.abs()[..., None]).reshape(40, 256) * 2 ** -11
     assert ((layer.dequantized_weight() - linear.weight).abs() <= fp16_rounding + 1e-9).all()   # on-grid weights
@@ -110,7 +111,7 @@ def test_threads_do_not_change_the_bits():
 
 
 @needs_kernel
-def test_int4_mixed_fuses_only_4bit_siblings(monkeypatch):
+def test_int4_mixed_fuses_only_4bit_siblings_and_gives_the_others_8_bits(monkeypatch):
     num_quantized = []
     monkeypatch.setattr(quantization, "quantize_int4", lambda w: num_quantized.append(1) or quantize_int4(w))
     attention = nn.Module()
@@ -125,9 +126,10 @@ def test_int4_mixed_fuses_only_4bit_siblings(monkeypatch):
         reference = {name: getattr(parent, name)(x) for parent, names in ((attention, ("q_proj", "k_proj", "v_proj")),
                                                                          (mlp, ("gate_proj", "up_proj"))) for name in names}
         assert quantize_model(model, "int4-mixed") == 5
-        assert isinstance(mlp.gate_proj, SliceOfGroup) and isinstance(mlp.gate_proj.group_fused, Q4Linear)
-        assert isinstance(attention.q_proj, Q4Linear) and isinstance(attention.k_proj, Q4Linear)
-        assert isinstance(attention.v_proj, Int8DynamicLinear)
+        assert isinstance(mlp.gate_proj, SliceOfGroup) and isinstance(mlp.gate_proj.group_fused, GroupedLinear)
+        assert isinstance(attention.q_proj, GroupedLinear) and isinstance(attention.k_proj, GroupedLinear)
+        assert isinstance(attention.v_proj, GroupedLinear) and attention.v_proj.num_bits == 8
+        assert attention.q_proj.num_bits == attention.k_proj.num_bits == mlp.gate_proj.group_fused.num_bits == 4
         assert len(num_quantized) == 5                                           # each member's grids found once
         for parent, name in ((attention, "q_proj"), (attention, "v_proj"), (mlp, "gate_proj"), (mlp, "up_proj")):
             got, expected = getattr(parent, name)(x), reference[name]
@@ -138,7 +140,7 @@ def test_int4_mixed_fuses_only_4bit_siblings(monkeypatch):
 def test_a_shape_the_kernel_cannot_take_is_refused_with_a_reason():
     linear = nn.Linear(80, 8)                                                     # K not whole groups of 32
     with pytest.raises(ValueError, match="whole groups of 32"):
-        Q4Linear(linear, (torch.zeros(8, 80, dtype=torch.int32), None, None))
+        GroupedLinear(linear, (torch.zeros(8, 80, dtype=torch.int32), None, None))
     assert make_quantized(linear, "int4") is None
     assert isinstance(make_quantized(linear, "int4-mixed"), Int8DynamicLinear)
 
@@ -147,7 +149,7 @@ def test_a_shape_the_kernel_cannot_take_is_refused_with_a_reason():
 def test_outputs_past_whole_blocks_of_8_are_padded_and_sliced_off():
     linear = _on_4bit_grids(64, 21)
     layer = make_quantized(linear, "int4")
-    assert isinstance(layer, Q4Linear) and layer.num_kernel_outputs == 24
+    assert isinstance(layer, GroupedLinear) and layer.num_kernel_outputs == 24
     x = torch.randn(3, 64)
     with torch.inference_mode():
         y = layer(x)

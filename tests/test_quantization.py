@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.hardware import INT8_KERNELS
-from engine.quant_q4 import Q4Linear
+from engine.quant_q4 import GroupedLinear
 from engine.int4_grids import INT4_GROUP_SIZE, quantize_int4
 from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized, quantize_model
 
@@ -111,8 +111,9 @@ def test_int4_reencodes_weights_already_on_4bit_grids_exactly():
 
 
 def test_int4_mixed_keeps_4bit_layers_int4_and_the_others_int8():
-    assert isinstance(make_quantized(_on_4bit_grids(), "int4-mixed"), (Q4Linear, PackedWeightOnlyLinear))
-    assert isinstance(make_quantized(_linear(), "int4-mixed"), Int8DynamicLinear)
+    assert isinstance(make_quantized(_on_4bit_grids(), "int4-mixed"), (GroupedLinear, PackedWeightOnlyLinear))
+    off_grid = make_quantized(_linear(), "int4-mixed")           # 256 levels per group on the AVX2 kernel, else int8
+    assert (off_grid.num_bits == 8) if isinstance(off_grid, GroupedLinear) else isinstance(off_grid, Int8DynamicLinear)
     assert isinstance(make_quantized(nn.Linear(100, 64), "int4-mixed"), Int8DynamicLinear)   # shape int4 cannot take
     linear = _on_4bit_grids()
     x = torch.randn(4, 256)
@@ -127,7 +128,7 @@ def test_int4_mixed_keeps_4bit_layers_int4_and_the_others_int8():
 
 def test_int4_skips_shapes_the_kernel_cannot_take():
     assert make_quantized(nn.Linear(100, 64), "int4") is None         # K not a multiple of 64
-    assert isinstance(make_quantized(nn.Linear(128, 64), "int4"), (Q4Linear, PackedWeightOnlyLinear))
+    assert isinstance(make_quantized(nn.Linear(128, 64), "int4"), (GroupedLinear, PackedWeightOnlyLinear))
 
 
 def test_bias_and_output_dtype_are_kept():
@@ -152,6 +153,23 @@ def test_quantize_model_replaces_every_linear_and_unties_the_head(tmp_path):
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_int4_mixed_keeps_the_output_layer_int8(tmp_path):
+    """Off-grid layers take 256 levels per group on the AVX2 kernel, except the output layer, which
+    fbgemm's int8 streams faster (engine/quantization.py: _finer_than_4bit)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import quant_q4
+    from engine.tiny_models import ensure_tiny_model
+    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny-random/verify", str(tmp_path)))
+    quantize_model(model, "int4-mixed")                      # random weights: no layer on a 4-bit grid
+    assert isinstance(model.lm_head, Int8DynamicLinear)
+    if quant_q4.available():
+        eight_bit = [m for m in model.modules() if isinstance(m, GroupedLinear)]
+        assert eight_bit and all(m.num_bits == 8 for m in eight_bit)
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_unknown_scheme_is_refused():

@@ -1,4 +1,4 @@
-/* y[M, N] = x[M, K] @ W^T (+ bias) for 4-bit weights in groups of 32 along K, on AVX2 + FMA + F16C.
+/* y[M, N] = x[M, K] @ W^T (+ bias) for 4-bit or 8-bit weights in groups of 32 along K, on AVX2 + FMA + F16C.
  *
  * Why a kernel of our own: at one token a matmul is a stream over the weights, so its time is
  * bytes / memory bandwidth. fbgemm's int8 reads 8 bits per weight; aten's int4 CPU kernel
@@ -13,20 +13,23 @@
  *   so a 32-byte load t gives, by its low and high nibbles, 4 consecutive q's of each of 8 outputs
  *   in each 32-bit lane, for k = 8 t .. 8 t + 3 and 8 t + 4 .. 8 t + 7.
  *   steps, mins: fp16 [N / 8][G][8], the block's 8 outputs side by side.
+ * 8-bit weights (num_planes = 2) are two such 4-bit planes, q = 16 q_high + q_low in [0, 255] on a
+ * group's 256 levels (the `int4-mixed` layers that lie on no 4-bit grid: a GGUF's Q6_K tensors):
+ *   packed[b][g][plane][t][o][j], plane 0 the low nibbles of q, plane 1 the high ones (256 bytes).
  *
  * Activations: each group of 32 of each row x[m] becomes int8 on the group's own scale (as
  * llama.cpp's Q8 activations, on groups of 32 rather than 256):
  *   x[m, 32 g + k] ~ s[m, g] * a[m, 32 g + k],   s = max_k |x| / 127,   a = round(x / s) in [-127, 127]
- * The levels are centred (q - 8), so the activations' rounding meets weights of mean ~0 rather
- * than the group's offset; per row m and output n, over groups g in order:
+ * The levels are centred (q - C, C = 8 for 4 bits, 128 for 8), so the activations' rounding meets
+ * weights of mean ~0 rather than the group's offset; per row m and output n, over groups g in order:
  *   y[m, n] = sum_g (steps[n, g] * s[m, g]) * A[m, n, g] + sum_g centres[n, g] * xsum[m, g] + bias[n]
- *   A = sum_k (q[n, 32 g + k] - 8) a[m, 32 g + k] = sum_k q a - 8 sum_k a
- *   centres = mins + 8 steps (fp32),   xsum[m, g] = sum_k x[m, 32 g + k] (exact fp32 sum)
+ *   A = sum_k (q[n, 32 g + k] - C) a[m, 32 g + k] = (16 sum_k q_high a +) sum_k q_low a - C sum_k a
+ *   centres = mins + C steps (fp32),   xsum[m, g] = sum_k x[m, 32 g + k] (exact fp32 sum)
  * A is exact: vpmaddubsw (u8 q times s8 a, pairs summed) gives int16 lanes of at most 2 * 15 * 127,
- * the 8 loads of a group add 8 of them (<= 30480 < 2^15), one vpmaddwd by ones sums each output's
- * two halves into int32, and 8 times the group's integer sum of a is taken off: 8 outputs' A in one
- * register, converted and fma'd by 8 steps at once; no horizontal sums, and the result is stored
- * as 8 contiguous outputs.
+ * the 8 loads of a plane and group add 8 of them (<= 30480 < 2^15), one vpmaddwd by ones sums each
+ * output's two halves into int32 (|A| < 2^24 for 8 bits too), and C times the group's integer sum
+ * of a is taken off: 8 outputs' A in one register, converted and fma'd by 8 steps at once; no
+ * horizontal sums, and the result is stored as 8 contiguous outputs.
  * Row independence: the operations that give y[m, n] are the same, in the same order, whatever M is
  * and whichever rows share a chunk, so a k-token pass gives bit for bit the rows of k one-token
  * passes. Threads split the blocks of 8 outputs.
@@ -41,38 +44,47 @@
 #define BLOCK 8
 #define MAX_CHUNK 4
 
-/* rows [m0, m0 + R) of outputs [8 b, 8 b + 8); R a compile-time constant after inlining. */
-static inline __attribute__((always_inline)) void q4_block_rows(
-        const int R, const int8_t *a, const int32_t *asum, const float *act_scale, const float *xsum, int64_t K, int64_t G,
-        int64_t m0, const uint8_t *packed_block, const uint16_t *step_block, const uint16_t *min_block,
-        const float *bias, float *y, int64_t N, int64_t n0) {
+/* sums[r] = the int16 pair sums of one 4-bit plane (128 bytes) by rows m0 .. m0 + R - 1, group g. */
+static inline __attribute__((always_inline)) void plane_sums(
+        const int R, __m256i *sums, const uint8_t *w, const int8_t *a, int64_t K, int64_t m0, int64_t g) {
     const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < 4; t++) {
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 32 * t));
+        const __m256i low = _mm256_and_si256(bytes, nibble);                        /* k = 8 t + j     */
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble); /* k = 8 t + 4 + j */
+        for (int r = 0; r < R; r++) {
+            int32_t a_low, a_high;
+            const int8_t *ak = a + (m0 + r) * K + GROUP * g + 8 * t;
+            memcpy(&a_low, ak, 4);
+            memcpy(&a_high, ak + 4, 4);
+            const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_set1_epi32(a_low)),
+                                                   _mm256_maddubs_epi16(high, _mm256_set1_epi32(a_high)));
+            sums[r] = t == 0 ? pairs : _mm256_add_epi16(sums[r], pairs);
+        }
+    }
+}
+
+/* rows [m0, m0 + R) of outputs [8 b, 8 b + 8); R and PLANES compile-time constants after inlining. */
+static inline __attribute__((always_inline)) void block_rows(
+        const int R, const int PLANES, const int8_t *a, const int32_t *asum, const float *act_scale,
+        const float *xsum, int64_t K, int64_t G, int64_t m0, const uint8_t *packed_block,
+        const uint16_t *step_block, const uint16_t *min_block, const float *bias, float *y, int64_t N, int64_t n0) {
     const __m256i ones = _mm256_set1_epi16(1);
+    const int32_t centre = PLANES == 1 ? 8 : 128;
     __m256 acc[MAX_CHUNK], min_acc[MAX_CHUNK];
     for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); min_acc[r] = _mm256_setzero_ps(); }
     for (int64_t g = 0; g < G; g++) {
-        const uint8_t *w = packed_block + 128 * g;
-        __m256i sums[MAX_CHUNK];
-        for (int t = 0; t < 4; t++) {
-            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 32 * t));
-            const __m256i low = _mm256_and_si256(bytes, nibble);                        /* k = 8 t + j     */
-            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble); /* k = 8 t + 4 + j */
-            for (int r = 0; r < R; r++) {
-                int32_t a_low, a_high;
-                const int8_t *ak = a + (m0 + r) * K + GROUP * g + 8 * t;
-                memcpy(&a_low, ak, 4);
-                memcpy(&a_high, ak + 4, 4);
-                const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_set1_epi32(a_low)),
-                                                       _mm256_maddubs_epi16(high, _mm256_set1_epi32(a_high)));
-                sums[r] = t == 0 ? pairs : _mm256_add_epi16(sums[r], pairs);
-            }
-        }
+        const uint8_t *w = packed_block + PLANES * 128 * g;
+        __m256i low_sums[MAX_CHUNK], high_sums[MAX_CHUNK];
+        plane_sums(R, low_sums, w, a, K, m0, g);
+        if (PLANES == 2) plane_sums(R, high_sums, w + 128, a, K, m0, g);
         const __m256 steps = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(step_block + BLOCK * g)));
         const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(min_block + BLOCK * g)));
-        const __m256 centres = _mm256_fmadd_ps(steps, _mm256_set1_ps(8.0f), mins);
+        const __m256 centres = _mm256_fmadd_ps(steps, _mm256_set1_ps((float)centre), mins);
         for (int r = 0; r < R; r++) {
-            const __m256i qa = _mm256_madd_epi16(sums[r], ones);
-            const __m256 A = _mm256_cvtepi32_ps(_mm256_sub_epi32(qa, _mm256_set1_epi32(8 * asum[(m0 + r) * G + g])));
+            __m256i qa = _mm256_madd_epi16(low_sums[r], ones);
+            if (PLANES == 2) qa = _mm256_add_epi32(qa, _mm256_slli_epi32(_mm256_madd_epi16(high_sums[r], ones), 4));
+            const __m256 A = _mm256_cvtepi32_ps(_mm256_sub_epi32(qa, _mm256_set1_epi32(centre * asum[(m0 + r) * G + g])));
             const __m256 scale = _mm256_mul_ps(steps, _mm256_set1_ps(act_scale[(m0 + r) * G + g]));
             acc[r] = _mm256_fmadd_ps(A, scale, acc[r]);
             min_acc[r] = _mm256_fmadd_ps(centres, _mm256_set1_ps(xsum[(m0 + r) * G + g]), min_acc[r]);
@@ -81,6 +93,26 @@ static inline __attribute__((always_inline)) void q4_block_rows(
     const __m256 b = bias ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
     for (int r = 0; r < R; r++)
         _mm256_storeu_ps(y + (m0 + r) * N + n0, _mm256_add_ps(_mm256_add_ps(acc[r], min_acc[r]), b));
+}
+
+/* every row chunk of one block, PLANES a constant */
+static inline __attribute__((always_inline)) void block_all_rows(
+        const int PLANES, const int8_t *a, const int32_t *asum, const float *act_scale, const float *xsum,
+        int64_t M, int64_t K, int64_t G, const uint8_t *packed_block, const uint16_t *step_block,
+        const uint16_t *min_block, const float *bias, float *y, int64_t N, int64_t n0) {
+    int64_t m0 = 0;
+    if (PLANES == 1)                   /* chunks of 4 rows; of 2 for 8 bits (twice the sums held) */
+        for (; m0 + 4 <= M; m0 += 4)
+            block_rows(4, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0);
+    else
+        for (; m0 + 2 <= M; m0 += 2)
+            block_rows(2, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0);
+    switch (M - m0) {
+        case 3: block_rows(3, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
+        case 2: block_rows(2, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
+        case 1: block_rows(1, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
+        default: break;
+    }
 }
 
 /* Row m's int8 activations; per group one scale, the integer sum of a and the exact sum of x. */
@@ -101,10 +133,11 @@ static void quantize_row(const float *x, int64_t G, int8_t *a, int32_t *asum, fl
     }
 }
 
-/* bias may be NULL. Returns 0, -1 on bad sizes, -2 when out of memory. */
+/* num_planes: 1 (4-bit weights) or 2 (8-bit). bias may be NULL. Returns 0, -1 on bad sizes, -2 when
+ * out of memory. */
 int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *steps,
-              const uint16_t *mins, const float *bias, float *y, int64_t N) {
-    if (K % GROUP || N % BLOCK || M < 0 || N < 0) return -1;
+              const uint16_t *mins, const float *bias, float *y, int64_t N, int num_planes) {
+    if (K % GROUP || N % BLOCK || M < 0 || N < 0 || (num_planes != 1 && num_planes != 2)) return -1;
     const int64_t G = K / GROUP;
     int8_t *a = malloc(M * K + 1);
     int32_t *asum = malloc(sizeof(int32_t) * (M * G + 1));
@@ -117,17 +150,12 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const
         for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, G, a + m * K, asum + m * G, act_scale + m * G, xsum + m * G);
         #pragma omp for schedule(static)
         for (int64_t block = 0; block < N / BLOCK; block++) {
-            const uint8_t *packed_block = packed + block * (BLOCK * K / 2);
+            const uint8_t *packed_block = packed + block * num_planes * (BLOCK * K / 2);
             const uint16_t *step_block = steps + block * BLOCK * G, *min_block = mins + block * BLOCK * G;
-            const int64_t n0 = BLOCK * block;
-            int64_t m0 = 0;
-            for (; m0 + 4 <= M; m0 += 4) q4_block_rows(4, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0);
-            switch (M - m0) {
-                case 3: q4_block_rows(3, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
-                case 2: q4_block_rows(2, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
-                case 1: q4_block_rows(1, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
-                default: break;
-            }
+            if (num_planes == 1)
+                block_all_rows(1, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
+            else
+                block_all_rows(2, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
         }
     }
     free(a);
