@@ -99,7 +99,8 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
         return "int8-fast", "CPU draft: the fastest int8 scheme (its errors only cost acceptance)"
     if is_avx2_class() and q4_kernel_available():
         return "int4-mixed", ("AVX2-class CPU verify: 4-bit-grid layers (a Q4_K GGUF's) re-encoded exactly on the "
-                              "AVX2 4-bit kernel (5 bits per weight against int8's 8), int8 for the rest")
+                              "AVX2 kernel (5 bits per weight against int8's 8), 256 levels per group for the "
+                              "others, int8 for the output layer")
     return "int8", "CPU verify: W8A8 with per-token ~14-bit activations (int8 weight-only accuracy)"
 
 
