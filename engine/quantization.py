@@ -204,10 +204,15 @@ def make_quantized(linear: nn.Linear, scheme: str, int8_kernel: str | None = Non
     return Int8DynamicLinear(linear, num_digits=2 if scheme == "int8" else 1, kernel=int8_kernel)
 
 
+def _on_avx2_kernel(linear: nn.Linear) -> bool:
+    """Whether this weight's int4 / 8-bit-group layer is the project's AVX2 kernel (a CPU weight, the kernel built)."""
+    return not linear.weight.is_cuda and quant_q4.available()
+
+
 def _int4_refusal(linear: nn.Linear) -> str | None:
     """Why the int4 kernel this weight would run on cannot take its shape (None if it can)."""
     out_features, in_features = linear.weight.shape
-    if not linear.weight.is_cuda and quant_q4.available():
+    if _on_avx2_kernel(linear):
         return quant_q4.can_take(out_features, in_features)
     multiple = 8 if linear.weight.is_cuda else 16
     if in_features % (2 * INT4_GROUP_SIZE) or out_features % multiple:
@@ -220,8 +225,7 @@ def _finer_than_4bit(linear: nn.Linear, int8_kernel: str | None, is_output_layer
     on the AVX2 kernel (finer than int8 per channel, and ~5x fbgemm's speed on the small v at one
     token); int8 for the output layer, which fbgemm streams faster (14.5 vs 16.0 ms at one token on
     Zen 1), and where the kernel cannot run."""
-    if (not is_output_layer and not linear.weight.is_cuda and quant_q4.available()
-            and quant_q4.can_take(*linear.weight.shape) is None):
+    if not is_output_layer and _on_avx2_kernel(linear) and _int4_refusal(linear) is None:
         return quant_q4.GroupedLinear(linear, quant_q4.quantize_uint8_groups(linear.weight.detach()), num_bits=8)
     return make_quantized(linear, "int8", int8_kernel)
 
@@ -239,7 +243,7 @@ def _int4_or_finer(linear: nn.Linear, scheme: str, int8_kernel: str | None, int4
     int4_groups = int4_groups or quantize_int4(linear.weight.detach())
     if scheme == "int4-mixed" and int4_groups[3] < MIN_FRACTION_ON_GRID:
         return fallback()                      # not 4-bit weights (a Q6_K tensor): keep them finer
-    if not linear.weight.is_cuda and quant_q4.available():
+    if _on_avx2_kernel(linear):
         return quant_q4.GroupedLinear(linear, int4_groups)
     return PackedWeightOnlyLinear(linear, "int4", int4_groups)
 
