@@ -17,6 +17,9 @@ Two implementations with that interface:
                   bit for bit (tests/test_decoder.py); it saves HF's per-call work (masks, cache
                   objects, rotary tables, output dataclasses): ~25 % of a one-token forward on a CPU
                   core (measured: Qwen2.5-1.5B int8 fp32 86 -> 65 ms, 0.5B int8-fast 43 -> 31 ms).
+                  One exception: on the 4-bit kernel (fp32) the RMSNorm before q/k/v and gate/up is
+                  the kernel's prologue (engine/quant_q4.py), rounded in C: close to HF's, not equal
+                  (~7 % of a one-token pass of the 1.5B int4-mixed model on Zen 1).
     HFDecoder     transformers' own `model.model(...)` with a DynamicCache: every other architecture,
                   and CUDA (where launch overhead is the GPU's, and the lean path was never run).
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import DECODERS
+from engine.quant_q4 import GroupedLinear
 from engine.quantization import SliceOfGroup
 
 LEAN_MODEL_TYPES = ("qwen2", "llama", "mistral")
@@ -100,10 +104,36 @@ def _fused_call(members: list):
     return lambda x: torch.cat([m(x) for m in members], dim=-1)
 
 
+def _normed_call(norm, members: list):
+    """hidden -> the members' outputs side by side, of norm(hidden). On the 4-bit kernel a fp32
+    Llama-family RMSNorm is the prologue of its activation quantization (one pass over the row in C
+    instead of ~6 tensor ops, two norms a layer); else the norm, then one call for the members."""
+    layers = _kernel_layers(members)
+    if layers and _is_plain_rms_norm(norm) and norm.weight.dtype == torch.float32:
+        weight, eps = norm.weight.detach().contiguous(), float(norm.variance_epsilon)
+        if len(layers) == 1:
+            return lambda x: layers[0].forward(x, weight, eps)
+        return lambda x: torch.cat([layer.forward(x, weight, eps) for layer in layers], dim=-1)
+    project, normed = _fused_call(members), _norm_call(norm)
+    return lambda x: project(normed(x))
+
+
+def _kernel_layers(members: list) -> list[GroupedLinear] | None:
+    """The 4-bit-kernel layers whose outputs side by side are the members' (one fused layer, or each
+    member's own), or None where any member runs elsewhere."""
+    if all(isinstance(m, SliceOfGroup) for m in members) and len({id(m._group) for m in members}) == 1:
+        members = [members[0].group_fused]
+    return members if all(isinstance(m, GroupedLinear) for m in members) else None
+
+
+def _is_plain_rms_norm(norm) -> bool:
+    return type(norm).__name__ in LEAN_NORM_CLASSES and "forward" not in vars(norm)
+
+
 def _norm_call(norm):
     """transformers' Llama-family RMSNorm in fp32 without its two no-op casts and module call (each
     op costs ~5 us on a slow core, two norms a layer): the same ops, so the same bits."""
-    if type(norm).__name__ not in LEAN_NORM_CLASSES or "forward" in vars(norm):
+    if not _is_plain_rms_norm(norm):
         return norm
     weight, eps = norm.weight, norm.variance_epsilon
 
@@ -172,9 +202,10 @@ class LeanDecoder:
         self.layers = []
         for layer in self.stack.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((_norm_call(layer.input_layernorm), _fused_call([attn.q_proj, attn.k_proj, attn.v_proj]),
-                                attn.o_proj.forward, _norm_call(layer.post_attention_layernorm),
-                                _fused_call([mlp.gate_proj, mlp.up_proj]), mlp.down_proj.forward, attn.scaling))
+            self.layers.append((_normed_call(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                                attn.o_proj.forward,
+                                _normed_call(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+                                mlp.down_proj.forward, attn.scaling))
         weight = self.stack.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.rotary_capacity = 0
@@ -233,9 +264,9 @@ class LeanDecoder:
                  for start, n in zip(starts, lengths)]
         offsets = [sum(lengths[:i]) for i in range(len(rows))]
         q_width, num_qk_heads, half_dim = self.num_heads * self.head_dim, self.num_heads + self.num_kv_heads, self.head_dim // 2
-        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj, scaling) in enumerate(self.layers):
+        for i, (qkv_proj, o_proj, gate_up_proj, down_proj, scaling) in enumerate(self.layers):
             residual = hidden
-            qkv = qkv_proj(norm1(hidden))                                         # [1, N, Hq*D + 2*Hkv*D]
+            qkv = qkv_proj(hidden)                                                # [1, N, Hq*D + 2*Hkv*D]
             heads = qkv.view(1, num_rows, -1, self.head_dim).transpose(1, 2)      # [1, Hq + 2*Hkv, N, D]
             qk = heads[:, :num_qk_heads]                                          # q and k: one rotation
             qk = qk * cos + torch.roll(qk, half_dim, dims=-1) * sin
@@ -252,7 +283,7 @@ class LeanDecoder:
             attn = _packed(attn, dim=2)                                           # [1, Hq, N, D]
             hidden = residual + o_proj(attn.transpose(1, 2).reshape(1, num_rows, q_width))
             residual = hidden
-            gate_up = gate_up_proj(norm2(hidden))                                  # [1, N, 2I]
+            gate_up = gate_up_proj(hidden)                                         # [1, N, 2I]
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = residual + down_proj(F.silu(gate) * up)
         for (slot, _), num_new in zip(rows, lengths):

@@ -3,6 +3,7 @@
     layer = GroupedLinear(linear, quantize_int4(linear.weight))     # groups of 32: fp16 step and minimum each
     layer = GroupedLinear(linear, quantize_uint8_groups(linear.weight), num_bits=8)  # 256 levels per group
     y = layer(x)                                                    # x [..., K] -> y [..., N], fp32 inside
+    y = layer(x, norm_weight, eps)                                  # of RMSNorm(x): the norm in the kernel
 
 Why: a one-token forward streams every weight once, so its time is bytes / memory bandwidth. This
 layer reads 5 bits per weight (4 + a fp16 step and minimum per 32) against fbgemm's 8, takes each
@@ -75,7 +76,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib = ctypes.CDLL(str(library))
     lib.q4_matmul.restype = ctypes.c_int
     lib.q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                              ctypes.c_void_p, ctypes.c_float]
     return lib, ""
 
 
@@ -194,7 +196,9 @@ class GroupedLinear(nn.Module):
         weight = unpack_planes(self.packed, self.num_bits).float() * per_weight(self.steps) + per_weight(self.mins)
         return weight[:self.out_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
+        """x [..., K] -> [..., N]. With norm_weight (fp32 [K]): of the Llama-family RMSNorm of x,
+        norm_weight * x / sqrt(mean(x^2) + norm_eps), taken by the kernel as it quantizes x."""
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, self.in_features)
         rows = rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
@@ -203,9 +207,14 @@ class GroupedLinear(nn.Module):
             self._weight_pointers = (self.packed.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(),
                                      None if self.bias is None else self.bias.data_ptr())
         packed, steps, mins, bias = self._weight_pointers
+        if norm_weight is not None and (norm_weight.dtype != torch.float32 or norm_weight.shape != (self.in_features,)
+                                        or not norm_weight.is_contiguous()):
+            raise ValueError(f"norm_weight must be contiguous fp32 [{self.in_features}], got "
+                             f"{norm_weight.dtype} {tuple(norm_weight.shape)}")
         y = torch.empty(num_rows, self.num_kernel_outputs)
         status = self._lib.q4_matmul(rows.data_ptr(), num_rows, self.in_features, packed, steps, mins, bias,
-                                     y.data_ptr(), self.num_kernel_outputs, self.num_bits // 4)
+                                     y.data_ptr(), self.num_kernel_outputs, self.num_bits // 4,
+                                     None if norm_weight is None else norm_weight.data_ptr(), norm_eps)
         if status != 0:
             raise RuntimeError(f"q4_matmul failed ({'out of memory' if status == -2 else 'bad sizes'}): "
                                f"{num_rows} x {self.in_features} by {self.out_features}")

@@ -67,7 +67,7 @@ def _run(decoder: LeanDecoder, schedules: list[list[tuple]], is_batched: bool) -
     return hidden_by_step
 
 
-@pytest.mark.parametrize("dtype, quantization", [("float64", "none"), ("float32", "int8")])
+@pytest.mark.parametrize("dtype, quantization", [("float64", "none"), ("float32", "int8"), ("float32", "int4")])
 def test_a_sequence_gets_the_same_hidden_states_whatever_shares_its_pass(session_cache_dir, dtype, quantization):
     path = ensure_tiny_model("tiny-random/verify", session_cache_dir)
     model = load_causal_lm(path, None, "cpu", dtype, quantization)

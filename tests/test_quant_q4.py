@@ -95,6 +95,27 @@ def test_each_output_row_depends_on_its_own_input_row_only(in_features):
 
 
 @needs_kernel
+@pytest.mark.parametrize("num_bits", [4, 8])
+def test_the_norm_prologue_quantizes_the_rms_norm_of_each_row(num_bits):
+    """layer(x, w, eps) is layer(RMSNorm(x)) (the norm computed in C, a different rounding: close, not
+    equal), and each row is still its own input's only, bit for bit."""
+    linear = _on_4bit_grids(320, 24)
+    groups = quantize_int4(linear.weight.detach()) if num_bits == 4 else quant_q4.quantize_uint8_groups(linear.weight.detach())
+    layer = GroupedLinear(linear, groups, num_bits)
+    x = torch.randn(7, 320) * torch.logspace(-3, 2, 7)[:, None]          # the norm takes each row's scale off
+    weight, eps = torch.rand(320) + 0.5, 1e-6
+    with torch.inference_mode():
+        fused = layer(x, weight, eps)
+        normed = weight * (x * x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt())
+        unfused = layer(normed)
+        assert torch.allclose(fused, unfused, rtol=1e-3, atol=1e-3 * unfused.abs().max().item())
+        assert not torch.allclose(fused, layer(x), atol=1e-2), "the norm must change the input"
+        assert torch.equal(torch.cat([layer(x[i:i + 1], weight, eps) for i in range(7)]), fused)
+        with pytest.raises(ValueError, match="norm_weight must be"):
+            layer(x, weight[:32], eps)
+
+
+@needs_kernel
 def test_threads_do_not_change_the_bits():
     layer = make_quantized(_on_4bit_grids(256, 104), "int4")
     x = torch.randn(6, 256)
