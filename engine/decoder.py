@@ -17,9 +17,10 @@ Two implementations with that interface:
                   bit for bit (tests/test_decoder.py); it saves HF's per-call work (masks, cache
                   objects, rotary tables, output dataclasses): ~25 % of a one-token forward on a CPU
                   core (measured: Qwen2.5-1.5B int8 fp32 86 -> 65 ms, 0.5B int8-fast 43 -> 31 ms).
-                  One exception: on the 4-bit kernel (fp32) the RMSNorm before q/k/v and gate/up is
-                  the kernel's prologue (engine/quant_q4.py), rounded in C: close to HF's, not equal
-                  (~7 % of a one-token pass of the 1.5B int4-mixed model on Zen 1).
+                  One exception: on the 4-bit kernel (fp32) the RMSNorm before q/k/v and gate/up and
+                  the MLP's silu(gate) * up are the kernel's prologues (engine/quant_q4.py), rounded
+                  in C: close to HF's, not equal (the norms: ~7 % of a one-token pass of the 1.5B
+                  int4-mixed model on Zen 1).
     HFDecoder     transformers' own `model.model(...)` with a DynamicCache: every other architecture,
                   and CUDA (where launch overhead is the GPU's, and the lean path was never run).
 
@@ -104,18 +105,31 @@ def _fused_call(members: list):
     return lambda x: torch.cat([m(x) for m in members], dim=-1)
 
 
-def _normed_call(norm, members: list):
+def _normed_call(norm, members: list, is_fp32: bool):
     """hidden -> the members' outputs side by side, of norm(hidden). On the 4-bit kernel a fp32
     Llama-family RMSNorm is the prologue of its activation quantization (one pass over the row in C
     instead of ~6 tensor ops, two norms a layer); else the norm, then one call for the members."""
     layers = _kernel_layers(members)
-    if layers and _is_plain_rms_norm(norm) and norm.weight.dtype == torch.float32:
+    if layers and is_fp32 and _is_plain_rms_norm(norm) and norm.weight.dtype == torch.float32:
         weight, eps = norm.weight.detach().contiguous(), float(norm.variance_epsilon)
         if len(layers) == 1:
             return lambda x: layers[0].forward(x, weight, eps)
         return lambda x: torch.cat([layer.forward(x, weight, eps) for layer in layers], dim=-1)
     project, normed = _fused_call(members), _norm_call(norm)
     return lambda x: project(normed(x))
+
+
+def _gated_call(down, is_fp32: bool):
+    """gate_up [..., 2I] -> down(silu(gate) * up): on the 4-bit kernel the gating is the prologue of
+    its activation quantization (no chunk, silu and product tensors)."""
+    if is_fp32 and isinstance(down, GroupedLinear):
+        return lambda gate_up: down.forward(gate_up, is_gated=True)
+    project = down.forward
+
+    def gated(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return project(F.silu(gate) * up)
+    return gated
 
 
 def _kernel_layers(members: list) -> list[GroupedLinear] | None:
@@ -199,15 +213,16 @@ class LeanDecoder:
         config, self.stack = model.config, model.model
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        weight = self.stack.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        is_fp32 = self.dtype == torch.float32                 # the kernel's prologues compute in fp32
         self.layers = []
         for layer in self.stack.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((_normed_call(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+            self.layers.append((_normed_call(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], is_fp32),
                                 attn.o_proj.forward,
-                                _normed_call(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-                                mlp.down_proj.forward, attn.scaling))
-        weight = self.stack.embed_tokens.weight
-        self.dtype, self.device = weight.dtype, weight.device
+                                _normed_call(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], is_fp32),
+                                _gated_call(mlp.down_proj, is_fp32), attn.scaling))
         self.rotary_capacity = 0
         self.cos = self.sin = None                   # [rotary_capacity, D] rotary tables (sin sign-folded)
         self.kv = self.new_slot()
@@ -264,7 +279,7 @@ class LeanDecoder:
                  for start, n in zip(starts, lengths)]
         offsets = [sum(lengths[:i]) for i in range(len(rows))]
         q_width, num_qk_heads, half_dim = self.num_heads * self.head_dim, self.num_heads + self.num_kv_heads, self.head_dim // 2
-        for i, (qkv_proj, o_proj, gate_up_proj, down_proj, scaling) in enumerate(self.layers):
+        for i, (qkv_proj, o_proj, gate_up_proj, gated_down_proj, scaling) in enumerate(self.layers):
             residual = hidden
             qkv = qkv_proj(hidden)                                                # [1, N, Hq*D + 2*Hkv*D]
             heads = qkv.view(1, num_rows, -1, self.head_dim).transpose(1, 2)      # [1, Hq + 2*Hkv, N, D]
@@ -283,9 +298,7 @@ class LeanDecoder:
             attn = _packed(attn, dim=2)                                           # [1, Hq, N, D]
             hidden = residual + o_proj(attn.transpose(1, 2).reshape(1, num_rows, q_width))
             residual = hidden
-            gate_up = gate_up_proj(hidden)                                         # [1, N, 2I]
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = residual + down_proj(F.silu(gate) * up)
+            hidden = residual + gated_down_proj(gate_up_proj(hidden))            # gate_up [1, N, 2I]
         for (slot, _), num_new in zip(rows, lengths):
             slot.num_cached += num_new
         return self.stack.norm(hidden)[0]

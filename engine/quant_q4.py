@@ -4,6 +4,7 @@
     layer = GroupedLinear(linear, quantize_uint8_groups(linear.weight), num_bits=8)  # 256 levels per group
     y = layer(x)                                                    # x [..., K] -> y [..., N], fp32 inside
     y = layer(x, norm_weight, eps)                                  # of RMSNorm(x): the norm in the kernel
+    y = layer(gate_up, is_gated=True)                               # of silu(gate) * up, gate_up [..., 2K]
 
 Why: a one-token forward streams every weight once, so its time is bytes / memory bandwidth. This
 layer reads 5 bits per weight (4 + a fp16 step and minimum per 32) against fbgemm's 8, takes each
@@ -77,7 +78,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.q4_matmul.restype = ctypes.c_int
     lib.q4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                              ctypes.c_void_p, ctypes.c_float]
+                              ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     return lib, ""
 
 
@@ -196,11 +197,15 @@ class GroupedLinear(nn.Module):
         weight = unpack_planes(self.packed, self.num_bits).float() * per_weight(self.steps) + per_weight(self.mins)
         return weight[:self.out_features]
 
-    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
-        """x [..., K] -> [..., N]. With norm_weight (fp32 [K]): of the Llama-family RMSNorm of x,
-        norm_weight * x / sqrt(mean(x^2) + norm_eps), taken by the kernel as it quantizes x."""
+    def forward(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                is_gated: bool = False) -> torch.Tensor:
+        """x [..., K] -> [..., N]. A prologue the kernel takes as it quantizes x, in place of tensor ops:
+        norm_weight (fp32 [K]): of the Llama-family RMSNorm of x, norm_weight * x / sqrt(mean(x^2) + norm_eps);
+        is_gated: x is [..., 2 K] (gate | up), of silu(gate) * up (an MLP's down projection)."""
         shape, dtype = x.shape, x.dtype
-        rows = x.reshape(-1, self.in_features)
+        if is_gated and norm_weight is not None:
+            raise ValueError("a gated input takes no norm")
+        rows = x.reshape(-1, 2 * self.in_features if is_gated else self.in_features)
         rows = rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
         num_rows = rows.shape[0]
         if self._weight_pointers is None:
@@ -214,7 +219,7 @@ class GroupedLinear(nn.Module):
         y = torch.empty(num_rows, self.num_kernel_outputs)
         status = self._lib.q4_matmul(rows.data_ptr(), num_rows, self.in_features, packed, steps, mins, bias,
                                      y.data_ptr(), self.num_kernel_outputs, self.num_bits // 4,
-                                     None if norm_weight is None else norm_weight.data_ptr(), norm_eps)
+                                     None if norm_weight is None else norm_weight.data_ptr(), norm_eps, int(is_gated))
         if status != 0:
             raise RuntimeError(f"q4_matmul failed ({'out of memory' if status == -2 else 'bad sizes'}): "
                                f"{num_rows} x {self.in_features} by {self.out_features}")

@@ -52,25 +52,30 @@ def test_lean_equals_transformers_on_qwen2(session_cache_dir, dtype, quantizatio
 
 
 @pytest.mark.skipif(not quant_q4.available(), reason=f"q4 kernel: {quant_q4.unavailable_reason()}")
-def test_lean_runs_the_norms_in_the_4bit_kernel_close_to_transformers(session_cache_dir, monkeypatch):
-    """fp32 on the 4-bit kernel: each layer's two RMSNorms are the prologue of the kernel's activation
-    quantization (the norm rounded in C, and a rounding of the int8 activations may flip on it: close
-    to transformers' logits, not equal)."""
-    normed_calls = []
-    forward = quant_q4.GroupedLinear.forward
+def test_lean_runs_norms_and_gating_in_the_4bit_kernel_close_to_transformers(session_cache_dir, monkeypatch):
+    """fp32 on the 4-bit kernel: each layer's two RMSNorms and its MLP's silu(gate) * up are prologues
+    of the kernel's activation quantization (rounded in C, and a rounding of the int8 activations may
+    flip on it: close to transformers' logits, not equal)."""
     path = ensure_tiny_model("tiny-random/verify", session_cache_dir)
     model = load_causal_lm(path, None, "cpu", "float32", "int4")
-    monkeypatch.setattr(quant_q4.GroupedLinear, "forward", lambda self, x, norm_weight=None, norm_eps=0.0: (
-        self is model.lm_head or normed_calls.append(norm_weight is not None), forward(self, x, norm_weight, norm_eps))[1])
+    prologues = []
+    forward = quant_q4.GroupedLinear.forward
+
+    def recorded(self, x, norm_weight=None, norm_eps=0.0, is_gated=False):
+        if self is not model.lm_head:
+            prologues.append("norm" if norm_weight is not None else "gated" if is_gated else "none")
+        return forward(self, x, norm_weight, norm_eps, is_gated)
+    monkeypatch.setattr(quant_q4.GroupedLinear, "forward", recorded)
     lean = ModelRunner(model, "cpu", prefill_chunk_tokens=64, decoder_impl="lean")
     hf = ModelRunner(model, "cpu", prefill_chunk_tokens=64, decoder_impl="hf")
     prompt, steps = _steps(lean.vocab_size, seed=5)
     hf_trace = _logits_trace(hf, prompt, steps)
-    assert normed_calls and not any(normed_calls)
-    normed_calls.clear()
+    assert prologues and set(prologues) == {"none"}
+    prologues.clear()
     lean_trace = _logits_trace(lean, prompt, steps)
-    assert normed_calls and normed_calls.count(True) == normed_calls.count(False)    # q/k/v, gate/up; o, down
-    for i, (a, b) in enumerate(zip(lean_trace, hf_trace)):      # int8 activations: a rounding may flip
+    num_passes = prologues.count("gated")               # per layer: q/k/v, gate/up normed; o none; down gated
+    assert num_passes > 0 and prologues.count("norm") == 2 * num_passes and prologues.count("none") == num_passes
+    for i, (a, b) in enumerate(zip(lean_trace, hf_trace)):
         assert torch.allclose(a, b, rtol=0, atol=1e-2 * b.abs().max().item()), f"forward {i}: {(a - b).abs().max()}"
 
 

@@ -116,6 +116,25 @@ def test_the_norm_prologue_quantizes_the_rms_norm_of_each_row(num_bits):
 
 
 @needs_kernel
+@pytest.mark.parametrize("num_bits", [4, 8])
+def test_the_gated_prologue_quantizes_silu_of_the_gate_times_up(num_bits):
+    """layer(gate_up, is_gated=True) is layer(silu(gate) * up) (exp in C: close, not equal), over
+    gates from -100 to 100 (exp's clamps), and rows stay independent."""
+    linear = _on_4bit_grids(320, 24)
+    groups = quantize_int4(linear.weight.detach()) if num_bits == 4 else quant_q4.quantize_uint8_groups(linear.weight.detach())
+    layer = GroupedLinear(linear, groups, num_bits)
+    gate_up = torch.randn(6, 640) * 4
+    gate_up[0, :320] = torch.linspace(-100, 100, 320)
+    with torch.inference_mode():
+        fused = layer(gate_up, is_gated=True)
+        unfused = layer(nn.functional.silu(gate_up[:, :320]) * gate_up[:, 320:])
+        assert torch.allclose(fused, unfused, rtol=1e-4, atol=1e-4 * unfused.abs().max().item())
+        assert torch.equal(torch.cat([layer(gate_up[i:i + 1], is_gated=True) for i in range(6)]), fused)
+        with pytest.raises(ValueError, match="no norm"):
+            layer(gate_up, torch.ones(320), 1e-6, is_gated=True)
+
+
+@needs_kernel
 def test_threads_do_not_change_the_bits():
     layer = make_quantized(_on_4bit_grids(256, 104), "int4")
     x = torch.randn(6, 256)

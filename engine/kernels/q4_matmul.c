@@ -115,11 +115,50 @@ static inline __attribute__((always_inline)) void block_all_rows(
     }
 }
 
-/* Row m's int8 activations; per group one scale, the integer sum of a and the exact sum of x.
- * With norm_weight, x is first RMS-normalized as the Llama-family norm does it (the kernel's prologue
- * in place of ~6 tensor ops): x' = norm_weight * (x * r), r = 1 / sqrt(mean(x^2) + eps), mean(x^2)
- * summed in double in order (so rows stay independent of M and of threads). */
-static void quantize_row(const float *x, int64_t K, const float *norm_weight, float norm_eps,
+/* e^x in 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n
+ * put in the exponent; ~1 ulp), x clamped to [-87.3, 88.3] so 2^n stays a normal float. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);              /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* The kernel's input x'[k] for k in group g of one row: a prologue in place of tensor ops before the
+ * matmul (each its own pass over the row in torch):
+ *   none     x' = x                                     (row of K)
+ *   norm     x' = norm_weight * (x * inverse_rms)       (row of K: the Llama-family RMSNorm)
+ *   gated    x' = silu(x[k]) * x[K + k]                 (row of 2 K: gate | up, an MLP's silu(gate) * up) */
+static inline void prologue_group(const float *x, int64_t K, int64_t g, const float *norm_weight,
+                                  float inverse_rms, int is_gated, float *xg) {
+    const float *xk = x + GROUP * g;
+    if (is_gated) {
+        for (int k = 0; k < GROUP; k += 8) {
+            const __m256 gate = _mm256_loadu_ps(xk + k), up = _mm256_loadu_ps(xk + K + k);
+            const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
+            _mm256_storeu_ps(xg + k, _mm256_mul_ps(_mm256_div_ps(gate, denominator), up));
+        }
+    } else if (norm_weight) {
+        for (int k = 0; k < GROUP; k++) xg[k] = norm_weight[GROUP * g + k] * (xk[k] * inverse_rms);
+    } else {
+        memcpy(xg, xk, sizeof(float) * GROUP);
+    }
+}
+
+/* Row m's int8 activations (of its prologue's x'); per group one scale, the integer sum of a and the
+ * exact sum of x'. The norm's mean(x^2) is summed in double, in order: rows stay independent of M
+ * and of threads. */
+static void quantize_row(const float *x, int64_t K, const float *norm_weight, float norm_eps, int is_gated,
                          int8_t *a, int32_t *asum, float *act_scale, float *xsum) {
     float inverse_rms = 1.0f;
     if (norm_weight) {
@@ -129,8 +168,7 @@ static void quantize_row(const float *x, int64_t K, const float *norm_weight, fl
     }
     for (int64_t g = 0; g < K / GROUP; g++) {
         float xg[GROUP];
-        for (int k = 0; k < GROUP; k++)
-            xg[k] = norm_weight ? norm_weight[GROUP * g + k] * (x[GROUP * g + k] * inverse_rms) : x[GROUP * g + k];
+        prologue_group(x, K, g, norm_weight, inverse_rms, is_gated, xg);
         float max_abs = 0.0f, sum = 0.0f;
         for (int k = 0; k < GROUP; k++) { max_abs = fmaxf(max_abs, fabsf(xg[k])); sum += xg[k]; }
         const float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
@@ -146,11 +184,14 @@ static void quantize_row(const float *x, int64_t K, const float *norm_weight, fl
 }
 
 /* num_planes: 1 (4-bit weights) or 2 (8-bit). bias and norm_weight (K floats: an RMSNorm before the
- * matmul) may be NULL. Returns 0, -1 on bad sizes, -2 when out of memory. */
+ * matmul) may be NULL; is_gated: x is [M, 2 K] (gate | up) and the input silu(gate) * up (not with a
+ * norm). Returns 0, -1 on bad sizes, -2 when out of memory. */
 int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *steps,
               const uint16_t *mins, const float *bias, float *y, int64_t N, int num_planes,
-              const float *norm_weight, float norm_eps) {
+              const float *norm_weight, float norm_eps, int is_gated) {
     if (K % GROUP || N % BLOCK || M < 0 || N < 0 || (num_planes != 1 && num_planes != 2)) return -1;
+    if (is_gated && norm_weight) return -1;
+    const int64_t row_stride = is_gated ? 2 * K : K;
     const int64_t G = K / GROUP;
     int8_t *a = malloc(M * K + 1);
     int32_t *asum = malloc(sizeof(int32_t) * (M * G + 1));
@@ -161,7 +202,7 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const
     {
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
-            quantize_row(x + m * K, K, norm_weight, norm_eps, a + m * K, asum + m * G, act_scale + m * G, xsum + m * G);
+            quantize_row(x + m * row_stride, K, norm_weight, norm_eps, is_gated, a + m * K, asum + m * G, act_scale + m * G, xsum + m * G);
         #pragma omp for schedule(static)
         for (int64_t block = 0; block < N / BLOCK; block++) {
             const uint8_t *packed_block = packed + block * num_planes * (BLOCK * K / 2);
