@@ -111,7 +111,7 @@ def _normed_call(norm, members: list, is_fp32: bool):
     instead of ~6 tensor ops, two norms a layer); else the norm, then one call for the members."""
     layers = _kernel_layers(members)
     if layers and is_fp32 and _is_plain_rms_norm(norm) and norm.weight.dtype == torch.float32:
-        weight, eps = norm.weight.detach().contiguous(), float(norm.variance_epsilon)
+        weight, eps = norm.weight, float(norm.variance_epsilon)      # the parameter: read at each call
         if len(layers) == 1:
             return lambda x: layers[0].forward(x, weight, eps)
         return lambda x: torch.cat([layer.forward(x, weight, eps) for layer in layers], dim=-1)
