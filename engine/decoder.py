@@ -97,12 +97,19 @@ class HFDecoder:
         return out.last_hidden_state[0]
 
 
+def _as_one_layer(members: list) -> list:
+    """[the fused module] where the members are the slices of one quantized group, else the members."""
+    if all(isinstance(m, SliceOfGroup) for m in members) and len({id(m._group) for m in members}) == 1:
+        return [members[0].group_fused]
+    return members
+
+
 def _fused_call(members: list):
     """One call for linears that read the same input: the quantized group's fused module, or a cat."""
-    groups = {id(m._group) for m in members if isinstance(m, SliceOfGroup)}
-    if len(groups) == 1 and all(isinstance(m, SliceOfGroup) for m in members):
-        return members[0].group_fused.forward
-    return lambda x: torch.cat([m(x) for m in members], dim=-1)
+    layers = _as_one_layer(members)
+    if len(layers) == 1:
+        return layers[0].forward
+    return lambda x: torch.cat([m(x) for m in layers], dim=-1)
 
 
 def _normed_call(norm, members: list, is_fp32: bool):
@@ -135,9 +142,8 @@ def _gated_call(down, is_fp32: bool):
 def _kernel_layers(members: list) -> list[GroupedLinear] | None:
     """The 4-bit-kernel layers whose outputs side by side are the members' (one fused layer, or each
     member's own), or None where any member runs elsewhere."""
-    if all(isinstance(m, SliceOfGroup) for m in members) and len({id(m._group) for m in members}) == 1:
-        members = [members[0].group_fused]
-    return members if all(isinstance(m, GroupedLinear) for m in members) else None
+    layers = _as_one_layer(members)
+    return layers if all(isinstance(m, GroupedLinear) for m in layers) else None
 
 
 def _is_plain_rms_norm(norm) -> bool:
