@@ -9,8 +9,9 @@ The default verify's two largest shapes (Qwen2.5-1.5B: the fused gate/up 1536 ->
     int8-fast   Int8DynamicLinear, one digit (the draft's)
     int8-onednn Int8DynamicLinear, two digits on oneDNN's kernel (the AMX default; elsewhere for comparison)
     int8-wo     PackedWeightOnlyLinear: aten's weight-only `_weight_int8pack_mm`, bf16 activations (CUDA's int8)
-    int4        the 4-bit layer `int4` takes here: the AVX2 kernel (engine/quant_q4.py) where it builds,
-                else aten's `_weight_int4pack_mm_for_cpu`
+    int4        the 4-bit layer `int4` takes here: the 4-bit kernel (engine/quant_q4.py; its VNNI build where
+                the CPU has VNNI) where it builds, else aten's `_weight_int4pack_mm_for_cpu`
+    int4-avx2   the kernel's AVX2 build, where a VNNI build is the one `int4` takes
     fp32        nn.Linear
 
 The JSON also holds each kernel's effective bandwidth at M = 1 (int8 weight bytes / time, whatever it reads): when a kernel runs
@@ -27,6 +28,8 @@ import time
 import torch
 from torch import nn
 
+from engine import quant_q4
+from engine.int4_grids import quantize_int4
 from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized
 
 SHAPES = [(1536, 17920), (8960, 1536)]           # (in, out)
@@ -47,9 +50,12 @@ def median_ms(fn, x: torch.Tensor) -> float:
 
 def layer_kernels(linear: nn.Linear) -> dict:
     """The same layer under each kernel: name -> x [M, in] -> y [M, out]."""
-    return {"int8": Int8DynamicLinear(linear, 2), "int8-fast": Int8DynamicLinear(linear, 1),
-            "int8-onednn": Int8DynamicLinear(linear, 2, "onednn"),
-            "int8-wo": PackedWeightOnlyLinear(linear, "int8"), "int4": make_quantized(linear, "int4"), "fp32": linear}
+    kernels = {"int8": Int8DynamicLinear(linear, 2), "int8-fast": Int8DynamicLinear(linear, 1),
+               "int8-onednn": Int8DynamicLinear(linear, 2, "onednn"),
+               "int8-wo": PackedWeightOnlyLinear(linear, "int8"), "int4": make_quantized(linear, "int4"), "fp32": linear}
+    if quant_q4.build_name() not in (None, "avx2"):         # the VNNI build beside the AVX2 one it replaces
+        kernels["int4-avx2"] = quant_q4.GroupedLinear(linear, quantize_int4(linear.weight.detach()), build="avx2")
+    return kernels
 
 
 def layer_costs(in_features: int, out_features: int) -> dict[str, dict[int, float]]:

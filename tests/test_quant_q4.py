@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine import quant_q4, quantization
+from engine import hardware, quant_q4, quantization
 from engine.quant_q4 import GroupedLinear, pack_int4, unpack_int4
 from engine.int4_grids import quantize_int4
 from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, SliceOfGroup, make_quantized, quantize_model
@@ -221,3 +221,62 @@ def test_int4_quantization_recovers_the_grid():
     linear = _on_4bit_grids(bias=False)
     q, steps, minimums, fraction_on_grid = quantize_int4(linear.weight)
     assert fraction_on_grid == 1.0 and steps.shape == minimums.shape == (40, 8)
+
+
+def _other_builds() -> list[str]:
+    return [name for name in quant_q4.runnable_builds() if name != "avx2"]
+
+
+@needs_kernel
+@pytest.mark.skipif(not _other_builds(), reason="this CPU runs only the AVX2 build (no VNNI)")
+@pytest.mark.parametrize("num_bits", [4, 8])
+def test_vnni_builds_give_the_avx2_builds_bits(num_bits):
+    """vpdpbusd sums the same integers as vpmaddubsw + vpmaddwd: every build's outputs are equal."""
+    linear = _on_4bit_grids(256, 40)
+    groups = quantize_int4(linear.weight) if num_bits == 4 else quant_q4.quantize_uint8_groups(linear.weight.detach())
+    reference = GroupedLinear(linear, groups, num_bits=num_bits, build="avx2")
+    x, norm_weight = torch.randn(7, 256) * 3, torch.rand(256) + 0.5
+    gate_up = torch.randn(5, 512)
+    down = nn.Linear(256, 40)
+    down_groups = quant_q4.quantize_uint8_groups(down.weight.detach()) if num_bits == 8 else quantize_int4(down.weight)
+    down_reference = GroupedLinear(down, down_groups, num_bits=num_bits, build="avx2")
+    for build in _other_builds():
+        layer = GroupedLinear(linear, groups, num_bits=num_bits, build=build)
+        assert build in repr(layer)
+        for m in (1, 3, 4, 7):
+            assert torch.equal(layer(x[:m]), reference(x[:m]))
+        assert torch.equal(layer(x, norm_weight, 1e-6), reference(x, norm_weight, 1e-6))
+        assert torch.equal(GroupedLinear(down, down_groups, num_bits=num_bits, build=build)(gate_up, is_gated=True),
+                           down_reference(gate_up, is_gated=True))
+
+
+def test_builds_follow_the_cpu_flags(monkeypatch):
+    base = {"avx2", "fma", "f16c"}
+    for flags, builds in ((base, ("avx2",)), (base | {"avx_vnni"}, ("avx-vnni", "avx2")),
+                          (base | {"avx512_vnni", "avx512vl", "avx_vnni"}, ("avx512-vnni", "avx-vnni", "avx2")),
+                          (base | {"avx512_vnni"}, ("avx2",)), ({"avx2", "fma"}, ())):
+        monkeypatch.setattr(quant_q4, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert quant_q4.runnable_builds() == builds
+
+
+def test_a_compiler_without_vnni_falls_back_to_the_avx2_build(monkeypatch, tmp_path):
+    """A VNNI build that fails to compile (an old compiler) is skipped, not fatal."""
+    import shutil
+    real = shutil.which("cc") or shutil.which("gcc")
+    if real is None:
+        pytest.skip("no C compiler")
+    compiler = tmp_path / "cc-without-vnni"
+    compiler.write_text(f'#!/bin/sh\ncase "$*" in *-mavx512vnni*|*-mavxvnni*) echo "unknown option" >&2; exit 1;; esac\nexec {real} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("AMUSD_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setattr(quant_q4, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx_vnni"}))
+    quant_q4._load.cache_clear()
+    try:
+        if "avx2" not in hardware.cpu_flags():
+            pytest.skip("this CPU cannot load the AVX2 build")
+        assert quant_q4.build_name() == "avx2"
+        assert not quant_q4._load("avx-vnni")[0] and "failed" in quant_q4._load("avx-vnni")[1]
+        assert [p.name.split("-")[1] for p in (tmp_path / "kernels").glob("*.so")] == ["avx2"]
+    finally:
+        quant_q4._load.cache_clear()

@@ -1,4 +1,5 @@
-/* y[M, N] = x[M, K] @ W^T (+ bias) for 4-bit or 8-bit weights in groups of 32 along K, on AVX2 + FMA + F16C.
+/* y[M, N] = x[M, K] @ W^T (+ bias) for 4-bit or 8-bit weights in groups of 32 along K, on AVX2 + FMA + F16C
+ * (and VNNI where the CPU has it).
  *
  * Why a kernel of our own: at one token a matmul is a stream over the weights, so its time is
  * bytes / memory bandwidth. fbgemm's int8 reads 8 bits per weight; aten's int4 CPU kernel
@@ -44,7 +45,22 @@
 #define BLOCK 8
 #define MAX_CHUNK 4
 
-/* sums[r] = the int16 pair sums of one 4-bit plane (128 bytes) by rows m0 .. m0 + R - 1, group g. */
+/* With VNNI (built with -mavx512vnni -mavx512vl, or -mavxvnni; engine/quant_q4.py picks by the CPU's
+ * flags) one vpdpbusd multiplies u8 q by s8 a and adds each output's 4 products straight into its
+ * int32 lane: the same exact integers as AVX2's vpmaddubsw + vpaddw + vpmaddwd, in fewer ops, so the
+ * outputs are bit for bit those of the AVX2 build. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAS_VNNI 1
+#define DPBUSD(acc, u8, s8) _mm256_dpbusd_epi32(acc, u8, s8)
+#elif defined(__AVXVNNI__)
+#define HAS_VNNI 1
+#define DPBUSD(acc, u8, s8) _mm256_dpbusd_avx_epi32(acc, u8, s8)
+#else
+#define HAS_VNNI 0
+#endif
+
+/* sums[r] = one 4-bit plane (128 bytes) by rows m0 .. m0 + R - 1, group g: per output, int16 pair
+ * sums (AVX2; int32 after sum_pairs) or its int32 sum (VNNI). */
 static inline __attribute__((always_inline)) void plane_sums(
         const int R, __m256i *sums, const uint8_t *w, const int8_t *a, int64_t K, int64_t m0, int64_t g) {
     const __m256i nibble = _mm256_set1_epi8(0x0F);
@@ -57,11 +73,26 @@ static inline __attribute__((always_inline)) void plane_sums(
             const int8_t *ak = a + (m0 + r) * K + GROUP * g + 8 * t;
             memcpy(&a_low, ak, 4);
             memcpy(&a_high, ak + 4, 4);
+#if HAS_VNNI
+            const __m256i sum = t == 0 ? _mm256_setzero_si256() : sums[r];
+            sums[r] = DPBUSD(DPBUSD(sum, low, _mm256_set1_epi32(a_low)), high, _mm256_set1_epi32(a_high));
+#else
             const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_set1_epi32(a_low)),
                                                    _mm256_maddubs_epi16(high, _mm256_set1_epi32(a_high)));
             sums[r] = t == 0 ? pairs : _mm256_add_epi16(sums[r], pairs);
+#endif
         }
     }
+}
+
+/* plane_sums' result as int32 per output: AVX2 adds each output's two int16 halves, VNNI has them. */
+static inline __attribute__((always_inline)) __m256i sum_pairs(__m256i sums, __m256i ones) {
+#if HAS_VNNI
+    (void)ones;
+    return sums;
+#else
+    return _mm256_madd_epi16(sums, ones);
+#endif
 }
 
 /* rows [m0, m0 + R) of outputs [8 b, 8 b + 8); R and PLANES compile-time constants after inlining. */
@@ -82,8 +113,8 @@ static inline __attribute__((always_inline)) void block_rows(
         const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(min_block + BLOCK * g)));
         const __m256 centres = _mm256_fmadd_ps(steps, _mm256_set1_ps((float)centre), mins);
         for (int r = 0; r < R; r++) {
-            __m256i qa = _mm256_madd_epi16(low_sums[r], ones);
-            if (PLANES == 2) qa = _mm256_add_epi32(qa, _mm256_slli_epi32(_mm256_madd_epi16(high_sums[r], ones), 4));
+            __m256i qa = sum_pairs(low_sums[r], ones);
+            if (PLANES == 2) qa = _mm256_add_epi32(qa, _mm256_slli_epi32(sum_pairs(high_sums[r], ones), 4));
             const __m256 A = _mm256_cvtepi32_ps(_mm256_sub_epi32(qa, _mm256_set1_epi32(centre * asum[(m0 + r) * G + g])));
             const __m256 scale = _mm256_mul_ps(steps, _mm256_set1_ps(act_scale[(m0 + r) * G + g]));
             acc[r] = _mm256_fmadd_ps(A, scale, acc[r]);
