@@ -86,7 +86,7 @@ def first_difference_gaps(report: dict, raw: dict, reference: str, prompts, veri
         return
     concrete_dtype = resolve_dtype(dtype, "cpu", quantization)[0]
     model = load_causal_lm(verify_dir, None, "cpu", concrete_dtype,
-                           resolve_quantization(quantization, "cpu", concrete_dtype, "verify", quant_q4.available)[0])
+                           resolve_quantization(quantization, "cpu", concrete_dtype, "verify", quant_q4.build_name)[0])
     with torch.inference_mode():
         for method, diff in todo:
             i, pos = diff["sample"], diff["first_diff_position"]

@@ -75,7 +75,8 @@ class EngineConfig:
     dtype: str = setting("auto", "auto | bfloat16 | float16 | float32 | float64 (auto: fp32 under CPU int8 layers, "
                                  "else bf16 where the device runs it natively, else fp32)")
     verify_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed | nf4 (auto: "
-                                               "int8 on CPU, none on CUDA; engine/quantization.py)")
+                                               "int4-mixed on CPUs where the 4-bit kernel builds (AVX2 class or VNNI), else int8; none on CUDA; "
+                                               "engine/hardware.py)")
     draft_quantization: str = setting("auto", "auto | none | int8 | int8-fast | int4 | int4-mixed | nf4 (auto: "
                                               "nf4 on AVX512_BF16 CPUs, else int8-fast; none on CUDA)")
     decoder: str = setting("auto", "auto | lean | hf: the layers that run the model (auto: amusd's lean "

@@ -11,8 +11,8 @@ fbgemm's int8 layers (CPU `int8` / `int8-fast`, which `auto` picks there) dtype 
 CPU: those layers take fp32 activations, so bf16 only adds two casts per linear (measured on an
 AVX512_BF16 EPYC, lean decoder, one core: 1.5B int8 one-token forward 75 ms fp32 vs 102 ms bf16,
 0.5B int8-fast 37 vs 48 ms, equal at 2-8 tokens).
-quantization auto: on CPU the verify gets `int4-mixed` on AVX2-class CPUs where the 4-bit kernel builds
-(is_avx2_class), else `int8` (accurate W8A8), and the draft `nf4` where it runs
+quantization auto: on CPU the verify gets `int4-mixed` where the 4-bit kernel builds with VNNI (has_vnni)
+or on AVX2-class CPUs (is_avx2_class), else `int8` (accurate W8A8), and the draft `nf4` where it runs
 (AVX512_BF16 and bitsandbytes: a one-token draft forward 29 vs 43 ms for `int8-fast` on an
 AVX512_BF16 EPYC, 2 threads), else `int8-fast`; on CUDA nothing (bf16 matmuls are what GPUs run
 best); float64 (an exactness setting) is never quantized. Under `nf4` dtype auto is fp32 too (its
@@ -82,11 +82,11 @@ def resolve_dtype(dtype: str, device: str, quantization: str = "none") -> tuple[
 
 
 def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
-                         q4_kernel_available: Callable[[], bool] = lambda: False) -> tuple[str, str]:
+                         q4_kernel_build: Callable[[], str | None] = lambda: None) -> tuple[str, str]:
     """(concrete scheme, why) for a configured quantization of the verify or draft model.
 
-    q4_kernel_available: whether the AVX2 4-bit kernel builds here (engine.quant_q4.available, which
-    needs torch and a compiler); asked only where the answer decides."""
+    q4_kernel_build: which build of the 4-bit kernel runs here, "avx512-vnni" / "avx-vnni" / "avx2" or
+    None (engine.quant_q4.build_name, which needs torch and a compiler); asked only where it decides."""
     if quantization != "auto":
         return quantization, "set in the configuration"
     if dtype == "float64":
@@ -97,18 +97,30 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
         if nf4_unavailable_reason("nf4", device) is None:
             return "nf4", "CPU draft with AVX512_BF16: NF4 reads half int8's bytes (its errors only cost acceptance)"
         return "int8-fast", "CPU draft: the fastest int8 scheme (its errors only cost acceptance)"
-    if is_avx2_class() and q4_kernel_available():
-        return "int4-mixed", ("AVX2-class CPU verify: 4-bit-grid layers (a Q4_K GGUF's) re-encoded exactly on the "
-                              "AVX2 kernel (5 bits per weight against int8's 8), 256 levels per group for the "
-                              "others, int8 for the output layer")
+    build = q4_kernel_build() if is_avx2_class() or has_vnni() else None
+    if build in VNNI_BUILDS or (build == "avx2" and is_avx2_class()):
+        return "int4-mixed", (f"CPU verify on the 4-bit kernel's {build} build: 4-bit-grid layers (a Q4_K GGUF's) "
+                              "re-encoded exactly (5 bits per weight against int8's 8), 256 levels per group for "
+                              "the others, int8 for the output layer")
     return "int8", "CPU verify: W8A8 with per-token ~14-bit activations (int8 weight-only accuracy)"
 
 
+VNNI_BUILDS = ("avx512-vnni", "avx-vnni")       # engine/quant_q4.py: BUILDS
+
+
+def has_vnni() -> bool:
+    """VNNI (AVX512-VNNI or AVX-VNNI): the 4-bit kernel's VNNI builds run, and `auto` takes them
+    for the verify (AMX Xeon, 2 threads, default pair: one-token verify pass 62 vs 93 ms for int8 on
+    oneDNN's AMX tiles, 4 tokens 87 vs 99; 8 sequences x 1 token 139 vs 125: batches of 8+ lose ~10 %)."""
+    flags = cpu_flags()
+    return "avx_vnni" in flags or "avx512_vnni" in flags
+
+
 def is_avx2_class() -> bool:
-    """AVX2 / FMA / F16C and nothing wider (no AVX-512, no AMX): where the 4-bit kernel was measured
-    to beat fbgemm's int8 at every batch size (Zen 1 EPYC, 2 threads: a 1536 x 17920 matmul 1.22 vs
-    2.17 ms at one token, 5.8 vs 12.6 ms at 8). With AVX-512 VNNI or AMX the int8 kernels batch far
-    better and the 4-bit one (AVX2 code) was not measured there, so `auto` keeps int8."""
+    """AVX2 / FMA / F16C and nothing wider (no AVX-512, no AMX): where the 4-bit kernel's AVX2 build
+    was measured to beat fbgemm's int8 at every batch size (Zen 1 EPYC, 2 threads: a 1536 x 17920
+    matmul 1.22 vs 2.17 ms at one token, 5.8 vs 12.6 ms at 8). On AVX-512 CPUs without VNNI the AVX2
+    build was not measured, so `auto` keeps int8 there."""
     flags = cpu_flags()
     return all(flag in flags for flag in Q4_KERNEL_FLAGS) and not any(
         flag in flags for flag in ("avx512f", "amx_int8", "amx_bf16"))

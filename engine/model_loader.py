@@ -41,7 +41,7 @@ def load_model(role: str, config: EngineConfig, device: str, num_cost_tokens: in
     from engine.models import ModelRunner, load_causal_lm, resolve_model_spec
     settings = config.model_settings(role)
     dtype, dtype_reason = resolve_dtype(config.dtype, device, settings.quantization)
-    quantization, quantization_reason = resolve_quantization(settings.quantization, device, dtype, role, quant_q4.available)
+    quantization, quantization_reason = resolve_quantization(settings.quantization, device, dtype, role, quant_q4.build_name)
     path, gguf = resolve_model_spec(settings.model, config.cache_dir, settings.gguf_file)
     model = load_causal_lm(path, gguf, device, dtype, quantization, keep_float_head=settings.num_head_ids > 0,
                            is_draft=role == "draft")

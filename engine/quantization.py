@@ -23,9 +23,9 @@ Schemes (`verify_quantization` / `draft_quantization`):
     int4-mixed int4 for the layers whose weights lie on 4-bit grids (>= 90 % of their groups: the
                GGUF's Q4_K tensors); for the others (its Q6_K tensors: attn_v, ffn_down, the output
                layer) 256 levels per group of 32 on the same AVX2 kernel, `int8` for the output layer
-               and where that kernel cannot run; so no weight is coarser than the GGUF's own. `auto` on AVX2-class CPUs
-               (engine/hardware.py); with aten's kernel fastest for one sequence on AVX-512 CPUs,
-               where for batches of 8 `int8` is (docs: "Speed on the CPU you have").
+               and where that kernel cannot run; so no weight is coarser than the GGUF's own. `auto` on AVX2-class
+               CPUs and where the kernel's VNNI build runs (engine/hardware.py); for batches of 8 on
+               AMX `int8` is ~10 % faster (docs: "Speed on the CPU you have").
     nf4        weight-only NF4 (blocks of 64) on bitsandbytes' CPU kernel, AVX512_BF16 CPUs only: half
                int8's bytes per weight, for the draft (engine/quant_nf4.py).
     int8 on CUDA: weight-only `_weight_int8pack_mm` (fbgemm is CPU-only).

@@ -124,18 +124,21 @@ def test_quantization_auto(monkeypatch):
     assert hardware.resolve_quantization("int4", "cpu", "float32", "verify")[0] == "int4"
 
 
-@pytest.mark.parametrize("flags, has_kernel, expected", [
-    ({"avx2", "fma", "f16c"}, True, "int4-mixed"),            # AVX2 class with the kernel built
-    ({"avx2", "fma", "f16c"}, False, "int8"),                 # no compiler / the build failed
-    ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni"}, True, "int8"),   # VNNI int8 batches better; unmeasured
-    ({"avx2", "fma", "f16c", "avx512f", "amx_int8"}, True, "int8"),      # AMX int8 tiles
-    ({"avx", "sse4_2"}, True, "int8")])
-def test_quantization_auto_takes_the_4bit_kernel_on_avx2_class_cpus(monkeypatch, flags, has_kernel, expected):
+@pytest.mark.parametrize("flags, build, expected", [
+    ({"avx2", "fma", "f16c"}, "avx2", "int4-mixed"),                      # AVX2 class with the kernel built
+    ({"avx2", "fma", "f16c"}, None, "int8"),                              # no compiler / the build failed
+    ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512vl"}, "avx512-vnni", "int4-mixed"),  # VNNI build
+    ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512vl", "amx_int8"}, "avx512-vnni", "int4-mixed"),
+    ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni"}, "avx2", "int8"),  # VNNI build refused: AVX2 build unmeasured
+    ({"avx2", "fma", "f16c", "avx512f"}, "avx2", "int8"),                 # AVX-512 without VNNI: unmeasured
+    ({"avx2", "fma", "f16c", "avx_vnni"}, "avx-vnni", "int4-mixed"),
+    ({"avx", "sse4_2"}, None, "int8")])
+def test_quantization_auto_takes_the_4bit_kernel_where_it_was_measured_to_win(monkeypatch, flags, build, expected):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-    kernel_available = lambda: has_kernel                                                 # noqa: E731
-    assert hardware.resolve_quantization("auto", "cpu", "float32", "verify", kernel_available)[0] == expected
-    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft", kernel_available)[0] == "int8-fast"
-    assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify", kernel_available)[0] == "none"
+    kernel_build = lambda: build                                                          # noqa: E731
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "verify", kernel_build)[0] == expected
+    assert hardware.resolve_quantization("auto", "cpu", "float32", "draft", kernel_build)[0] == "int8-fast"
+    assert hardware.resolve_quantization("auto", "cuda:0", "bfloat16", "verify", kernel_build)[0] == "none"
 
 
 def test_cpu_summary_names_the_simd_flags():
