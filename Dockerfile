@@ -11,7 +11,7 @@ ARG CPU_BASE_IMAGE=python:3.11-slim
 ARG CUDA_BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 FROM ${CPU_BASE_IMAGE} AS base-cpu
-# gcc: the AVX2 4-bit kernel (engine/kernels/q4_matmul.c) is compiled at build time below
+# gcc: the 4-bit kernel's builds (engine/kernels/q4_matmul.c; AVX2 and VNNI) are compiled at build time below
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -48,7 +48,7 @@ COPY . /app
 RUN --mount=type=cache,target=/root/.cache/pip \
     AMUSD_TORCH_SPEC="${AMUSD_TORCH_SPEC:-$AMUSD_DEFAULT_TORCH_SPEC}" AMUSD_EXTRAS="${AMUSD_EXTRAS}" ./setup.sh \
  && amusd --help \
- && python -c "from engine import quant_q4; print('4-bit kernel:', quant_q4.unavailable_reason() or 'built')"
+ && python -c "from engine import quant_q4; print('4-bit kernel builds:', quant_q4.prebuild())"
 
 # Numeric, so that runtimes enforcing runAsNonRoot can verify it (uid 10001 = amusd).
 USER 10001:10001

@@ -44,8 +44,9 @@ SOURCE = Path(__file__).with_name("kernels") / "q4_matmul.c"
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-lm")
 # builds of the same source, best first: (name, /proc/cpuinfo flags it needs, extra compiler flags).
-# The VNNI builds sum the same integers in fewer ops (bit-equal outputs; see the C file).
-BUILDS = (("avx512-vnni", ("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")),
+# The VNNI builds sum the same integers in fewer ops, the AVX-512 one two blocks of 8 outputs per
+# register (bit-equal outputs; see the C file and kernels/q4_wide.h, which it includes).
+BUILDS = (("avx512-vnni", ("avx512_vnni", "avx512vl", "avx512bw"), ("-mavx512vnni", "-mavx512vl", "-mavx512bw")),
           ("avx-vnni", ("avx_vnni",), ("-mavxvnni",)),
           ("avx2", (), ()))
 GROUP_SIZE = 32
@@ -80,6 +81,26 @@ def _compile(compiler: str, extra_flags: tuple[str, ...], library: Path) -> str:
     return ""
 
 
+def _built(name: str) -> tuple[Path, str]:
+    """(the shared library of build `name`, "" or why it could not be built), compiling it once."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    extra_flags = next(flags for build, _, flags in BUILDS if build == name)
+    source = b"".join(path.read_bytes() for path in sorted(SOURCE.parent.glob("q4_*")))   # the .c and its .h
+    digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS + extra_flags).encode()).hexdigest()[:16]
+    library = kernel_cache_dir() / f"q4_matmul-{name}-{digest}.so"
+    if library.exists():
+        return library, ""
+    if compiler is None:
+        return library, "no C compiler (cc / gcc) on PATH"
+    return library, _compile(compiler, extra_flags, library)
+
+
+def prebuild() -> dict[str, str]:
+    """Compiles every build, whatever this CPU runs (an image built on one machine, run on others):
+    build name -> "built" or why not."""
+    return {name: _built(name)[1] or "built" for name, _, _ in BUILDS}
+
+
 @functools.lru_cache(maxsize=None)
 def _load(build: str | None = None) -> tuple[ctypes.CDLL | None, str]:
     """(library, "") or (None, why not). build: a name in BUILDS, or None for the best this CPU runs
@@ -90,17 +111,9 @@ def _load(build: str | None = None) -> tuple[ctypes.CDLL | None, str]:
     runnable = runnable_builds()
     if build is not None and build not in runnable:
         return None, f"this CPU cannot run the {build} build (it runs: {', '.join(runnable)})"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None, "no C compiler (cc / gcc) on PATH"
-    source = SOURCE.read_bytes()
     why_not = ""
-    for name, _, extra_flags in BUILDS:
-        if name not in ((build,) if build else runnable):
-            continue
-        digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS + extra_flags).encode()).hexdigest()[:16]
-        library = kernel_cache_dir() / f"q4_matmul-{name}-{digest}.so"
-        why_not = "" if library.exists() else _compile(compiler, extra_flags, library)
+    for name in ((build,) if build else runnable):
+        library, why_not = _built(name)
         if why_not:
             logger.info("4-bit kernel: the %s build failed, trying the next: %s", name, why_not)
             continue

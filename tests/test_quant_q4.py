@@ -253,7 +253,8 @@ def test_vnni_builds_give_the_avx2_builds_bits(num_bits):
 def test_builds_follow_the_cpu_flags(monkeypatch):
     base = {"avx2", "fma", "f16c"}
     for flags, builds in ((base, ("avx2",)), (base | {"avx_vnni"}, ("avx-vnni", "avx2")),
-                          (base | {"avx512_vnni", "avx512vl", "avx_vnni"}, ("avx512-vnni", "avx-vnni", "avx2")),
+                          (base | {"avx512_vnni", "avx512vl", "avx512bw", "avx_vnni"}, ("avx512-vnni", "avx-vnni", "avx2")),
+                          (base | {"avx512_vnni", "avx512vl", "avx_vnni"}, ("avx-vnni", "avx2")),
                           (base | {"avx512_vnni"}, ("avx2",)), ({"avx2", "fma"}, ())):
         monkeypatch.setattr(quant_q4, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert quant_q4.runnable_builds() == builds
@@ -280,3 +281,14 @@ def test_a_compiler_without_vnni_falls_back_to_the_avx2_build(monkeypatch, tmp_p
         assert [p.name.split("-")[1] for p in (tmp_path / "kernels").glob("*.so")] == ["avx2"]
     finally:
         quant_q4._load.cache_clear()
+
+
+def test_prebuild_compiles_every_build_whatever_this_cpu_runs(monkeypatch, tmp_path):
+    """The Docker image compiles all builds on its build machine, for the CPUs it will run on."""
+    import shutil
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("AMUSD_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(quant_q4, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))   # an AVX2-only host
+    assert quant_q4.prebuild() == {"avx512-vnni": "built", "avx-vnni": "built", "avx2": "built"}
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("*.so")) == ["avx", "avx2", "avx512"]

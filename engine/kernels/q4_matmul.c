@@ -58,6 +58,13 @@
 #else
 #define HAS_VNNI 0
 #endif
+/* With AVX-512 (BW + VNNI) two blocks run side by side in 512-bit registers (q4_wide.h): each half
+ * does the 256-bit code's integer and float operations on its own 8 outputs, so again the same bits. */
+#if HAS_VNNI && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAS_WIDE 1
+#else
+#define HAS_WIDE 0
+#endif
 
 /* sums[r] = one 4-bit plane (128 bytes) by rows m0 .. m0 + R - 1, group g: per output, int16 pair
  * sums (AVX2; int32 after sum_pairs) or its int32 sum (VNNI). */
@@ -126,22 +133,32 @@ static inline __attribute__((always_inline)) void block_rows(
         _mm256_storeu_ps(y + (m0 + r) * N + n0, _mm256_add_ps(_mm256_add_ps(acc[r], min_acc[r]), b));
 }
 
-/* every row chunk of one block, PLANES a constant */
+#if HAS_WIDE
+#include "q4_wide.h"
+#define ROWS(R) do { if (WIDE) block_rows_wide(R, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, \
+                     step_block, min_block, bias, y, N, n0); \
+                 else block_rows(R, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, \
+                                 min_block, bias, y, N, n0); } while (0)
+#else
+#define ROWS(R) block_rows(R, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, \
+                           bias, y, N, n0)
+#endif
+
+/* every row chunk of one block (WIDE: of blocks b and b + 1), PLANES and WIDE constants */
 static inline __attribute__((always_inline)) void block_all_rows(
-        const int PLANES, const int8_t *a, const int32_t *asum, const float *act_scale, const float *xsum,
-        int64_t M, int64_t K, int64_t G, const uint8_t *packed_block, const uint16_t *step_block,
-        const uint16_t *min_block, const float *bias, float *y, int64_t N, int64_t n0) {
+        const int PLANES, const int WIDE, const int8_t *a, const int32_t *asum, const float *act_scale,
+        const float *xsum, int64_t M, int64_t K, int64_t G, const uint8_t *packed_block,
+        const uint16_t *step_block, const uint16_t *min_block, const float *bias, float *y, int64_t N, int64_t n0) {
+    (void)WIDE;
     int64_t m0 = 0;
     if (PLANES == 1)                   /* chunks of 4 rows; of 2 for 8 bits (twice the sums held) */
-        for (; m0 + 4 <= M; m0 += 4)
-            block_rows(4, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0);
+        for (; m0 + 4 <= M; m0 += 4) ROWS(4);
     else
-        for (; m0 + 2 <= M; m0 += 2)
-            block_rows(2, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0);
+        for (; m0 + 2 <= M; m0 += 2) ROWS(2);
     switch (M - m0) {
-        case 3: block_rows(3, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
-        case 2: block_rows(2, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
-        case 1: block_rows(1, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block, bias, y, N, n0); break;
+        case 3: ROWS(3); break;
+        case 2: ROWS(2); break;
+        case 1: ROWS(1); break;
         default: break;
     }
 }
@@ -234,14 +251,21 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
             quantize_row(x + m * row_stride, K, norm_weight, norm_eps, is_gated, a + m * K, asum + m * G, act_scale + m * G, xsum + m * G);
+        const int64_t num_blocks = N / BLOCK, blocks_per_unit = HAS_WIDE ? 2 : 1;
         #pragma omp for schedule(static)
-        for (int64_t block = 0; block < N / BLOCK; block++) {
+        for (int64_t unit = 0; unit < (num_blocks + blocks_per_unit - 1) / blocks_per_unit; unit++) {
+            const int64_t block = unit * blocks_per_unit;
+            const int is_wide = block + 1 < num_blocks && HAS_WIDE;   /* an odd last block runs alone */
             const uint8_t *packed_block = packed + block * num_planes * (BLOCK * K / 2);
             const uint16_t *step_block = steps + block * BLOCK * G, *min_block = mins + block * BLOCK * G;
-            if (num_planes == 1)
-                block_all_rows(1, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
+            if (num_planes == 1 && is_wide)
+                block_all_rows(1, 1, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
+            else if (num_planes == 1)
+                block_all_rows(1, 0, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
+            else if (is_wide)
+                block_all_rows(2, 1, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
             else
-                block_all_rows(2, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
+                block_all_rows(2, 0, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
         }
     }
     free(a);
