@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.hardware import INT8_KERNELS
+from engine import quant_q4
 from engine.quant_q4 import GroupedLinear
 from engine.int4_grids import INT4_GROUP_SIZE, quantize_int4
 from engine.quantization import Int8DynamicLinear, PackedWeightOnlyLinear, make_quantized, quantize_model
@@ -160,7 +161,6 @@ def test_int4_mixed_keeps_the_output_layer_int8(tmp_path):
     fbgemm's int8 streams faster (engine/quantization.py: _finer_than_4bit)."""
     from transformers import AutoModelForCausalLM
 
-    from engine import quant_q4
     from engine.tiny_models import ensure_tiny_model
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny-random/verify", str(tmp_path)))
     quantize_model(model, "int4-mixed")                      # random weights: no layer on a 4-bit grid
@@ -224,9 +224,11 @@ def test_matmul_cost_times_one_layer_under_every_kernel(monkeypatch):
         reference = linear(x)
         for name, kernel in matmul_cost.layer_kernels(linear).items():
             error = (kernel(x).float() - reference).abs().max() / reference.abs().max()
-            tolerance = {"int8-fast": 0.05, "int4": 0.1}.get(name, 0.01)    # int4: 16 levels on random weights
+            tolerance = 0.1 if name.startswith("int4") else {"int8-fast": 0.05}.get(name, 0.01)  # int4: 16 levels
             assert error < tolerance, (name, error)
     monkeypatch.setattr(matmul_cost, "NUM_CALLS", 2)
     costs = matmul_cost.layer_costs(64, 32)
-    assert set(costs) == {"int8", "int8-fast", "int8-onednn", "int8-wo", "int4", "fp32"}
+    is_vnni = quant_q4.build_name() not in (None, "avx2")           # then the AVX2 build is timed beside it
+    expected = {"int8", "int8-fast", "int8-onednn", "int8-wo", "int4", "fp32"} | ({"int4-avx2"} if is_vnni else set())
+    assert set(costs) == expected
     assert all(set(by_rows) == set(matmul_cost.ROWS) and min(by_rows.values()) > 0 for by_rows in costs.values())
