@@ -11,8 +11,8 @@ fbgemm's int8 layers (CPU `int8` / `int8-fast`, which `auto` picks there) dtype 
 CPU: those layers take fp32 activations, so bf16 only adds two casts per linear (measured on an
 AVX512_BF16 EPYC, lean decoder, one core: 1.5B int8 one-token forward 75 ms fp32 vs 102 ms bf16,
 0.5B int8-fast 37 vs 48 ms, equal at 2-8 tokens).
-quantization auto: on CPU the verify gets `int4-mixed` where the 4-bit kernel builds with VNNI (has_vnni)
-or on AVX2-class CPUs (is_avx2_class), else `int8` (accurate W8A8), and the draft `nf4` where it runs
+quantization auto: on CPU the verify gets `int4-mixed` where the 4-bit kernel builds with VNNI
+(VNNI_BUILDS) or on AVX2-class CPUs (is_avx2_class), else `int8` (accurate W8A8), and the draft `nf4` where it runs
 (AVX512_BF16 and bitsandbytes: a one-token draft forward 29 vs 43 ms for `int8-fast` on an
 AVX512_BF16 EPYC, 2 threads), else `int8-fast`; on CUDA nothing (bf16 matmuls are what GPUs run
 best); float64 (an exactness setting) is never quantized. Under `nf4` dtype auto is fp32 too (its
@@ -86,7 +86,7 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
     """(concrete scheme, why) for a configured quantization of the verify or draft model.
 
     q4_kernel_build: which build of the 4-bit kernel runs here, "avx512-vnni" / "avx-vnni" / "avx2" or
-    None (engine.quant_q4.build_name, which needs torch and a compiler); asked only where it decides."""
+    None (engine.quant_q4.build_name, which needs torch and a compiler); asked for a CPU verify under auto."""
     if quantization != "auto":
         return quantization, "set in the configuration"
     if dtype == "float64":
@@ -97,7 +97,7 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
         if nf4_unavailable_reason("nf4", device) is None:
             return "nf4", "CPU draft with AVX512_BF16: NF4 reads half int8's bytes (its errors only cost acceptance)"
         return "int8-fast", "CPU draft: the fastest int8 scheme (its errors only cost acceptance)"
-    build = q4_kernel_build() if is_avx2_class() or has_vnni() else None
+    build = q4_kernel_build()
     if build in VNNI_BUILDS or (build == "avx2" and is_avx2_class()):
         return "int4-mixed", (f"CPU verify on the 4-bit kernel's {build} build: 4-bit-grid layers (a Q4_K GGUF's) "
                               "re-encoded exactly (5 bits per weight against int8's 8), 256 levels per group for "
@@ -105,15 +105,11 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
     return "int8", "CPU verify: W8A8 with per-token ~14-bit activations (int8 weight-only accuracy)"
 
 
-VNNI_BUILDS = ("avx512-vnni", "avx-vnni")       # engine/quant_q4.py: BUILDS
-
-
-def has_vnni() -> bool:
-    """VNNI (AVX512-VNNI or AVX-VNNI): the 4-bit kernel's VNNI builds run, and `auto` takes them
-    for the verify (AMX Xeon, 2 threads, default pair: one-token verify pass 62 vs 93 ms for int8 on
-    oneDNN's AMX tiles, 4 tokens 87 vs 99; 8 sequences x 1 token 139 vs 125: batches of 8+ lose ~10 %)."""
-    flags = cpu_flags()
-    return "avx_vnni" in flags or "avx512_vnni" in flags
+# engine/quant_q4.py: BUILDS (that module needs torch). Where one of these runs, `auto` takes
+# `int4-mixed` for the verify (AMX Xeon, 2 threads, default pair, AVX-512 build: one-token verify
+# pass 66 vs 93 ms for int8 on oneDNN's AMX tiles, 4 tokens 78 vs 99, 8 sequences x 1 token 122 vs
+# 125; AMX wins from ~16 rows: 8 x 4 tokens 305 vs 212).
+VNNI_BUILDS = ("avx512-vnni", "avx-vnni")
 
 
 def is_avx2_class() -> bool:

@@ -60,7 +60,7 @@
 #endif
 /* With AVX-512 (BW + VNNI) two blocks run side by side in 512-bit registers (q4_wide.h): each half
  * does the 256-bit code's integer and float operations on its own 8 outputs, so again the same bits. */
-#if HAS_VNNI && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define HAS_WIDE 1
 #else
 #define HAS_WIDE 0
