@@ -85,7 +85,7 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
                          q4_kernel_build: Callable[[], str | None] = lambda: None) -> tuple[str, str]:
     """(concrete scheme, why) for a configured quantization of the verify or draft model.
 
-    q4_kernel_build: which build of the 4-bit kernel runs here, "avx512-vnni" / "avx-vnni" / "avx2" or
+    q4_kernel_build: which build of the 4-bit kernel runs here, "amx" / "avx512-vnni" / "avx-vnni" / "avx2" or
     None (engine.quant_q4.build_name, which needs torch and a compiler); asked for a CPU verify under auto."""
     if quantization != "auto":
         return quantization, "set in the configuration"
@@ -109,7 +109,7 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
 # `int4-mixed` for the verify (AMX Xeon, 2 threads, default pair, AVX-512 build: one-token verify
 # pass 66 vs 93 ms for int8 on oneDNN's AMX tiles, 4 tokens 78 vs 99, 8 sequences x 1 token 122 vs
 # 125; AMX wins from ~16 rows: 8 x 4 tokens 305 vs 212).
-VNNI_BUILDS = ("avx512-vnni", "avx-vnni")
+VNNI_BUILDS = ("amx", "avx512-vnni", "avx-vnni")
 
 
 def is_avx2_class() -> bool:

@@ -45,8 +45,11 @@ REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-lm")
 # builds of the same source, best first: (name, /proc/cpuinfo flags it needs, extra compiler flags).
 # The VNNI builds sum the same integers in fewer ops, the AVX-512 one two blocks of 8 outputs per
-# register (bit-equal outputs; see the C file and kernels/q4_wide.h, which it includes).
-BUILDS = (("avx512-vnni", ("avx512_vnni", "avx512vl", "avx512bw"), ("-mavx512vnni", "-mavx512vl", "-mavx512bw")),
+# register, the AMX one sums calls of several rows on tiles (bit-equal outputs; see the C file and
+# kernels/q4_wide.h, q4_amx.h, which it includes).
+BUILDS = (("amx", ("amx_int8", "amx_tile", "avx512_vnni", "avx512vl", "avx512bw"),
+           ("-mavx512vnni", "-mavx512vl", "-mavx512bw", "-mamx-tile", "-mamx-int8")),
+          ("avx512-vnni", ("avx512_vnni", "avx512vl", "avx512bw"), ("-mavx512vnni", "-mavx512vl", "-mavx512bw")),
           ("avx-vnni", ("avx_vnni",), ("-mavxvnni",)),
           ("avx2", (), ()))
 GROUP_SIZE = 32
@@ -129,7 +132,7 @@ def _load(build: str | None = None) -> tuple[ctypes.CDLL | None, str]:
 
 
 def build_name() -> str | None:
-    """The build GroupedLinear runs here ("avx512-vnni", "avx-vnni", "avx2"), None if none."""
+    """The build GroupedLinear runs here ("amx", "avx512-vnni", "avx-vnni", "avx2"), None if none."""
     lib = _load()[0]
     return None if lib is None else lib.build_name
 

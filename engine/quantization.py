@@ -52,7 +52,7 @@ from engine.int4_grids import INT4_GROUP_SIZE, MIN_FRACTION_ON_GRID, may_lie_on_
 from engine.hardware import INT8_KERNELS, default_int8_kernel
 
 QUANTIZATIONS = ("none", "int8", "int8-fast", "int4", "int4-mixed", "nf4")
-KERNELS_VERSION = 13                # part of the cached forward-cost key: bump when the layers change
+KERNELS_VERSION = 14                # part of the cached forward-cost key: bump when the layers change
 _INT4_INNER_K_TILES = 2
 _DIGIT_MAX = 63                     # 7-bit signed digit
 _DIGIT_BASE = 2 * _DIGIT_MAX        # second digit resolution: 1/126 of the first's step

@@ -129,6 +129,7 @@ def test_quantization_auto(monkeypatch):
     ({"avx2", "fma", "f16c"}, None, "int8"),                              # no compiler / the build failed
     ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512vl"}, "avx512-vnni", "int4-mixed"),  # VNNI build
     ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512vl", "amx_int8"}, "avx512-vnni", "int4-mixed"),
+    ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512vl", "amx_int8", "amx_tile"}, "amx", "int4-mixed"),
     ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni"}, "avx2", "int8"),  # VNNI build refused: AVX2 build unmeasured
     ({"avx2", "fma", "f16c", "avx512f"}, "avx2", "int8"),                 # AVX-512 without VNNI: unmeasured
     ({"avx2", "fma", "f16c", "avx_vnni"}, "avx-vnni", "int4-mixed"),

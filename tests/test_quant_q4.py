@@ -230,20 +230,22 @@ def _other_builds() -> list[str]:
 @needs_kernel
 @pytest.mark.skipif(not _other_builds(), reason="this CPU runs only the AVX2 build (no VNNI)")
 @pytest.mark.parametrize("num_bits", [4, 8])
-def test_vnni_builds_give_the_avx2_builds_bits(num_bits):
-    """vpdpbusd sums the same integers as vpmaddubsw + vpmaddwd: every build's outputs are equal."""
+def test_every_build_gives_the_avx2_builds_bits(num_bits):
+    """vpdpbusd (and AMX's tdpbssd, from 4 / 8 rows) sums the same integers as vpmaddubsw + vpmaddwd:
+    every build's outputs are equal, at row counts on either side of the AMX path's thresholds and
+    past its 16-row tiles."""
     linear = _on_4bit_grids(256, 40)
     groups = quantize_int4(linear.weight) if num_bits == 4 else quant_q4.quantize_uint8_groups(linear.weight.detach())
     reference = GroupedLinear(linear, groups, num_bits=num_bits, build="avx2")
-    x, norm_weight = torch.randn(7, 256) * 3, torch.rand(256) + 0.5
-    gate_up = torch.randn(5, 512)
+    x, norm_weight = torch.randn(35, 256) * 3, torch.rand(256) + 0.5
+    gate_up = torch.randn(19, 512)
     down = nn.Linear(256, 40)
     down_groups = quant_q4.quantize_uint8_groups(down.weight.detach()) if num_bits == 8 else quantize_int4(down.weight)
     down_reference = GroupedLinear(down, down_groups, num_bits=num_bits, build="avx2")
     for build in _other_builds():
         layer = GroupedLinear(linear, groups, num_bits=num_bits, build=build)
         assert build in repr(layer)
-        for m in (1, 3, 4, 7):
+        for m in (1, 3, 4, 7, 8, 16, 17, 35):
             assert torch.equal(layer(x[:m]), reference(x[:m]))
         assert torch.equal(layer(x, norm_weight, 1e-6), reference(x, norm_weight, 1e-6))
         assert torch.equal(GroupedLinear(down, down_groups, num_bits=num_bits, build=build)(gate_up, is_gated=True),
@@ -255,6 +257,8 @@ def test_builds_follow_the_cpu_flags(monkeypatch):
     for flags, builds in ((base, ("avx2",)), (base | {"avx_vnni"}, ("avx-vnni", "avx2")),
                           (base | {"avx512_vnni", "avx512vl", "avx512bw", "avx_vnni"}, ("avx512-vnni", "avx-vnni", "avx2")),
                           (base | {"avx512_vnni", "avx512vl", "avx_vnni"}, ("avx-vnni", "avx2")),
+                          (base | {"avx512_vnni", "avx512vl", "avx512bw", "amx_int8", "amx_tile"},
+                           ("amx", "avx512-vnni", "avx2")),
                           (base | {"avx512_vnni"}, ("avx2",)), ({"avx2", "fma"}, ())):
         monkeypatch.setattr(quant_q4, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert quant_q4.runnable_builds() == builds
@@ -290,5 +294,5 @@ def test_prebuild_compiles_every_build_whatever_this_cpu_runs(monkeypatch, tmp_p
         pytest.skip("no C compiler")
     monkeypatch.setenv("AMUSD_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(quant_q4, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))   # an AVX2-only host
-    assert quant_q4.prebuild() == {"avx512-vnni": "built", "avx-vnni": "built", "avx2": "built"}
-    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("*.so")) == ["avx", "avx2", "avx512"]
+    assert quant_q4.prebuild() == {"amx": "built", "avx512-vnni": "built", "avx-vnni": "built", "avx2": "built"}
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("*.so")) == ["amx", "avx", "avx2", "avx512"]

@@ -65,6 +65,12 @@
 #else
 #define HAS_WIDE 0
 #endif
+/* With AMX-INT8 as well, calls of several rows sum on tiles (q4_amx.h): the same integers again. */
+#if HAS_WIDE && defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#define HAS_AMX 1
+#else
+#define HAS_AMX 0
+#endif
 
 /* sums[r] = one 4-bit plane (128 bytes) by rows m0 .. m0 + R - 1, group g: per output, int16 pair
  * sums (AVX2; int32 after sum_pairs) or its int32 sum (VNNI). */
@@ -135,6 +141,11 @@ static inline __attribute__((always_inline)) void block_rows(
 
 #if HAS_WIDE
 #include "q4_wide.h"
+#endif
+#if HAS_AMX
+#include "q4_amx.h"
+#endif
+#if HAS_WIDE
 #define ROWS(R) do { if (WIDE) block_rows_wide(R, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, \
                      step_block, min_block, bias, y, N, n0); \
                  else block_rows(R, PLANES, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, \
@@ -246,8 +257,14 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const
     float *act_scale = malloc(sizeof(float) * (2 * M * G + 1));
     if (!a || !asum || !act_scale) { free(a); free(asum); free(act_scale); return -2; }
     float *xsum = act_scale + M * G;
+#if HAS_AMX
+    const int is_amx = M >= AMX_MIN_ROWS(num_planes) && amx_permitted();
+#endif
     #pragma omp parallel
     {
+#if HAS_AMX
+        int configured_rows = 0;             /* this thread's tile configuration (q4_amx.h) */
+#endif
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
             quantize_row(x + m * row_stride, K, norm_weight, norm_eps, is_gated, a + m * K, asum + m * G, act_scale + m * G, xsum + m * G);
@@ -258,6 +275,14 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const
             const int is_wide = block + 1 < num_blocks && HAS_WIDE;   /* an odd last block runs alone */
             const uint8_t *packed_block = packed + block * num_planes * (BLOCK * K / 2);
             const uint16_t *step_block = steps + block * BLOCK * G, *min_block = mins + block * BLOCK * G;
+#if HAS_AMX
+            if (is_wide && is_amx) {
+                if (num_planes == 1)
+                    block_all_rows_amx(1, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block, &configured_rows);
+                else
+                    block_all_rows_amx(2, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block, &configured_rows);
+            } else
+#endif
             if (num_planes == 1 && is_wide)
                 block_all_rows(1, 1, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
             else if (num_planes == 1)
@@ -267,6 +292,9 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const
             else
                 block_all_rows(2, 0, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block);
         }
+#if HAS_AMX
+        if (configured_rows) _tile_release();         /* this thread's tiles back to the initial state */
+#endif
     }
     free(a);
     free(asum);
