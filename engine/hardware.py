@@ -108,7 +108,7 @@ def resolve_quantization(quantization: str, device: str, dtype: str, role: str,
 # engine/quant_q4.py: BUILDS (that module needs torch). Where one of these runs, `auto` takes
 # `int4-mixed` for the verify (AMX Xeon, 2 threads, default pair, AVX-512 build: one-token verify
 # pass 66 vs 93 ms for int8 on oneDNN's AMX tiles, 4 tokens 78 vs 99, 8 sequences x 1 token 122 vs
-# 125; AMX wins from ~16 rows: 8 x 4 tokens 305 vs 212).
+# 125, 8 x 4 tokens 305 vs 212; the amx build, many rows on tiles too: 8 x 4 tokens 216-221).
 VNNI_BUILDS = ("amx", "avx512-vnni", "avx-vnni")
 
 
