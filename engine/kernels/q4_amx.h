@@ -85,10 +85,8 @@ static inline __attribute__((always_inline)) void float_rows(
         const int64_t g = g0 + i;
         for (int r = 0; r < NR; r++) {
             const int64_t mg = (m0 + r0 + r) * G + g;
-            const __m512 A = _mm512_cvtepi32_ps(_mm512_load_si512((const __m512i *)sums[i][r0 + r]));
-            const __m512 scale = _mm512_mul_ps(steps[i], _mm512_set1_ps(act_scale[mg]));
-            row_acc[r] = _mm512_fmadd_ps(A, scale, row_acc[r]);
-            row_min_acc[r] = _mm512_fmadd_ps(centres[i], _mm512_set1_ps(xsum[mg]), row_min_acc[r]);
+            group_step_wide(_mm512_load_si512((const __m512i *)sums[i][r0 + r]), steps[i], centres[i],
+                            act_scale[mg], xsum[mg], &row_acc[r], &row_min_acc[r]);
         }
     }
     for (int r = 0; r < NR; r++) { acc[r0 + r] = row_acc[r]; min_acc[r0 + r] = row_min_acc[r]; }
@@ -98,10 +96,9 @@ static inline __attribute__((always_inline)) void float_rows(
  * unpacked first (so no tile load waits on a store just made), then the tile ops alternate between
  * two sets of tiles (a group's ops need not wait for the previous group's), then the float pass */
 static inline __attribute__((always_inline)) void block_rows_amx(
-        const int PLANES, const int R, const int8_t *a, const int32_t *asum, const float *act_scale,
-        const float *xsum, int64_t K, int64_t G, int64_t m0, const uint8_t *packed_block,
-        const uint16_t *step_block, const uint16_t *min_block, const float *bias, float *y, int64_t N, int64_t n0) {
-    (void)asum;                                                     /* in the centred B tile */
+        const int PLANES, const int R, const int8_t *a, const float *act_scale, const float *xsum,
+        int64_t K, int64_t G, int64_t m0, const uint8_t *packed_block, const uint16_t *step_block,
+        const uint16_t *min_block, const float *bias, float *y, int64_t N, int64_t n0) {
     const int32_t centre = PLANES == 1 ? 8 : 128;
     const int64_t plane_stride = PLANES * (BLOCK * K / 2), scale_stride = BLOCK * G;     /* to block b + 1 */
     uint8_t tiles[AMX_GROUP_BATCH][512] __attribute__((aligned(64)));
@@ -115,53 +112,42 @@ static inline __attribute__((always_inline)) void block_rows_amx(
             weight_tile(PLANES, w, w + plane_stride, tiles[i]);
         }
         const int8_t *a_group = a + m0 * K + GROUP * g0;
-        for (int i = 0; i + 1 < num_groups; i += 2) {        /* tiles 0, 2, 4: even groups; 1, 3, 5: odd */
-            _tile_loadd(2, a_group + GROUP * i, K);
-            _tile_loadd(4, tiles[i], 64);
-            _tile_loadd(3, a_group + GROUP * (i + 1), K);
-            _tile_loadd(5, tiles[i + 1], 64);
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_dpbssd(0, 2, 4);
-            _tile_dpbssd(1, 3, 5);
-            _tile_stored(0, sums[i][0], 64);
-            _tile_stored(1, sums[i + 1][0], 64);
-        }
-        if (num_groups % 2) {
-            const int i = num_groups - 1;
+        for (int i = 0; i < num_groups; i += 2) {      /* tiles 0, 2, 4: even groups; 1, 3, 5: odd */
+            const int is_pair = i + 1 < num_groups;
             _tile_loadd(2, a_group + GROUP * i, K);
             _tile_loadd(4, tiles[i], 64);
             _tile_zero(0);
             _tile_dpbssd(0, 2, 4);
+            if (is_pair) {
+                _tile_loadd(3, a_group + GROUP * (i + 1), K);
+                _tile_loadd(5, tiles[i + 1], 64);
+                _tile_zero(1);
+                _tile_dpbssd(1, 3, 5);
+            }
             _tile_stored(0, sums[i][0], 64);
+            if (is_pair) _tile_stored(1, sums[i + 1][0], 64);
         }
         __m512 steps[AMX_GROUP_BATCH], centres[AMX_GROUP_BATCH];
-        for (int i = 0; i < num_groups; i++) {
-            steps[i] = load_pair_ph(step_block + BLOCK * (g0 + i), scale_stride);
-            const __m512 mins = load_pair_ph(min_block + BLOCK * (g0 + i), scale_stride);
-            centres[i] = _mm512_fmadd_ps(steps[i], _mm512_set1_ps((float)centre), mins);
-        }
+        for (int i = 0; i < num_groups; i++)
+            group_scales_wide(centre, step_block, min_block, g0 + i, scale_stride, &steps[i], &centres[i]);
         int r0 = 0;
         for (; r0 + 4 <= R; r0 += 4)
             float_rows(4, r0, num_groups, sums, act_scale, xsum, G, m0, g0, steps, centres, acc, min_acc);
         for (; r0 < R; r0++)
             float_rows(1, r0, num_groups, sums, act_scale, xsum, G, m0, g0, steps, centres, acc, min_acc);
     }
-    const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < R; r++)
-        _mm512_storeu_ps(y + (m0 + r) * N + n0, _mm512_add_ps(_mm512_add_ps(acc[r], min_acc[r]), b));
+    store_rows_wide(R, acc, min_acc, bias, y, N, m0, n0);
 }
 
 /* every row of two blocks on tiles, in chunks of up to 16 rows; *configured_rows: the rows this
  * thread's tiles are configured for (0: none yet), so the configuration changes only with the chunk */
 static inline __attribute__((always_inline)) void block_all_rows_amx(
-        const int PLANES, const int8_t *a, const int32_t *asum, const float *act_scale, const float *xsum,
-        int64_t M, int64_t K, int64_t G, const uint8_t *packed_block, const uint16_t *step_block,
+        const int PLANES, const int8_t *a, const float *act_scale, const float *xsum, int64_t M, int64_t K, int64_t G, const uint8_t *packed_block, const uint16_t *step_block,
         const uint16_t *min_block, const float *bias, float *y, int64_t N, int64_t n0, int *configured_rows) {
     for (int64_t m0 = 0; m0 < M; m0 += AMX_TILE_ROWS) {
         const int R = M - m0 < AMX_TILE_ROWS ? (int)(M - m0) : AMX_TILE_ROWS;
         if (R != *configured_rows) { configure_tiles(R); *configured_rows = R; }
-        block_rows_amx(PLANES, R, a, asum, act_scale, xsum, K, G, m0, packed_block, step_block, min_block,
+        block_rows_amx(PLANES, R, a, act_scale, xsum, K, G, m0, packed_block, step_block, min_block,
                        bias, y, N, n0);
     }
 }

@@ -278,9 +278,9 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, const
 #if HAS_AMX
             if (is_wide && is_amx) {
                 if (num_planes == 1)
-                    block_all_rows_amx(1, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block, &configured_rows);
+                    block_all_rows_amx(1, a, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block, &configured_rows);
                 else
-                    block_all_rows_amx(2, a, asum, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block, &configured_rows);
+                    block_all_rows_amx(2, a, act_scale, xsum, M, K, G, packed_block, step_block, min_block, bias, y, N, BLOCK * block, &configured_rows);
             } else
 #endif
             if (num_planes == 1 && is_wide)

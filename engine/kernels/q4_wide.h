@@ -38,6 +38,31 @@ static inline __attribute__((always_inline)) __m512 load_pair_ph(const uint16_t 
                                                    _mm_loadu_si128((const __m128i *)(p + block_stride)), 1));
 }
 
+/* group g's steps and centres (min + C step) of the 16 outputs */
+static inline __attribute__((always_inline)) void group_scales_wide(
+        const int32_t centre, const uint16_t *step_block, const uint16_t *min_block, int64_t g,
+        int64_t scale_stride, __m512 *steps, __m512 *centres) {
+    *steps = load_pair_ph(step_block + BLOCK * g, scale_stride);
+    *centres = _mm512_fmadd_ps(*steps, _mm512_set1_ps((float)centre), load_pair_ph(min_block + BLOCK * g, scale_stride));
+}
+
+/* one group's float step for one row (A: the group's exact integer sums, s: its activation scale,
+ * x_sum: its sum of x); the AMX path (q4_amx.h) takes the same step, so the two agree bit for bit */
+static inline __attribute__((always_inline)) void group_step_wide(
+        __m512i A, __m512 steps, __m512 centres, float s, float x_sum, __m512 *acc, __m512 *min_acc) {
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(A), _mm512_mul_ps(steps, _mm512_set1_ps(s)), *acc);
+    *min_acc = _mm512_fmadd_ps(centres, _mm512_set1_ps(x_sum), *min_acc);
+}
+
+/* y[m0 + r, n0 .. n0 + 15] = acc + min_acc + bias for rows r < R */
+static inline __attribute__((always_inline)) void store_rows_wide(
+        const int R, const __m512 *acc, const __m512 *min_acc, const float *bias, float *y, int64_t N,
+        int64_t m0, int64_t n0) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++)
+        _mm512_storeu_ps(y + (m0 + r) * N + n0, _mm512_add_ps(_mm512_add_ps(acc[r], min_acc[r]), b));
+}
+
 static inline __attribute__((always_inline)) void block_rows_wide(
         const int R, const int PLANES, const int8_t *a, const int32_t *asum, const float *act_scale,
         const float *xsum, int64_t K, int64_t G, int64_t m0, const uint8_t *packed_block,
@@ -51,19 +76,15 @@ static inline __attribute__((always_inline)) void block_rows_wide(
         __m512i low_sums[MAX_CHUNK], high_sums[MAX_CHUNK];
         plane_sums_wide(R, low_sums, w, w + plane_stride, a, K, m0, g);
         if (PLANES == 2) plane_sums_wide(R, high_sums, w + 128, w + plane_stride + 128, a, K, m0, g);
-        const __m512 steps = load_pair_ph(step_block + BLOCK * g, scale_stride);
-        const __m512 mins = load_pair_ph(min_block + BLOCK * g, scale_stride);
-        const __m512 centres = _mm512_fmadd_ps(steps, _mm512_set1_ps((float)centre), mins);
+        __m512 steps, centres;
+        group_scales_wide(centre, step_block, min_block, g, scale_stride, &steps, &centres);
         for (int r = 0; r < R; r++) {
+            const int64_t mg = (m0 + r) * G + g;
             __m512i qa = low_sums[r];
             if (PLANES == 2) qa = _mm512_add_epi32(qa, _mm512_slli_epi32(high_sums[r], 4));
-            const __m512 A = _mm512_cvtepi32_ps(_mm512_sub_epi32(qa, _mm512_set1_epi32(centre * asum[(m0 + r) * G + g])));
-            const __m512 scale = _mm512_mul_ps(steps, _mm512_set1_ps(act_scale[(m0 + r) * G + g]));
-            acc[r] = _mm512_fmadd_ps(A, scale, acc[r]);
-            min_acc[r] = _mm512_fmadd_ps(centres, _mm512_set1_ps(xsum[(m0 + r) * G + g]), min_acc[r]);
+            group_step_wide(_mm512_sub_epi32(qa, _mm512_set1_epi32(centre * asum[mg])), steps, centres,
+                            act_scale[mg], xsum[mg], &acc[r], &min_acc[r]);
         }
     }
-    const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < R; r++)
-        _mm512_storeu_ps(y + (m0 + r) * N + n0, _mm512_add_ps(_mm512_add_ps(acc[r], min_acc[r]), b));
+    store_rows_wide(R, acc, min_acc, bias, y, N, m0, n0);
 }
