@@ -15,8 +15,10 @@ one LeanDecoder.forward_batch each, over the sequences still drafting:
 k_i = min(the sequence's own budget (cost model or num_speculative_tokens), room left before
 max_len), then cut, largest first, until the verify pass holds at most `max_verify_rows` rows
 (sum of 1 + k_i): the verify's cost curve is measured up to that many tokens, and past it a pass
-costs more than one sequence's curve says (compute-bound on CPU: 8 one-token rows cost ~2x one),
-so a full batch speculates little or not at all and runs as `ar` would. Only a sequence that
+costs more than one sequence's curve says (compute-bound on CPU: 8 one-token rows cost ~2x one);
+then cut further, largest first, where the cost model predicts more tokens per second for the
+pass (cost_model.best_sync_batch_sizes), so a full batch drafts nothing and runs as `ar` would.
+Only a sequence that
 drafts this step feeds its draft slot; one lagging by more than `max_catch_up` tokens (a long
 prompt, or many steps without drafting) catches up a chunk instead and proposes nothing until it is
 level, so no row freezes the batch.
@@ -30,6 +32,7 @@ import time
 
 import torch
 
+from engine.cost_model import best_sync_batch_sizes
 from engine.decoder import KVSlot, LeanDecoder
 from engine.messages import TokensOut
 from engine.models import ModelRunner
@@ -58,6 +61,7 @@ class BatchDrafter:
                                                              run.seq.max_len - run.seq.num_committed - 1)))
                      for run in runs}
         self._fit_verify_rows(list(proposals.values()))
+        self._fit_costs(runs, proposals)
         first_rows = {}                                              # the draft slot's lag, the pending token last
         for run in runs:
             rid, lag = run.seq.request_id, run.seq.token_ids[run.draft_slot.num_cached:]
@@ -96,6 +100,20 @@ class BatchDrafter:
         """Cut the largest proposals by one until sum(1 + k_i) <= max_verify_rows (or all are 0)."""
         sizes = fit_verify_rows([p.num_to_check for p in proposals], self.max_verify_rows)
         for proposal, size in zip(proposals, sizes):
+            proposal.num_to_check = size
+
+    @staticmethod
+    def _fit_costs(runs: list, proposals: dict[int, Proposal]) -> None:
+        """Cut further where the cost model predicts more tokens per second for the whole pass
+        (cost_model.best_sync_batch_sizes: a full batch drafts nothing); fixed settings win."""
+        budget = runs[0].seq.budget
+        if budget is None or budget.num_fixed or budget.verify is None or budget.draft is None:
+            return
+        sizes = best_sync_batch_sizes(budget.verify, budget.draft, [
+            (proposals[run.seq.request_id].num_to_check, run.seq.budget.acceptance.rate) for run in runs])
+        for run, size in zip(runs, sizes):
+            proposal = proposals[run.seq.request_id]
+            run.seq.stats.num_wide_steps += size == 0 < proposal.num_to_check
             proposal.num_to_check = size
 
     def observe(self, run, num_committed_before: int, num_accepted: int, proposal: Proposal,

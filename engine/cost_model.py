@@ -117,6 +117,36 @@ def prefer_wide_pass(narrow: ForwardCosts, wide: ForwardCosts, draft: ForwardCos
     return num_rows / wide.cost(num_rows) > committed / beside
 
 
+def best_sync_batch_sizes(verify: ForwardCosts, draft: ForwardCosts, proposals: list[tuple[int, float]]) -> list[int]:
+    """Sync batching: the draft lengths k_i of a pass over B sequences, from proposals (k_i, a_i):
+    the most tokens per second among the sizes met when, for each number of draft rounds R, the k_i
+    are capped at R, then cut one token at a time, the least likely accepted first (row i's last
+    token is accepted with probability a_i^k_i). Predicted:
+        committed   sum_i E(k_i, a_i)
+        seconds     c_v(B + sum_i k_i) + sum_{r=1..R} c_d(#{i: k_i >= r})   (draft round r: the rows
+                    still drafting; catching a draft slot up after a pause is left out)
+    All zeros is `ar`'s pass: B tokens in c_v(B), the draft idle. One sequence's c(k) stands in for
+    a pass of k rows. On a compute-bound CPU a full batch so drafts nothing: one more row in the
+    verify pass buys little, a draft round over one row costs a whole draft forward.
+    """
+    def tokens_per_s(sizes: list[int]) -> float:
+        rounds = sum(draft.cost(sum(k >= r for k in sizes)) for r in range(1, max(sizes, default=0) + 1))
+        committed = sum(expected_committed(k, a) for k, (_, a) in zip(sizes, proposals))
+        return committed / (verify.cost(len(sizes) + sum(sizes)) + rounds)
+
+    def cut_paths():
+        for num_rounds in range(max(sizes, default=0), -1, -1):
+            capped = [min(k, num_rounds) for k in sizes]
+            yield list(capped)
+            while any(capped):
+                last_odds = [a ** k if k > 0 else 2.0 for k, (_, a) in zip(capped, proposals)]
+                capped[last_odds.index(min(last_odds))] -= 1
+                yield list(capped)
+
+    sizes = [k for k, _ in proposals]
+    return max(cut_paths(), key=tokens_per_s)        # the first best: the proposals themselves on a tie
+
+
 @dataclass(frozen=True)
 class ModeCosts:
     """Forward costs as each mode meets them (`mode: auto`, engine/mode_auto.py).

@@ -186,7 +186,8 @@ class RequestStats:
     sum_draft_lead: int = 0             # sum over verify steps of (drafted - committed) when read
     num_draft_tokens_per_pos: list[int] = field(default_factory=list)     # [i]: draft tokens checked at position i
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [i]: of those, accepted (vLLM's _per_pos)
-    num_wide_steps: int = 0             # async batching: verify steps run on both workers' cores, the draft paused
+    num_wide_steps: int = 0             # batching: steps the cost model ran as ar's (async: on both workers'
+                                        # cores, the draft paused; sync: the draft idle)
     num_passes_by_batch_size: list[int] = field(default_factory=list)     # [B-1]: verify passes over B sequences
                                         # (a batched pass counts in one of its requests only: engine/batch_decode.py)
     verify_busy_s: float = 0.0

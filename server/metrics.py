@@ -129,8 +129,8 @@ class ServerMetrics:
         self._wasted_tokens = make(Counter, "spec_decode_num_draft_tokens_wasted",
                                    "Draft tokens computed but never accepted")
         self._wide_steps = make(Counter, "spec_decode_num_wide_steps",
-                                "Verify steps of async batching run on both workers' cores, the draft paused "
-                                "(speculation beside it would not have paid)")
+                                "Batched verify steps the cost model ran as ar's, speculation not paying (async: on "
+                                "both workers' cores, the draft paused; sync: the draft idle)")
         self._busy = make(Counter, "worker_busy_seconds", "Seconds a worker spent computing", ("worker",))
         if not self.is_vllm_names:
             self._create_children()

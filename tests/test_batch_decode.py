@@ -17,7 +17,7 @@ import torch
 from engine.batch_decode import BatchDecoder, batch_decoder_for
 from engine.batch_draft import BatchDrafter
 from engine.config import EngineConfig
-from engine.cost_model import SpeculationBudget
+from engine.cost_model import ForwardCosts, SpeculationBudget
 from engine.decoding import Verifier, new_sequence, run_decode
 from engine.kv_budget import KVBudget
 from engine.messages import GenerationRequest, RequestDone, SamplingParams, StartRequest, TokensOut
@@ -168,6 +168,30 @@ def test_a_full_sync_batch_runs_as_ar_and_leaves_the_draft_idle(model, draft_mod
     assert all(run.seq.stats.num_draft_tokens == 0 for run in batch.running.values())
     while batch.is_busy:
         batch.step(outputs.append)
+    got, expected = _collect(outputs), _alone(model, requests)
+    assert {rid: got[rid]["tokens"] for rid in expected} == {rid: want["tokens"] for rid, want in expected.items()}
+
+
+@pytest.mark.parametrize("verify_costs, is_drafting", [
+    (tuple(0.058 * k for k in range(1, 10)), False),     # k rows cost k x one (AVX2 bf16): 3 rows as ar
+    ((0.058,) * 9, True)])                                # rows for free: draft
+def test_a_sync_batch_drafts_only_where_the_cost_model_says_it_pays(model, draft_model, verify_costs, is_drafting):
+    requests = [req for req in _requests(model.config.vocab_size) if req.request_id in (1, 3, 5)]
+    budget = SpeculationBudget(ForwardCosts(verify_costs), 8, 0, ForwardCosts((0.027, 0.028, 0.029)))
+    verifier = Verifier(ModelRunner(model, "cpu", prefill_chunk_tokens=CHUNK, decoder_impl="lean"), budget)
+    drafter = BatchDrafter(ModelRunner(draft_model, "cpu", decoder_impl="lean"), max_catch_up=CHUNK, max_verify_rows=100)
+    batch, outputs = BatchDecoder(verifier, 3, CHUNK, True, KVBudget(100_000, 1, "test"), 64, drafter), []
+    propose, drafted = drafter.propose, []                                # (rows, tokens drafted) per step
+    drafter.propose = lambda runs, *args: (lambda out: drafted.append(
+        (len(runs), sum(len(p.draft_ids) for p in out.values()))) or out)(propose(runs, *args))
+    for req in requests:
+        batch.admit(new_sequence(req, [], MAX_MODEL_LEN, "coupled"))
+    while batch.is_busy:
+        batch.step(outputs.append)
+    full_steps = [num_drafted for num_rows, num_drafted in drafted if num_rows == 3]
+    assert len(full_steps) > 3 and (sum(full_steps) > 0) == is_drafting
+    stats = [out.stats for out in outputs if isinstance(out, RequestDone)]
+    assert (sum(st.num_wide_steps for st in stats) >= len(full_steps)) != is_drafting
     got, expected = _collect(outputs), _alone(model, requests)
     assert {rid: got[rid]["tokens"] for rid in expected} == {rid: want["tokens"] for rid, want in expected.items()}
 

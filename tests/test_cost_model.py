@@ -1,11 +1,14 @@
 """engine/cost_model.py and engine/hardware.py: pure-Python decisions, no torch, no workers."""
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from engine import hardware
-from engine.cost_model import (AcceptanceEstimator, ForwardCosts, SpeculationBudget, best_sync_length,
-                               best_verify_budget, choose_mode, expected_committed, predict_tokens_per_s,
+from engine.cost_model import (AcceptanceEstimator, ForwardCosts, SpeculationBudget, best_sync_batch_sizes,
+                               best_sync_length, best_verify_budget, choose_mode, expected_committed, predict_tokens_per_s,
                                ModeCosts)
 
 FLAT = ForwardCosts((0.10, 0.105, 0.11, 0.115, 0.12, 0.125, 0.13, 0.135, 0.14))       # native-bf16 / int8 CPU
@@ -190,3 +193,35 @@ def test_acceptance_fades_back_to_the_prior_while_nothing_is_checked():
         estimator.fade()
         rates.append(estimator.rate)
     assert rates == sorted(rates) and rates[-1] == pytest.approx(0.7, abs=0.01)
+
+
+# one sequence's c(k) on the AMX Xeon's two cores (int4-mixed verify 1.5B, int8 draft 0.5B), rounded
+VERIFY_2CORES = ForwardCosts((0.058, 0.063, 0.068, 0.074, 0.077, 0.080, 0.083, 0.086, 0.089))
+DRAFT_2CORES = ForwardCosts((0.027, 0.028, 0.029, 0.030, 0.031, 0.032, 0.033, 0.034, 0.035))
+
+
+def test_a_full_sync_batch_drafts_nothing_one_stream_keeps_its_draft():
+    """8 streams: one more verify row buys < 1 token, the draft round for it costs a draft forward."""
+    assert best_sync_batch_sizes(VERIFY_2CORES, DRAFT_2CORES, [(1, 0.9)] + [(0, 0.9)] * 7) == [0] * 8
+    for rate in (0.6, 0.9, 0.95):                    # one stream: sync's own k* is not cut
+        k = best_sync_length(VERIFY_2CORES, DRAFT_2CORES, rate, 8)
+        assert best_sync_batch_sizes(VERIFY_2CORES, DRAFT_2CORES, [(k, rate)]) == [k]
+    assert best_sync_batch_sizes(VERIFY_2CORES, DRAFT_2CORES, []) == []
+
+
+def test_sync_batch_sizes_are_the_best_the_prediction_knows():
+    """Against every size vector below the proposals (1-5 rows, up to 4 tokens each, random rates)."""
+    def rate(sizes, rates):                          # the docstring's prediction, written out
+        rounds = sum(DRAFT_2CORES.cost(sum(k >= r for k in sizes)) for r in range(1, max(sizes) + 1))
+        committed = sum(expected_committed(k, a) for k, a in zip(sizes, rates))
+        return committed / (VERIFY_2CORES.cost(len(sizes) + sum(sizes)) + rounds)
+    rng = random.Random(0)
+    for _ in range(200):
+        num_rows = rng.randint(1, 5)
+        sizes, rates = [rng.randint(0, 4) for _ in range(num_rows)], [rng.uniform(0.3, 0.97) for _ in range(num_rows)]
+        got = best_sync_batch_sizes(VERIFY_2CORES, DRAFT_2CORES, list(zip(sizes, rates)))
+        assert all(0 <= k <= limit for k, limit in zip(got, sizes))
+        best = max(rate(list(c), rates) for c in itertools.product(*[range(k + 1) for k in sizes]))
+        assert rate(got, rates) == pytest.approx(best, rel=1e-12)
+    assert best_sync_batch_sizes(VERIFY_2CORES, DRAFT_2CORES, [(3, 0.9), (3, 0.2)]) == [0, 0]   # 2 rows as ar
+    assert best_sync_batch_sizes(FLAT, ForwardCosts((1e-6,)), [(3, 0.8), (3, 0.8)]) == [3, 3]  # free drafts
