@@ -84,6 +84,10 @@ class Verifier:
         """A new sequence's own speculation budget (acceptance from the prior)."""
         seq.budget = self.budget.for_request()
 
+    def prefills_wide(self, seq: Sequence) -> bool:
+        """Will `prefill(seq)` run on the draft worker's cores too (engine/models.py: PrefillPlacement)?"""
+        return self.runner.prefills_wide(seq.token_ids, is_scoring=seq.params.num_prompt_logprobs is not None)
+
     def prefill(self, seq: Sequence) -> None:
         """Fill the KV cache with the prompt; with num_prompt_logprobs, also score every prompt token
         (the prefix cache is bypassed then: each position's logits are computed)."""

@@ -239,6 +239,15 @@ class ModelRunner:
             return ids
         return ids.masked_fill(ids >= self.num_input_rows, 0)
 
+    def prefills_wide(self, token_ids: list[int], is_scoring: bool = False) -> bool:
+        """Does prefill(token_ids) run on `prefill_placement`'s cores (the draft worker's too): at
+        least MIN_WIDE_PREFILL_TOKENS not in the prefix cache (none are when scoring the prompt)?"""
+        if self.prefill_placement is None:
+            return False
+        is_reusing = self.is_prefix_cached and not is_scoring
+        num_reused = common_prefix_length(self.cached_ids, token_ids[:-1]) if is_reusing else 0
+        return len(token_ids) - 1 - num_reused >= MIN_WIDE_PREFILL_TOKENS
+
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], hidden_out: list[torch.Tensor] | None = None) -> int:
         """Fill the cache with all but the last token (the pending one); return how many were reused.
@@ -250,12 +259,12 @@ class ModelRunner:
         logits of every prompt position (prompt logprobs); the prefix cache is bypassed then.
         """
         target = list(token_ids[:-1])
+        is_wide = self.prefills_wide(token_ids, is_scoring=hidden_out is not None)
         if not self.is_prefix_cached or hidden_out is not None:
             self.reset()
         num_reused = common_prefix_length(self.cached_ids, target)
         self.crop(num_reused)
-        is_long = len(target) - num_reused >= MIN_WIDE_PREFILL_TOKENS
-        placement = self.prefill_placement.widened() if self.prefill_placement and is_long else contextlib.nullcontext()
+        placement = self.prefill_placement.widened() if is_wide else contextlib.nullcontext()
         with placement:
             for start in range(num_reused, len(target), self.prefill_chunk_tokens):
                 chunk = target[start:start + self.prefill_chunk_tokens]

@@ -207,7 +207,7 @@ class VerifyWorker:
             return NoProposer()
         if self.config.mode == "sync":
             return LocalDraftProposer(self.drafter)
-        proposer = SharedDraftProposer(side, self.channel)
+        proposer = SharedDraftProposer(side, self.channel, self.verifier.prefills_wide)
         return NgramGuesses(proposer, self.config.verify_lookup_ngram) if self.config.verify_lookup_ngram else proposer
 
 

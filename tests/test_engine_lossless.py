@@ -23,6 +23,10 @@ SPEC_ENGINES = {
     "async-lead1": dict(mode="async", max_draft_lead=1, max_verify_tokens=1),
     "async-plain": dict(mode="async", draft_lookup_ngram=0, verify_lookup_ngram=0),   # AMUSD alone
 }
+# prompts of 64+ new tokens prefill on prefill_cores (here: the draft's core stands in as core 0) and
+# the verify publishes the request only after that prefill (engine/async_decode.py)
+WIDE_PREFILL_ENGINES = {"async-wide-prefill": dict(mode="async", prefill_cores="0")}
+LONG_PROMPTS = [[(7 * i + 3 * s) % 256 for i in range(70 + 40 * s)] for s in range(3)]
 WRONG_DRAFTS = ("sync-wrong-k2", "async-wrong")
 USES_GUESSES = ("async", "async-wrong", "async-lead1")      # verify_lookup_ngram on (the default)
 
@@ -30,7 +34,7 @@ USES_GUESSES = ("async", "async-wrong", "async-lead1")      # verify_lookup_ngra
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
-    with running_engines(cache, {"ar": dict(mode="ar"), **SPEC_ENGINES}) as started:
+    with running_engines(cache, {"ar": dict(mode="ar"), **SPEC_ENGINES, **WIDE_PREFILL_ENGINES}) as started:
         yield started
 
 
@@ -168,3 +172,13 @@ def test_async_stats_are_consistent(engines):
     assert num_committable - 1 <= stats.num_generated_tokens <= num_committable
     assert 0 < stats.draft_busy_s and 0 < stats.verify_busy_s
     assert stats.num_passes_by_batch_size == [stats.num_verify_steps]      # one sequence in every pass
+
+
+def test_a_long_prompt_published_after_its_wide_prefill_still_equals_ar(engines):
+    num_accepted = 0
+    for prompt in LONG_PROMPTS + PROMPTS[:3]:
+        expected, _ = run(engines["ar"], prompt, max_tokens=MAX_TOKENS)
+        tokens, final = run(engines["async-wide-prefill"], prompt, max_tokens=MAX_TOKENS)
+        assert tokens == expected, f"diverged from ar on a {len(prompt)}-token prompt"
+        num_accepted += final.stats.num_accepted_tokens
+    assert num_accepted > 0, "the draft must still draft after a late start"

@@ -157,3 +157,36 @@ def test_accepted_guesses_the_draft_disagrees_with_invalidate_its_tokens():
             f"where {committed[len(prompt):overlap]} was committed")
     finally:
         state.close()
+
+
+# ---- a long prompt's wide prefill: the request is published after it -------------------------------
+
+@pytest.mark.parametrize("is_wide", [False, True])
+def test_the_verify_publishes_a_request_after_a_prefill_on_the_drafts_core(is_wide):
+    """SharedDraftProposer: before the verify's prefill as a rule; after it (at the first step) when
+    that prefill runs on the draft's core too, so the draft does not prefill on the same core."""
+    from engine.async_decode import SharedDraftProposer
+    from engine.decoding import new_sequence
+    from engine.shared_state import VerifySide
+    state = SharedState.create(MAX_LEN)
+    try:
+        side = VerifySide(state)
+        proposer = SharedDraftProposer(side, HostDraftChannel(state), prefills_wide=lambda seq: is_wide)
+        seq = new_sequence(StartRequest(REQUEST_A, [1, 2, 3], SamplingParams(max_tokens=4)), [], MAX_LEN, "coupled")
+        seq.budget = ConcurrentDraftVerifier(state, num_to_check=2).budget
+        proposer.start(seq)
+        assert state.get(Ctrl.REQUEST_ID) == (0 if is_wide else REQUEST_A)
+        proposer.propose(seq)                                  # the first step, after the prefill
+        assert state.get(Ctrl.REQUEST_ID) == REQUEST_A
+        assert state.committed_tokens[:state.get(Ctrl.NUM_COMMITTED)].tolist() == [1, 2, 3]
+        # cancelled during the prefill, never published: the waiting draft is still let go
+        seq_b = new_sequence(StartRequest(REQUEST_B, [4, 5], SamplingParams(max_tokens=4)), [], MAX_LEN, "coupled")
+        proposer.start(seq_b)
+        if is_wide:
+            seq_b.stats.num_draft_forwards = -1                # stays: no stats of another request's draft
+            proposer.finish(seq_b)
+            assert seq_b.stats.num_draft_forwards == -1
+            from engine.shared_state import DraftSide
+            assert DraftSide(state).is_started(REQUEST_B) is False
+    finally:
+        state.close()

@@ -2,6 +2,7 @@
 prefix cache, and what /health and /metrics tell about them."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -147,6 +148,28 @@ def test_prefix_cache_reuses_the_common_prefix_and_changes_nothing(cache_dir):
     cold.prefill(second)
     assert warm.cached_ids == cold.cached_ids == second[:-1]
     assert torch.allclose(warm.forward([second[-1]]), cold.forward([second[-1]]), atol=1e-10)
+
+
+def test_a_prefill_runs_wide_for_a_long_uncached_prompt_only(cache_dir):
+    from transformers import AutoModelForCausalLM
+
+    from engine.models import MIN_WIDE_PREFILL_TOKENS, ModelRunner, PrefillPlacement
+    from engine.tiny_models import ensure_tiny_model
+    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model("tiny-random/verify", cache_dir),
+                                                 dtype=torch.float64).eval()
+    runner = ModelRunner(model, "cpu", prefill_chunk_tokens=32)
+    long = [10 + i % 50 for i in range(MIN_WIDE_PREFILL_TOKENS + 1)]     # MIN new tokens + the pending one
+    assert not runner.prefills_wide(long)                                 # no placement: never
+    runner.prefill_placement = PrefillPlacement((0,))
+    assert runner.prefills_wide(long) and not runner.prefills_wide(long[:-1])
+    widened = []
+    runner.prefill_placement.widened = lambda: (widened.append(True), contextlib.nullcontext())[1]
+    runner.prefill(long)
+    assert widened == [True]
+    follow_up = long + [7, 8, 9]                                           # the prefix cache holds the rest
+    assert not runner.prefills_wide(follow_up) and runner.prefills_wide(follow_up, is_scoring=True)
+    runner.prefill(follow_up)
+    assert widened == [True]                                               # the short rest ran narrow
 
 
 def test_health_and_metrics_show_dtype_quantization_and_costs(server):
